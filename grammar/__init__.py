@@ -1,0 +1,1 @@
+"""The .tdsl grammar, installed as ``triton_dsl.grammar`` (package data: ``tdsl.lark``)."""

@@ -1,0 +1,1 @@
+"""Triton kernels and their pure-PyTorch twins, installed as ``triton_dsl.kernels``."""

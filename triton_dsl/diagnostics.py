@@ -1,0 +1,74 @@
+"""Diagnostics are data; one printer renders them.
+
+    model.tdsl:7:12: error[E201]: unknown layer kind 'lineer'
+        layer fc1: lineer(256)
+                   ^^^^^^
+    help: did you mean 'linear'?
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    code: str  # E1xx syntax/input, E2xx names and kinds, E3xx arguments, E4xx shapes, E5xx precision, W...
+    message: str
+    line: int = 0  # 1-based; 0 when the problem is the file as a whole
+    col: int = 0
+    help: str | None = None
+    width: int = 1  # how many characters the caret underlines
+    severity: str = "error"
+
+    @property
+    def is_error(self) -> bool:
+        return self.severity == "error"
+
+
+class TdslError(Exception):
+    """Raised by the Python API when a file has errors; ``str()`` is the rendered report."""
+
+    def __init__(self, path: str, text: str | None, diagnostics: list[Diagnostic]):
+        self.path, self.text, self.diagnostics = path, text, diagnostics
+        super().__init__(render_all(path, text, diagnostics))
+
+
+def suggest(word: str, choices) -> str | None:
+    """A `help:` line proposing the closest of ``choices`` to a misspelt ``word``."""
+    choices = sorted(set(choices))
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    if 0 < len(choices) <= 12:
+        return "expected one of: " + ", ".join(choices)
+    return None
+
+
+def render(path: str, text: str | None, d: Diagnostic) -> str:
+    where = f"{path}:{d.line}:{d.col}" if d.line else path
+    out = [f"{where}: {d.severity}[{d.code}]: {d.message}"]
+    lines = text.splitlines() if text else []
+    if 0 < d.line <= len(lines):
+        src = lines[d.line - 1].expandtabs(4)
+        if len(src) > 200:  # keep a minified or generated line readable
+            src = src[:200] + " ..."
+        out.append("    " + src)
+        col = max(d.col, 1)
+        if col <= len(src) + 1:
+            out.append("    " + " " * (col - 1) + "^" * max(1, min(d.width, len(src) - col + 1)))
+    if d.help:
+        out.append(f"help: {d.help}")
+    return "\n".join(out)
+
+
+def render_all(path: str, text: str | None, diags: list[Diagnostic]) -> str:
+    body = "\n".join(render(path, text, d) for d in diags)
+    n_err = sum(d.is_error for d in diags)
+    n_warn = len(diags) - n_err
+    tail = []
+    if n_err:
+        tail.append(f"{n_err} error{'s' * (n_err != 1)}")
+    if n_warn:
+        tail.append(f"{n_warn} warning{'s' * (n_warn != 1)}")
+    return body + ("\n" + ", ".join(tail) + f" in {path}" if tail else "")

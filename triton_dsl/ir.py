@@ -1,0 +1,87 @@
+"""The resolved network: every name qualified, every shape, option and precision decided.
+
+Codegen and summary read only this; they decide nothing. Nodes are frozen records.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Iterator, Union
+
+from .precision import Precision
+
+
+class Op(Enum):
+    LAYER = "layer"  # one layer kind: linear, relu, ...
+    RESIDUAL = "residual"  # body + skip connection (with a projection when shapes differ)
+    GROUP = "group"  # a block instance or a repeat: a namespace, no computation
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str  # qualified: stage2.0.conv1
+    kind: str
+    args: tuple  # ((option, value), ...) with every default filled in
+    in_shape: tuple
+    out_shape: tuple
+    params: int
+    buffers: int
+    weight: tuple | None  # (N, K) for quantizable layers
+    bias: bool
+    precision: Precision | None  # quantizable layers only
+    line: int
+    op: Op = Op.LAYER
+
+    def arg(self, name):
+        return dict(self.args)[name]
+
+
+@dataclass(frozen=True)
+class Residual:
+    name: str
+    body: tuple
+    shortcut: tuple  # () for identity, else projection layers applied to the skip input
+    in_shape: tuple
+    out_shape: tuple
+    line: int
+    op: Op = Op.RESIDUAL
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    body: tuple
+    line: int
+    op: Op = Op.GROUP
+
+
+Node = Union[Layer, Residual, Group]
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    path: str
+    input_shape: tuple
+    body: tuple
+    line: int
+    source: str  # the whole .tdsl text, kept for checkpoint metadata
+
+    @property
+    def output_shape(self) -> tuple:
+        layers = list(self.layers())
+        return layers[-1].out_shape if layers else self.input_shape
+
+    def layers(self) -> Iterator[Layer]:
+        """Every layer in execution order; a residual's shortcut comes after its body."""
+        yield from _walk(self.body)
+
+
+def _walk(nodes) -> Iterator[Layer]:
+    for n in nodes:
+        if n.op is Op.LAYER:
+            yield n
+        else:
+            yield from _walk(n.body)
+            if n.op is Op.RESIDUAL:
+                yield from n.shortcut

@@ -1,0 +1,239 @@
+"""Precision configs: frozen dataclasses validated in __post_init__, found through a registry.
+
+Shared by the checker (which must not import torch) and the runtime. Each precision declares its
+options once (``Option``); the checker validates source arguments against them with positions, the
+dataclass validates again for Python users, and ``docs/language.md`` documents the same table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Union
+
+Scalar = Union[str, int, float, bool, None]
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Scalar
+    words: tuple = ()  # accepted bare words
+    number: str | None = None  # "int" or "float" when a number is accepted
+    lo: float | None = None  # inclusive bounds for numbers
+    hi: float | None = None
+    doc: str = ""
+    pair: bool = False  # also accept [a, b] (kernel sizes, strides)
+    required: bool = False
+
+    def accepts(self, v) -> str | None:
+        """None when ``v`` is allowed, else a message saying what is."""
+        if self.pair and isinstance(v, tuple):
+            if len(v) != 2:
+                return f"'{self.name}' takes one number or a pair [a, b], got {len(v)} values"
+            return next((m for m in map(self.accepts, v) if m), None)
+        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not is_number:  # compare by type too: 1 == True in Python
+            if any(type(v) is type(w) and v == w for w in self.words):
+                return None
+        elif self.number and isinstance(v, (int, float)):
+            if self.number == "int" and not isinstance(v, int):
+                return f"'{self.name}' must be an integer"
+            if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+                return f"'{self.name}' must be in {_fmt(self.lo)}..{_fmt(self.hi)}, got {_fmt(v)}"
+            return None
+        allowed = [_fmt(w) for w in self.words]
+        if self.number:
+            allowed.append("an integer" if self.number == "int" else "a number")
+        if self.pair:
+            allowed.append("a pair [a, b]")
+        return f"'{self.name}' must be " + " or ".join(allowed) + f", got {_fmt(v)}"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, tuple):
+        return "[" + ", ".join(map(_fmt, v)) + "]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "none"
+    if isinstance(v, float) and v == int(v) and abs(v) < 1e15:
+        return f"{v:.1f}"
+    return str(v)
+
+
+GRANULARITY = Option("granularity", "per_channel", ("per_channel", "per_tensor"),
+                     doc="one scale per output channel, or one for the whole weight")
+
+
+class _Config:
+    """Behaviour shared by every precision config."""
+
+    name: str
+    bits: int
+    options: tuple = ()
+
+    def _validate(self):
+        for opt in self.options:
+            msg = opt.accepts(getattr(self, opt.name))
+            if msg:
+                raise ValueError(f"{self.name}: {msg}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits < 16
+
+    def non_defaults(self) -> list[tuple[str, Scalar]]:
+        return [(o.name, getattr(self, o.name)) for o in self.options
+                if getattr(self, o.name) != o.default and o.name != "bits"]
+
+    def to_source(self) -> str:
+        """The canonical .tdsl spelling: only options that differ from their defaults."""
+        args = ", ".join(f"{k}={_fmt(v)}" for k, v in self.non_defaults())
+        return f"{self.name}({args})" if args else self.name
+
+    def to_python(self) -> str:
+        """A constructor call for generated code, again only with non-default options."""
+        kw = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+              if f.name == "bits" and type(self) is Int and self.bits != 8
+              or f.name != "bits" and getattr(self, f.name) != f.default]
+        return f"{type(self).__name__}({', '.join(kw)})"
+
+
+@dataclass(frozen=True)
+class Float(_Config):
+    """Unquantized storage in fp32, fp16 or bf16."""
+    dtype: str = "fp32"
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"float precision must be fp32, fp16 or bf16, got {self.dtype!r}")
+
+    @property
+    def name(self):
+        return self.dtype
+
+    @property
+    def bits(self):
+        return 32 if self.dtype == "fp32" else 16
+
+    def to_python(self):
+        return f"Float({self.dtype!r})"
+
+
+_ACT = Option("activations", "none", ("none", "dynamic", "static"),
+              doc="none: weight-only; dynamic: int8 per token at run time; static: calibrated scale")
+
+
+@dataclass(frozen=True)
+class Int(_Config):
+    """Uniform integer weights; ``int8(...)`` is ``int(bits=8, ...)``."""
+    bits: int = 8
+    symmetric: bool = True
+    granularity: str = "per_channel"
+    group_size: int | None = None
+    activations: str = "none"
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    options = (
+        Option("bits", 8, number="int", lo=2, hi=8, doc="bits per weight"),
+        Option("symmetric", True, (True, False), doc="zero point 0, or a per-scale zero point"),
+        GRANULARITY,
+        Option("group_size", None, (None,), number="int", lo=8, hi=65536,
+               doc="one scale per group of this many input weights (overrides granularity)"),
+        _ACT,
+        Option("observer", "minmax", ("minmax", "percentile"),
+               doc="how static activation ranges are calibrated"),
+        Option("percentile", 99.99, number="float", lo=50, hi=100,
+               doc="the percentile observer's clipping point"),
+    )
+
+    def __post_init__(self):
+        self._validate()
+        if self.activations != "none" and self.bits != 8:
+            raise ValueError(f"{self.name}: activations={self.activations} needs bits=8")
+        if self.observer != "minmax" and self.activations != "static":
+            raise ValueError(f"{self.name}: observer applies only to activations=static")
+
+    @property
+    def name(self):
+        return f"int{self.bits}"
+
+    def to_source(self):
+        if self.bits == 8:
+            return super().to_source()
+        args = ", ".join([f"bits={self.bits}"] + [f"{k}={_fmt(v)}" for k, v in self.non_defaults()])
+        return f"int({args})"
+
+
+@dataclass(frozen=True)
+class Ternary(_Config):
+    """Weights in {-1, 0, +1} times a scale; see docs/language.md for each rule."""
+    threshold: Union[str, float] = "twn"
+    scale: str = "twn"
+    granularity: str = "per_channel"
+    activations: str = "none"
+
+    name = "ternary"
+    bits = 2
+    options = (
+        Option("threshold", "twn", ("twn", "absmean", "learned", "stochastic"), number="float",
+               lo=0, doc="twn: 0.7*mean|W|; absmean: 0.5*mean|W| (BitNet b1.58 round-clip); "
+                         "learned: trainable; stochastic: random rounding while training; "
+                         "a number: absolute"),
+        Option("scale", "twn", ("twn", "absmean", "learned", "none"),
+               doc="twn: mean |W| above the threshold; absmean: mean|W|; learned: TTQ positive and "
+                   "negative scales; none: pure {-1, 0, +1}"),
+        GRANULARITY,
+        Option("activations", "none", ("none", "dynamic"),
+               doc="dynamic: int8 activations per token (W1.58A8)"),
+    )
+
+    def __post_init__(self):
+        if isinstance(self.threshold, int) and not isinstance(self.threshold, bool):
+            object.__setattr__(self, "threshold", float(self.threshold))
+        self._validate()
+
+
+@dataclass(frozen=True)
+class Binary(_Config):
+    """sign(W) times mean |W| (XNOR-Net / BinaryConnect style)."""
+    granularity: str = "per_channel"
+
+    name = "binary"
+    bits = 1
+    options = (GRANULARITY,)
+
+    def __post_init__(self):
+        self._validate()
+
+
+def _int8(**kw):
+    if "bits" in kw:
+        raise ValueError("int8: 'bits' is fixed at 8; use int(bits=N)")
+    return Int(bits=8, **kw)
+
+
+# name in the language -> (constructor, options accepted, positional option names)
+REGISTRY = {
+    "fp32": (lambda: Float("fp32"), (), ()),
+    "fp16": (lambda: Float("fp16"), (), ()),
+    "bf16": (lambda: Float("bf16"), (), ()),
+    "int8": (_int8, Int.options[1:], ()),
+    "int": (lambda **kw: Int(**kw), Int.options, ("bits",)),
+    "ternary": (lambda **kw: Ternary(**kw), Ternary.options, ()),
+    "binary": (lambda **kw: Binary(**kw), Binary.options, ()),
+}
+
+Precision = Union[Float, Int, Ternary, Binary]
+FP32 = Float("fp32")
+
+
+def make(name: str, **options) -> Precision:
+    """Build a precision by its language name: ``make("ternary", threshold="learned")``."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown precision {name!r}; expected one of {', '.join(REGISTRY)}")
+    ctor, _, _ = REGISTRY[name]
+    return ctor(**options)
+
+
+__all__ = ["Float", "Int", "Ternary", "Binary", "Option", "REGISTRY", "FP32", "make", "Precision"]
