@@ -1,0 +1,49 @@
+"""The pipeline in one place: read -> parse -> check -> (generate). No torch imported here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import ir
+from .checker import check
+from .codegen import generate
+from .diagnostics import Diagnostic, TdslError
+from .parser import parse
+from .source import read_source
+
+
+@dataclass
+class Result:
+    path: str
+    text: str | None
+    models: list[ir.Model] = field(default_factory=list)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None and not any(d.is_error for d in self.diagnostics)
+
+    def raise_for_errors(self):
+        if not self.ok:
+            raise TdslError(self.path, self.text, [d for d in self.diagnostics if d.is_error])
+
+
+def check_source(text: str, path: str = "<string>") -> Result:
+    tree, diags = parse(text, path)
+    if tree is None:
+        return Result(path, text, [], diags)
+    models, diags = check(tree, text)
+    return Result(path, text, models, diags)
+
+
+def check_file(path: str) -> Result:
+    text, diags = read_source(path)
+    if text is None:
+        return Result(path, None, [], diags)
+    return check_source(text, path)
+
+
+def compile_source(text: str, path: str = "<string>") -> str:
+    """.tdsl text -> Python module source; raises TdslError listing every error."""
+    r = check_source(text, path)
+    r.raise_for_errors()
+    return generate(r.models, path, text)

@@ -1,0 +1,7 @@
+"""Runtime used by generated modules: trainable layers, quantizers, containers."""
+from ..precision import FP32, Binary, Float, Int, Ternary
+from .layers import Conv2d, Linear
+from .model import CompiledModel, Group, ternary_act
+
+__all__ = ["Linear", "Conv2d", "CompiledModel", "Group", "ternary_act", "Float", "Int",
+           "Ternary", "Binary", "FP32"]

@@ -1,0 +1,59 @@
+"""Trainable (QAT) layers: torch's Linear and Conv2d with a precision.
+
+The latent weight stays float; the forward pass uses its fake-quantized value, so training sees
+the quantization error and gradients flow by the straight-through estimator.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..precision import FP32, Float
+from .quantizers import make_act_quantizer, make_weight_quantizer
+
+_CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _QuantMixin:
+    def _setup(self, precision):
+        self.precision = precision
+        self.weight_quant = make_weight_quantizer(precision, self.weight)
+        self.act_quant = make_act_quantizer(precision, type(self).__name__)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward pass uses it."""
+        return self.weight_quant(self.weight)
+
+    def _input(self, x):
+        dt = _CAST.get(getattr(self.precision, "dtype", None))
+        if dt is not None:  # emulate a 16-bit layer: its input is rounded too
+            return x + (x.detach().to(dt).to(x.dtype) - x.detach())
+        return self.act_quant(x)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", precision={self.precision.to_source()}"
+
+
+class Linear(_QuantMixin, nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 precision=FP32):
+        super().__init__(in_features, out_features, bias)
+        self._setup(precision)
+
+    def forward(self, x):
+        return F.linear(self._input(x), self.quantized_weight(), self.bias)
+
+
+class Conv2d(_QuantMixin, nn.Conv2d):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, precision=FP32):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                         bias)
+        self._setup(precision)
+
+    def forward(self, x):
+        return self._conv_forward(self._input(x), self.quantized_weight(), self.bias)
+
+
+__all__ = ["Linear", "Conv2d", "Float"]
