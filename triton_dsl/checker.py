@@ -197,7 +197,8 @@ def _warn(m, layers, table, diags):
             where = "first" if l is quant[0] else "last"
             diags.append(Diagnostic("W601", f"the {where} layer '{l.name}' is quantized to "
                                     f"{p.bits} bits; first and last layers are the most sensitive",
-                                    l.line, 1, "keep it at int8 or wider unless accuracy allows",
+                                    l.line, l.col, "keep it at int8 or wider unless accuracy allows",
+                                    width=len(l.name.rsplit(".", 1)[-1]),
                                     severity="warning"))
     for l in quant:
         p = table.get(l.name)
@@ -206,7 +207,7 @@ def _warn(m, layers, table, diags):
             if p.threshold >= bound:
                 diags.append(Diagnostic("W602", f"threshold {p.threshold} exceeds every initial "
                                         f"weight of '{l.name}' (|w| < {bound:.3g}): the whole "
-                                        "layer starts at zero", l.line, 1,
+                                        "layer starts at zero", l.line, l.col,
                                         "use threshold=twn or learned, or a smaller number",
                                         severity="warning"))
 

@@ -148,7 +148,7 @@ class Expander:
                        len(kind) if pos is s.call.pos else 1)
             return None, None
         node = ir.Layer(prefix + local, kind, tuple(args.items()), shape, inf.shape, inf.params,
-                        inf.buffers, inf.weight, inf.bias, None, s.pos.line)
+                        inf.buffers, inf.weight, inf.bias, None, s.pos.line, s.pos.col)
         return node, inf.shape
 
     def instance(self, s, block: ast.Block, shape, qualified, env):

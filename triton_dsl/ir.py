@@ -30,6 +30,7 @@ class Layer:
     bias: bool
     precision: Precision | None  # quantizable layers only
     line: int
+    col: int = 1
     op: Op = Op.LAYER
 
     def arg(self, name):

@@ -1,0 +1,71 @@
+"""The Python API: what the CLI does, in memory."""
+from __future__ import annotations
+
+import builtins
+import hashlib
+import os
+import sys
+import types
+
+from .codegen import generate
+from .compiler import Result, check_file, check_source
+
+
+def check(path: str) -> Result:
+    """Parse and check a .tdsl file; the result holds the models and every diagnostic."""
+    return check_file(path)
+
+
+def compile(path: str) -> str:  # noqa: A001 - mirrors the CLI verb
+    """The generated Python source for a .tdsl file; raises TdslError listing every error."""
+    r = check_file(path)
+    r.raise_for_errors()
+    return generate(r.models, r.path, r.text)
+
+
+def load_source(text: str, path: str = "<string>", model: str | None = None):
+    """Compile .tdsl text and return the model class (``model`` picks one of several)."""
+    r = check_source(text, path)
+    return _load(r, model)
+
+
+def load(path: str, model: str | None = None):
+    """Compile a .tdsl file in memory and return its nn.Module class:
+
+        Net = triton_dsl.load("examples/mnist_ternary.tdsl")
+        net = Net()
+    """
+    return _load(check_file(path), model)
+
+
+def load_module(path: str) -> types.ModuleType:
+    """The whole generated module (every model of the file) without writing it to disk."""
+    return _module(check_file(path))
+
+
+def _module(r: Result) -> types.ModuleType:
+    r.raise_for_errors()
+    code = generate(r.models, r.path, r.text)
+    stem = os.path.splitext(os.path.basename(r.path))[0]
+    digest = hashlib.sha256(code.encode()).hexdigest()[:12]
+    name = f"triton_dsl._generated.{''.join(c if c.isalnum() else '_' for c in stem)}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    mod = types.ModuleType(name)
+    mod.__file__ = f"<triton-dsl:{r.path}>"
+    exec(builtins.compile(code, mod.__file__, "exec"), mod.__dict__)
+    sys.modules[name] = mod  # so classes pickle and reload within this process
+    return mod
+
+
+def _load(r: Result, model: str | None):
+    mod = _module(r)
+    names = mod.__all__
+    if model is None:
+        if len(names) > 1:
+            raise ValueError(f"{r.path} declares {len(names)} models ({', '.join(names)}); "
+                             "pass model=NAME")
+        model = names[0]
+    if model not in names:
+        raise ValueError(f"{r.path} has no model {model!r}; it declares {', '.join(names)}")
+    return getattr(mod, model)

@@ -1,0 +1,94 @@
+"""Per-layer size and precision table (in the spirit of Larq's model summary). No torch.
+
+Bytes are what the packed deploy form stores (and what a packed checkpoint holds):
+  weights: rows x ceil(K * bits / 8)   (K = inputs per output; ternary 2 bits, binary 1 bit)
+  scales:  4 bytes each (fp32): 1 per tensor, 1 per channel, or 1 per group; TTQ stores two sets
+  zero points: 1 byte each for asymmetric integer weights; static activations: a 4-byte scale
+  bias:    4 bytes per output (2 for fp16/bf16 layers); other layers: 4 bytes per parameter and
+           per running statistic (batchnorm's mean and variance)
+"""
+from __future__ import annotations
+
+import json
+import math
+
+from . import ir
+from .precision import Binary, Float, Int, Ternary
+
+
+def layer_bytes(l: ir.Layer) -> int:
+    p = l.precision
+    if p is None:
+        return 4 * (l.params + l.buffers)
+    n, k = l.weight
+    if isinstance(p, Float):
+        width = p.bits // 8
+        return width * (n * k + n * l.bias)
+    if isinstance(p, Int):
+        count = n * (k // p.group_size) if p.group_size else n if p.granularity == "per_channel" else 1
+        extra = (0 if p.symmetric else count) + (4 + (not p.symmetric)) * (p.activations == "static")
+        return n * math.ceil(k * p.bits / 8) + 4 * count + extra + 4 * n * l.bias
+    if isinstance(p, Ternary):
+        count = n if p.granularity == "per_channel" else 1
+        count *= {"none": 0, "learned": 2}.get(p.scale, 1)
+        return n * math.ceil(k / 4) + 4 * count + 4 * n * l.bias
+    if isinstance(p, Binary):
+        count = n if p.granularity == "per_channel" else 1
+        return n * math.ceil(k / 8) + 4 * count + 4 * n * l.bias
+    raise TypeError(f"no size rule for {p!r}")
+
+
+def rows(model: ir.Model) -> list[dict]:
+    out = []
+    for l in model.layers():
+        out.append({"name": l.name, "kind": l.kind,
+                    "precision": l.precision.to_source() if l.precision else None,
+                    "bits": l.precision.bits if l.precision else 32,
+                    "params": l.params, "bytes": layer_bytes(l),
+                    "output_shape": list(l.out_shape)})
+    return out
+
+
+def summarize(model: ir.Model) -> dict:
+    layers = rows(model)
+    total = sum(r["bytes"] for r in layers)
+    fp32 = sum(4 * (l.params + l.buffers) for l in model.layers())
+    return {"model": model.name, "input_shape": list(model.input_shape),
+            "output_shape": list(model.output_shape), "layers": layers,
+            "params": sum(r["params"] for r in layers), "total_bytes": total,
+            "fp32_bytes": fp32, "compression": round(fp32 / total, 3) if total else 1.0}
+
+
+def _size(b: int) -> str:
+    for unit, f in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if b >= f:
+            return f"{b / f:.2f} {unit}"
+    return f"{b} B"
+
+
+def render(s: dict, show_stateless: bool = False) -> str:
+    head = ("layer", "kind", "precision", "output", "params", "bits", "bytes")
+    body = [(r["name"], r["kind"], r["precision"] or "-", "[" + ", ".join(map(str, r["output_shape"])) + "]",
+             f"{r['params']:,}", str(r["bits"]) if r["params"] else "-", f"{r['bytes']:,}")
+            for r in s["layers"] if show_stateless or r["params"]]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    right = {4, 5, 6}
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(line(head))
+    out = [f"{s['model']}: input [{', '.join(map(str, s['input_shape']))}] -> "
+           f"output [{', '.join(map(str, s['output_shape']))}]", rule, line(head), rule]
+    out += [line(b) for b in body]
+    out += [rule,
+            f"parameters: {s['params']:,}",
+            f"packed size: {s['total_bytes']:,} bytes ({_size(s['total_bytes'])})",
+            f"fp32 size:   {s['fp32_bytes']:,} bytes ({_size(s['fp32_bytes'])})",
+            f"compression: {s['compression']:.2f}x"]
+    return "\n".join(out)
+
+
+def to_json(summaries: list[dict]) -> str:
+    return json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2)
