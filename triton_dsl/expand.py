@@ -35,7 +35,7 @@ def value_of(v, env: dict):
 def bind(spec_options, positional, call: ast.Call, env, what: str, diags) -> dict | None:
     """Bind a call's arguments to options; report unknown, repeated, missing and invalid ones."""
     by_name = {o.name: o for o in spec_options}
-    out, ok = {}, True
+    out, ok, seen = {}, True, set()
     for i, a in enumerate(call.args):
         if a.name is None:
             if i >= len(positional):
@@ -54,12 +54,15 @@ def bind(spec_options, positional, call: ast.Call, env, what: str, diags) -> dic
                                         a.pos.col, suggest(name, by_name), len(name)))
                 ok = False
                 continue
-        if name in out:
+        if name in seen:
             diags.append(Diagnostic("E303", f"option '{name}' given twice", a.pos.line, a.pos.col,
                                     width=len(name)))
             ok = False
             continue
+        seen.add(name)
         val = value_of(a.value, env)
+        if val is None and "none" in by_name[name].words:  # the word, where an option spells it
+            val = "none"
         msg = by_name[name].accepts(val)
         if msg:
             h = suggest(val, [w for w in by_name[name].words if isinstance(w, str)]) \
@@ -69,7 +72,7 @@ def bind(spec_options, positional, call: ast.Call, env, what: str, diags) -> dic
             continue
         out[name] = val
     for o in spec_options:
-        if o.name not in out:
+        if o.name not in seen:
             if o.required:
                 diags.append(Diagnostic("E305", f"{what} needs '{o.name}' ({o.doc})", call.pos.line,
                                         call.pos.col, f"write {call.name}({o.name}=...)",
@@ -143,7 +146,7 @@ class Expander:
         try:
             inf: Inferred = spec.infer(shape, args)
         except ShapeError as e:
-            pos = next((a.value.pos for a in s.call.args if a.name == e.arg), s.call.pos)
+            pos = _arg_pos(s.call, spec.positional, e.arg)
             self.error("E401", f"{prefix + local}: {e}", pos, f"input shape is {list(shape)}",
                        len(kind) if pos is s.call.pos else 1)
             return None, None
@@ -205,6 +208,15 @@ class Expander:
         self.error("E402", f"residual: the body maps {list(shape)} to {list(out)}; no projection "
                    "can add these", s.pos, "a residual body must keep the rank of its input")
         return None
+
+
+def _arg_pos(call: ast.Call, positional, option):
+    """Where ``option`` was written in ``call`` (by name or by position); else the call."""
+    for i, a in enumerate(call.args):
+        name = a.name or (positional[i] if i < len(positional) else None)
+        if option is not None and name == option:
+            return a.value.pos
+    return call.pos
 
 
 def unique(base: str, names: dict, line: int) -> str:

@@ -150,17 +150,21 @@ def _syntax_error(e: UnexpectedInput, text: str) -> Diagnostic:
             return Diagnostic("E110", "tab inside a line", line, col, help="use spaces")
         return Diagnostic("E110", f"unexpected character {ch!r}", line, col,
                           help=f"expected {_expected(e.allowed)}" if e.allowed else None)
-    if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
+    at_end = isinstance(e, UnexpectedToken) and (
+        e.token.type == "$END" or e.token.type == "_DEDENT" and e.token.end_pos >= len(text.rstrip()))
+    if isinstance(e, UnexpectedEOF) or at_end:
         lines = text.splitlines() or [""]
         return Diagnostic("E112", "unexpected end of file", len(lines), len(lines[-1]) + 1,
                           help=f"expected {_expected(e.expected)}")
     tok = e.token
+    if tok.type == "_INDENT":  # the token borrows the newline's start; point at the indented line
+        line, col = tok.end_line, tok.end_column
+        return Diagnostic("E111", "unexpected indentation", line, col,
+                          help="this line is indented more than the line above it expects")
     what = {"_NL": "end of line", "_INDENT": "indentation", "_DEDENT": "end of block"}.get(
         tok.type, f"'{tok}'")
     help_ = f"expected {_expected(e.expected)}"
-    if tok.type == "_INDENT":
-        help_ = "this line is indented more than the line above it expects"
-    elif "COLON" in e.expected and tok.type == "_NL":
+    if "COLON" in e.expected and tok.type == "_NL":
         help_ = "a line that opens a block ends with ':'"
     return Diagnostic("E111", f"unexpected {what}", tok.line or line, tok.column or col,
                       help=help_, width=max(1, len(str(tok))) if tok.type not in _FRIENDLY else 1)

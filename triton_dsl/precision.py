@@ -38,7 +38,9 @@ class Option:
             if self.number == "int" and not isinstance(v, int):
                 return f"'{self.name}' must be an integer"
             if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
-                return f"'{self.name}' must be in {_fmt(self.lo)}..{_fmt(self.hi)}, got {_fmt(v)}"
+                bound = f"at least {_fmt(self.lo)}" if self.hi is None else \
+                    f"in {_fmt(self.lo)}..{_fmt(self.hi)}"
+                return f"'{self.name}' must be {bound}, got {_fmt(v)}"
             return None
         allowed = [_fmt(w) for w in self.words]
         if self.number:

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install triton-dsl with everything the tests, examples and benchmarks use.
+# Idempotent: a second run only checks that the install is complete.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+stamp=.venv/.triton-dsl-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  # torch first and pinned: an open range could pull a multi-GB CUDA build; 2.13.0 is the CPU
+  # build this project's machines carry.
+  python -m pip install -q "torch==2.13.0"
+  python -m pip install -q -e ".[dev]"
+  touch "$stamp"
+fi

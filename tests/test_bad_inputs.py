@@ -1,0 +1,172 @@
+"""A corpus of bad .tdsl inputs: each gets a clean diagnostic at the right place, never a traceback."""
+import os
+
+import pytest
+
+from triton_dsl.compiler import check_file, check_source
+from triton_dsl.diagnostics import render_all
+
+HEAD = "model M:\n    input [1, 8, 8]\n    flatten\n"  # lines 1-3; a body line below is line 4
+
+# (name, source, expected code, line, col)
+CASES = [
+    ("unknown kind", HEAD + "    layer fc: lineer(10)\n", "E201", 4, 15),
+    ("unknown precision", HEAD + "    layer fc: linear(10)\nprecision:\n    default ternery\n",
+     "E501", 6, 13),
+    ("unknown option", HEAD + "    layer fc: linear(10, baes=false)\n", "E302", 4, 26),
+    ("option twice", HEAD + "    layer fc: linear(10, bias=true, bias=false)\n", "E303", 4, 37),
+    ("missing required", HEAD + "    layer fc: linear\n", "E305", 4, 15),
+    ("too many positional", HEAD + "    layer fc: linear(10, 20)\n", "E301", 4, 26),
+    ("bad option value", HEAD + "    layer fc: linear(10, bias=maybe)\n", "E304", 4, 31),
+    ("negative features", HEAD + "    layer fc: linear(-3)\n", "E304", 4, 22),
+    ("float features", HEAD + "    layer fc: linear(2.5)\n", "E304", 4, 22),
+    ("dropout p too big", HEAD + "    dropout(1.5)\n", "E304", 4, 13),
+    ("conv on flat input", HEAD + "    layer c: conv2d(4)\n", "E401", 4, 14),
+    ("kernel too big", "model M:\n    input [1, 4, 4]\n    layer c: conv2d(4, kernel=7)\n",
+     "E401", 3, 31),
+    ("groups do not divide", "model M:\n    input [3, 8, 8]\n    layer c: conv2d(4, groups=2)\n",
+     "E401", 3, 31),
+    ("duplicate layer name", HEAD + "    layer fc: linear(10)\n    layer fc: linear(10)\n",
+     "E202", 5, 11),
+    ("reserved name", HEAD + "    layer forward: linear(10)\n", "E203", 4, 11),
+    ("python keyword name", HEAD + "    layer class: linear(10)\n", "E203", 4, 11),
+    ("no input", "model M:\n    relu\n", "E403", 1, 7),
+    ("two inputs", "model M:\n    input [4]\n    input [4]\n    relu\n", "E404", 3, 11),
+    ("bad input shape", "model M:\n    input [0, 4]\n    relu\n", "E405", 2, 11),
+    ("rule matches nothing", HEAD + "    layer fc: linear(10)\nprecision:\n    layer fc9: int8\n",
+     "E503", 6, 11),
+    ("pattern matches nothing", HEAD + "    layer fc: linear(10)\nprecision:\n"
+     "    layer stage*.conv: int8\n", "E503", 6, 11),
+    ("rule on a relu", HEAD + "    layer act: relu\n    layer fc: linear(10)\nprecision:\n"
+     "    layer act: int8\n", "E503", 7, 11),
+    ("kind rule without weights", HEAD + "    layer fc: linear(10)\nprecision:\n"
+     "    kind relu: int8\n", "E504", 6, 10),
+    ("kind absent", HEAD + "    layer fc: linear(10)\nprecision:\n    kind conv2d: int8\n",
+     "E503", 6, 10),
+    ("bits out of range", HEAD + "    layer fc: linear(10)\nprecision:\n    default int(bits=9)\n",
+     "E304", 6, 22),
+    ("bad ternary threshold", HEAD + "    layer fc: linear(10)\nprecision:\n"
+     "    default ternary(threshold=lerned)\n", "E304", 6, 31),
+    ("activations need 8 bits", HEAD + "    layer fc: linear(10)\nprecision:\n"
+     "    default int(bits=4, activations=dynamic)\n", "E502", 6, 13),
+    ("group size does not divide", HEAD + "    layer fc: linear(10)\nprecision:\n"
+     "    default int(bits=4, group_size=48)\n", "E508", 6, 36),
+    ("two defaults", HEAD + "    layer fc: linear(10)\nprecision:\n    default int8\n"
+     "    default fp16\n", "E505", 7, 5),
+    ("precision for unknown model", HEAD + "    layer fc: linear(10)\nprecision N:\n"
+     "    default int8\n", "E507", 5, 1),
+    ("precision before model", "precision:\n    default int8\n" + HEAD, "E506", 1, 1),
+    ("recursive block", "block B:\n    layer x: B\nmodel M:\n    input [4]\n    layer b: B\n",
+     "E204", 2, 14),
+    ("block missing argument", "block B(n):\n    layer fc: linear(n)\nmodel M:\n    input [4]\n"
+     "    layer b: B\n", "E305", 5, 14),
+    ("residual cannot project", "model M:\n    input [4, 8, 8]\n    residual:\n        flatten\n",
+     "E402", 3, 5),
+    ("softmax dim out of range", HEAD + "    softmax(dim=3)\n", "E401", 4, 17),
+    ("no model", "block B:\n    relu\n", "E106", 1, 1),
+    ("missing colon", "model M\n    input [4]\n", "E111", 1, 8),
+    ("stray character", HEAD + "    layer fc: linear(10) $\n", "E110", 4, 26),
+    ("unclosed paren", HEAD + "    layer fc: linear(10\n", "E112", 4, 24),
+    ("bad dedent", "model M:\n    input [4]\n        relu\n", "E111", 3, 9),
+    ("inconsistent dedent", "model M:\n    input [4]\n    residual:\n        relu\n  relu\n",
+     "E113", 5, 1),
+    ("duplicate block", "block B:\n    relu\nblock B:\n    relu\nmodel M:\n    input [4]\n"
+     "    layer b: B\n", "E205", 3, 7),
+    ("duplicate model", "model M:\n    input [4]\n    relu\nmodel M:\n    input [4]\n    relu\n",
+     "E206", 4, 7),
+]
+
+
+@pytest.mark.parametrize("name,src,code,line,col", CASES, ids=[c[0] for c in CASES])
+def test_corpus(name, src, code, line, col):
+    r = check_source(src, "bad.tdsl")
+    assert not r.ok
+    errors = [d for d in r.diagnostics if d.is_error]
+    assert (errors[0].code, errors[0].line, errors[0].col) == (code, line, col), \
+        render_all("bad.tdsl", src, r.diagnostics)
+    text = render_all("bad.tdsl", src, r.diagnostics)
+    assert f"bad.tdsl:{line}:{col}: error[{code}]" in text
+    assert "Traceback" not in text
+
+
+def test_corpus_is_large_enough():
+    assert len(CASES) + len(FILE_CASES) >= 30
+
+
+def test_every_problem_reported_in_one_run():
+    src = HEAD + "    layer a: lineer(10)\n    layer b: linear(10, baes=1)\n" \
+                 "precision:\n    layer zz: ternery\n"
+    codes = [d.code for d in check_source(src, "x.tdsl").diagnostics]
+    assert {"E201", "E302", "E501", "E503"} <= set(codes)
+
+
+def test_did_you_mean():
+    src = HEAD + "    layer fc: lineer(10)\n"
+    d = check_source(src, "x.tdsl").diagnostics[0]
+    assert d.help == "did you mean 'linear'?"
+    src = HEAD + "    layer fc1: linear(10)\nprecision:\n    layer fc2: int8\n"
+    assert check_source(src, "x.tdsl").diagnostics[0].help == "did you mean 'fc1'?"
+
+
+def test_shape_error_does_not_cascade():
+    src = "model M:\n    input [1, 8, 8]\n    layer c: conv2d(4, kernel=9)\n    layer d: conv2d(4)\n"
+    codes = [d.code for d in check_source(src, "x.tdsl").diagnostics]
+    assert codes == ["E401"]
+
+
+def test_warnings_for_seed_guidelines():
+    src = HEAD + "    layer fc1: linear(32)\n    layer fc2: linear(10)\nprecision:\n" \
+                 "    default ternary(threshold=0.9)\n"
+    r = check_source(src, "x.tdsl")
+    assert r.ok  # warnings do not fail a check
+    codes = sorted(d.code for d in r.diagnostics)
+    assert codes.count("W601") == 2 and codes.count("W602") == 2
+
+
+# Bad files, not bad syntax: each as (name, bytes or a callable making the path, code)
+def _write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+FILE_CASES = [
+    ("empty", b"", "E106"),
+    ("only comments", b"# nothing here\n\n", "E106"),
+    ("binary", bytes(range(256)) * 4, "E103"),
+    ("invalid utf8", b"model M:\n    input [4]\n    layer \xff: relu\n", "E104"),
+    ("deep brackets", b"model M:\n    input " + b"[" * 200 + b"]" * 200 + b"\n", "E105"),
+    ("deep indentation", b"model M:\n" + b"".join(
+        b" " * (i + 1) + b"residual:\n" for i in range(60)) + b" " * 62 + b"relu\n", "E105"),
+    ("huge", b"# " + b"x" * (2 << 20) + b"\n", "E102"),
+]
+
+
+@pytest.mark.parametrize("name,data,code", FILE_CASES, ids=[c[0] for c in FILE_CASES])
+def test_bad_files(tmp_path, name, data, code):
+    r = check_file(_write(tmp_path, "bad.tdsl", data))
+    assert not r.ok
+    assert r.diagnostics[0].code == code
+    render_all(r.path, r.text, r.diagnostics)  # renders without raising
+
+
+def test_invalid_utf8_position(tmp_path):
+    r = check_file(_write(tmp_path, "u.tdsl", b"model M:\n    input [4]\n    layer \xff: relu\n"))
+    assert (r.diagnostics[0].line, r.diagnostics[0].col) == (3, 11)
+
+
+def test_missing_file_and_directory(tmp_path):
+    assert check_file(str(tmp_path / "nope.tdsl")).diagnostics[0].code == "E100"
+    assert check_file(str(tmp_path)).diagnostics[0].code == "E101"
+
+
+def test_cli_bad_inputs_exit_1_without_traceback(tmp_path, run_cli):
+    for name, data, _ in FILE_CASES[:5]:
+        path = _write(tmp_path, f"{name.replace(' ', '_')}.tdsl", data)
+        code, out, err = run_cli("check", path)
+        assert code == 1 and "Traceback" not in err and path in err
+    code, _, err = run_cli("check", str(tmp_path / "missing.tdsl"))
+    assert code == 1 and "no such file" in err
+    code, _, err = run_cli("compile", str(tmp_path))
+    assert code == 1 and "directory" in err
+    assert os.listdir(tmp_path)  # nothing removed
