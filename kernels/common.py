@@ -1,0 +1,72 @@
+"""Shared by the kernel files: is Triton usable, autotune configs, argument checks."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Triton is optional: without it every op runs its CPU path
+    import triton
+    import triton.language as tl  # noqa: F401
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised on machines without triton
+    triton = None
+    HAS_TRITON = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """CUDA tensors run the Triton kernel; CPU tensors too when the interpreter is on."""
+    return HAS_TRITON and (x.is_cuda or interpreting())
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the batch size: 1, 2, 4, ..., 256, then 512+ (one bucket)."""
+    return 1 << min(max(m - 1, 0).bit_length(), 9)
+
+
+@functools.lru_cache(maxsize=None)
+def configs(int8: bool):
+    """Tile configs. GEMV-like (small BLOCK_M, split-K) for small M, tiled GEMM for large M;
+    the autotuner, keyed on (M bucket, N, K), picks. The interpreter gets one small config."""
+    if not HAS_TRITON:
+        return []
+    bk = 64 if int8 else 32  # 8-bit dot operands need K >= 32; wider K tiles halve the loop
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": bk, "SPLIT_K": 1})]
+    out = []
+    for bm, bn, bkk, sk, w, st in [
+        (16, 64, 128, 1, 4, 4), (16, 64, 128, 4, 4, 4), (16, 128, 128, 8, 4, 3),
+        (16, 32, 256, 8, 4, 3), (16, 128, 64, 16, 4, 4), (32, 64, 128, 4, 4, 4),
+        (64, 64, 64, 2, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3),
+        (128, 256, 64, 1, 8, 3), (128, 64, 128, 1, 4, 4), (256, 128, 64, 1, 8, 3)]:
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": max(bkk, bk),
+                                  "SPLIT_K": sk}, num_warps=w, num_stages=st))
+    return out
+
+
+def check_2d_last(name: str, t: torch.Tensor, k: int | None = None):
+    if t.dim() < 1:
+        raise ValueError(f"{name} must have at least one dimension, got shape {tuple(t.shape)}")
+    if k is not None and t.shape[-1] != k:
+        raise ValueError(f"{name} of shape {tuple(t.shape)} must have K={k} in its last dimension")
+
+
+def check_same_device(**tensors):
+    devices = {n: t.device for n, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("tensors are on different devices: " +
+                         ", ".join(f"{n} on {d}" for n, d in devices.items()))
+
+
+def check_vector(name: str, t: torch.Tensor | None, n: int, allow_scalar: bool = False):
+    if t is None:
+        return
+    ok = t.dim() == 1 and (t.shape[0] == n or (allow_scalar and t.shape[0] == 1))
+    if not ok and not (allow_scalar and t.dim() == 0):
+        want = f"[{n}]" + (" or [1]" if allow_scalar else "")
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")

@@ -1,0 +1,169 @@
+"""Ternary weight matmul: y = (x @ W^T) * scale (+ bias), W in {-1, 0, +1} packed 2-bit K-planar.
+
+Two forms share one kernel:
+  float activations (fp16 / bf16 / fp32): W decoded to x's dtype, fp32 accumulation;
+  int8 activations (W1.58A8): x = codes * x_scale per token, int8 x int8 dot, exact int32
+  accumulation, then float(acc) * scale * x_scale.
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import (HAS_TRITON, check_same_device, check_vector, configs, interpreting,
+                     m_bucket, triton)
+from .packing import packed_cols, unpack_ternary
+
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def _ternary_kernel(x_ptr, p_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, KQ,
+                        stride_xm, stride_xk, stride_pn, stride_ym, stride_yn, M_BUCKET,
+                        A8: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Args:
+            x_ptr: activations [M, K] (float, or int8 codes when A8)
+            p_ptr: packed weights [N, KQ] uint8, K-planar (see packing.py)
+            s_ptr: weight scale [N] (PER_CHANNEL) or [1]; xs_ptr: per-token scale [M] when A8
+            y_ptr: output [M, N]; with SPLIT_K > 1 an fp32 buffer accumulated atomically
+        Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K); BLOCK_K counts packed bytes."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if A8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j0 in range(pid_k * BLOCK_K, KQ, SPLIT_K * BLOCK_K):
+            offs_j = j0 + tl.arange(0, BLOCK_K)
+            mask_j = offs_j < KQ
+            p = tl.load(p_ptr + offs_n[None, :] * stride_pn + offs_j[:, None],
+                        mask=mask_j[:, None] & mask_n[None, :], other=0x55)
+            for s in tl.static_range(4):
+                codes = (p >> (2 * s)) & 3  # uint8: a logical shift, no sign to mask off
+                offs_k = offs_j + s * KQ
+                xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                             mask=mask_m[:, None] & (mask_j & (offs_k < K))[None, :], other=0)
+                if A8:
+                    w = codes.to(tl.int8) - 1
+                    acc += tl.dot(xt, w)
+                elif IEEE:
+                    w = codes.to(tl.float32) - 1.0
+                    acc += tl.dot(xt.to(tl.float32), w, input_precision="ieee")
+                else:
+                    w = (codes.to(tl.float32) - 1.0).to(xt.dtype)
+                    acc += tl.dot(xt, w)
+        if PER_CHANNEL:
+            scale = tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)
+        else:
+            scale = tl.load(s_ptr + offs_n * 0)
+        out = acc.to(tl.float32) * scale[None, :]
+        if A8:
+            out = out * tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(y_ptrs, out, mask=mask)
+
+    _ternary_tuned = triton.autotune(configs(False), key=["M_BUCKET", "N", "K", "A8"],
+                                     reset_to_zero=["y_ptr"])(_ternary_kernel)
+    _ternary_tuned_a8 = triton.autotune(configs(True), key=["M_BUCKET", "N", "K", "A8"],
+                                        reset_to_zero=["y_ptr"])(_ternary_kernel)
+
+
+def _check(x, packed, scale, bias, x_scale=None):
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be 2-d uint8 [N, ceil(K/4)], got {packed.dtype} of shape "
+                         f"{tuple(packed.shape)}")
+    k = x.shape[-1]
+    if packed.shape[1] != packed_cols(k):
+        raise ValueError(f"x of shape {tuple(x.shape)} has K={k}, which packs to {packed_cols(k)} "
+                         f"columns, but packed has shape {tuple(packed.shape)}")
+    n = packed.shape[0]
+    check_vector("scale", scale, n, allow_scalar=True)
+    check_vector("bias", bias, n)
+    check_same_device(x=x, packed=packed, scale=scale, bias=bias, x_scale=x_scale)
+    return n, k
+
+
+def ternary_matmul_ref(x, packed, scale, bias=None):
+    """The specification: float activations, fp32 math, output in x's dtype."""
+    if not x.is_floating_point():
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    n, k = _check(x, packed, scale, bias)
+    w = unpack_ternary(packed, k).float()
+    y = (x.float().reshape(-1, k) @ w.t()) * scale.float().reshape(1, -1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def ternary_a8_matmul_ref(x_codes, x_scale, packed, scale, bias=None, out_dtype=torch.float32):
+    """The specification of W1.58A8: exact integer accumulation, then
+    float(acc) * scale[n] * x_scale[m] (+ bias), in that order."""
+    if x_codes.dtype != torch.int8:
+        raise ValueError(f"x_codes must be int8, got {x_codes.dtype}")
+    n, k = _check(x_codes, packed, scale, bias, x_scale)
+    w = unpack_ternary(packed, k).to(torch.int64)
+    acc = x_codes.reshape(-1, k).to(torch.int64) @ w.t()
+    y = acc.float() * scale.float().reshape(1, -1) * x_scale.float().reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x_codes.shape[:-1], n)
+
+
+def _launch(x2, packed, scale, bias, y, a8, x_scale, config):
+    m, k = x2.shape
+    n, kq = packed.shape
+    per_channel = scale.numel() > 1 or n == 1
+    args = (x2, packed, scale, x_scale if a8 else scale, bias if bias is not None else scale, y,
+            m, n, k, kq, x2.stride(0), x2.stride(1), packed.stride(0), y.stride(0), y.stride(1),
+            m_bucket(m))
+    # fp32 dots in IEEE precision (not TF32) so fp32 results match the reference; bf16 dots
+    # are mis-evaluated by the interpreter, so there they run in fp32 (exact: bf16 fits fp32)
+    ieee = x2.dtype == torch.float32 or (interpreting() and x2.dtype == torch.bfloat16)
+    flags = dict(A8=a8, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, IEEE=ieee)
+    if config is not None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]),
+                config["SPLIT_K"])
+        _ternary_kernel[grid](*args, **flags, **config)
+    else:
+        kern = _ternary_tuned_a8 if a8 else _ternary_tuned
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),
+                             meta["SPLIT_K"])
+        kern[grid](*args, **flags)
+
+
+def ternary_matmul_triton(x, packed, scale, bias=None, config=None):
+    """Triton kernel, float activations. ``config`` pins a tile config (tests); else autotuned."""
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    n, k = _check(x, packed, scale, bias)
+    x2 = x.reshape(-1, k)
+    # fp32 output when split-K accumulates atomically, and for bf16, whose stores the
+    # interpreter mishandles; the cast back is one cheap elementwise pass over [M, N].
+    wide = config is None or config["SPLIT_K"] > 1 or x.dtype == torch.bfloat16
+    out = (torch.zeros if wide else torch.empty)((x2.shape[0], n), device=x.device,
+                                                   dtype=torch.float32 if wide else x.dtype)
+    _launch(x2, packed.contiguous(), scale.float().contiguous(), bias, out, False, None, config)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def ternary_a8_matmul_triton(x_codes, x_scale, packed, scale, bias=None, out_dtype=torch.float32,
+                             config=None):
+    n, k = _check(x_codes, packed, scale, bias, x_scale)
+    x2 = x_codes.reshape(-1, k)
+    out = torch.zeros((x2.shape[0], n), device=x_codes.device, dtype=torch.float32)
+    _launch(x2, packed.contiguous(), scale.float().contiguous(), bias, out, True,
+            x_scale.float().reshape(-1).contiguous(), config)
+    return out.to(out_dtype).reshape(*x_codes.shape[:-1], n)
