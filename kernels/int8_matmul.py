@@ -1,0 +1,172 @@
+"""Int8 weight matmul: y = x @ dequant(W)^T (+ bias), W int8 [N, K] with fp32 scales.
+
+  W8A16 (weight-only): float x, W decoded to x's dtype; per-channel scales in the epilogue, or
+      per-group scales ([N, K // G]) applied per K tile (BLOCK_K must divide G).
+  W8A8: int8 x with per-token scales, int8 x int8 dot, exact int32 accumulation, then
+      float(acc) * w_scale[n] * x_scale[m].
+"""
+from __future__ import annotations
+
+import torch
+
+from .common import (HAS_TRITON, check_same_device, check_vector, configs, interpreting, m_bucket,
+                     triton)
+from .packing import dequantize_int8
+
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def _int8_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, M, N, K,
+                     stride_xm, stride_xk, stride_wn, stride_sn, stride_ym, stride_yn, M_BUCKET,
+                     A8: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+        """Args:
+            x_ptr: [M, K] float (W8A16) or int8 codes (A8); w_ptr: int8 [N, K], K-contiguous
+            s_ptr: scales [N] (GROUP == 0) or [N, K // GROUP]; xs_ptr: [M] when A8
+            y_ptr: output [M, N]; fp32 and atomically accumulated when SPLIT_K > 1
+        Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if A8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                         mask=mask_m[:, None] & mask_k[None, :], other=0)
+            w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None],
+                        mask=mask_k[:, None] & mask_n[None, :], other=0)
+            if A8:
+                acc += tl.dot(xt, w)
+            else:
+                if IEEE:
+                    part = tl.dot(xt.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(xt, w.to(xt.dtype))
+                if GROUP > 0:
+                    g = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=mask_n, other=0.0)
+                    acc += part * g[None, :]
+                else:
+                    acc += part
+        out = acc.to(tl.float32)
+        if GROUP == 0:
+            out = out * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if A8:
+            out = out * tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(y_ptrs, out, mask=mask)
+
+    _int8_tuned = triton.autotune(configs(False), key=["M_BUCKET", "N", "K", "A8", "GROUP"],
+                                  reset_to_zero=["y_ptr"])(_int8_kernel)
+    _int8_tuned_a8 = triton.autotune(configs(True), key=["M_BUCKET", "N", "K", "A8", "GROUP"],
+                                     reset_to_zero=["y_ptr"])(_int8_kernel)
+
+
+def _check(x, w, scale, bias, x_scale=None):
+    if w.dtype != torch.int8 or w.dim() != 2:
+        raise ValueError(f"w must be 2-d int8 [N, K], got {w.dtype} of shape {tuple(w.shape)}")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x of shape {tuple(x.shape)} must have K={k} (w has shape "
+                         f"{tuple(w.shape)})")
+    if scale.dim() == 2:
+        if scale.shape[0] != n or k % scale.shape[1]:
+            raise ValueError(f"grouped scale must have shape [{n}, K // group], got "
+                             f"{tuple(scale.shape)}")
+    else:
+        check_vector("scale", scale, n)
+    check_vector("bias", bias, n)
+    check_same_device(x=x, w=w, scale=scale, bias=bias, x_scale=x_scale)
+    return n, k
+
+
+def int8_weight_only_matmul_ref(x, w, scale, bias=None):
+    """W8A16 specification: fp32 math on dequantized weights, output in x's dtype."""
+    if not x.is_floating_point():
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    n, k = _check(x, w, scale, bias)
+    y = x.float().reshape(-1, k) @ dequantize_int8(w, scale.float()).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int8_w8a8_matmul_ref(x_codes, x_scale, w, scale, bias=None, out_dtype=torch.float32):
+    """W8A8 specification: exact int32 accumulation, then float(acc) * scale[n] * x_scale[m]."""
+    if x_codes.dtype != torch.int8:
+        raise ValueError(f"x_codes must be int8, got {x_codes.dtype}")
+    if scale.dim() != 1:
+        raise ValueError(f"W8A8 takes per-channel scales [N], got shape {tuple(scale.shape)}")
+    n, k = _check(x_codes, w, scale, bias, x_scale)
+    acc = x_codes.reshape(-1, k).to(torch.int64) @ w.to(torch.int64).t()
+    y = acc.float() * scale.float().reshape(1, -1) * x_scale.float().reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype).reshape(*x_codes.shape[:-1], n)
+
+
+def _launch(x2, w, scale, bias, y, a8, x_scale, config):
+    m, k = x2.shape
+    n = w.shape[0]
+    group = k // scale.shape[1] if scale.dim() == 2 else 0
+    args = (x2, w, scale, x_scale if a8 else scale, bias if bias is not None else scale, y,
+            m, n, k, x2.stride(0), x2.stride(1), w.stride(0), scale.stride(0), y.stride(0),
+            y.stride(1), m_bucket(m))
+    ieee = x2.dtype == torch.float32 or (interpreting() and x2.dtype == torch.bfloat16)
+    flags = dict(A8=a8, GROUP=group, HAS_BIAS=bias is not None, IEEE=ieee)
+    if config is not None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]),
+                config["SPLIT_K"])
+        _int8_kernel[grid](*args, **flags, **config)
+        return
+    if group:  # grouped scales need BLOCK_K | group: pick the config, don't autotune
+        bk = next(b for b in (128, 64, 32) if group % b == 0)
+        cfg = dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=1)
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, 64), 1)
+        _int8_kernel[grid](*args, **flags, **cfg)
+        return
+    kern = _int8_tuned_a8 if a8 else _int8_tuned
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),
+                         meta["SPLIT_K"])
+    kern[grid](*args, **flags)
+
+
+def int8_weight_only_matmul_triton(x, w, scale, bias=None, config=None):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
+    n, k = _check(x, w, scale, bias)
+    if scale.dim() == 2 and (k // scale.shape[1]) % 32:
+        raise ValueError(f"the Triton W8A16 kernel needs a group size that is a multiple of 32, "
+                         f"got {k // scale.shape[1]}")
+    x2 = x.reshape(-1, k)
+    out = torch.zeros((x2.shape[0], n), device=x.device, dtype=torch.float32)
+    _launch(x2, w.contiguous(), scale.float().contiguous(), bias, out, False, None, config)
+    return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def int8_w8a8_matmul_triton(x_codes, x_scale, w, scale, bias=None, out_dtype=torch.float32,
+                            config=None):
+    n, k = _check(x_codes, w, scale, bias, x_scale)
+    if scale.dim() != 1:
+        raise ValueError(f"W8A8 takes per-channel scales [N], got shape {tuple(scale.shape)}")
+    x2 = x_codes.reshape(-1, k)
+    out = torch.zeros((x2.shape[0], n), device=x_codes.device, dtype=torch.float32)
+    _launch(x2, w.contiguous(), scale.float().contiguous(), bias, out, True,
+            x_scale.float().reshape(-1).contiguous(), config)
+    return out.to(out_dtype).reshape(*x_codes.shape[:-1], n)
