@@ -1,0 +1,94 @@
+"""Fast CPU paths, built on fbgemm's int8 GEMM (the engine behind torch's dynamic int8 linear).
+
+The weight is prepacked once per tensor version and cached, never unpacked per call.
+
+* int8 activations (W1.58A8, W8A8): x is quantized per token to int8 codes; a dummy row holding
+  -128 and 127 makes fbgemm's own per-tensor activation range exactly [-128, 127], so its scale is
+  1 and the codes pass through unchanged: the int32 accumulation is exact and the result equals
+  the reference twin bit for bit (float(acc) * w_scale, then * x_scale).
+* float activations (ternary, W8A16): x is written per token as 16-bit fixed point and split into
+  a high and a low int8 half, both run in the same int8 GEMM. Error: at most half a step of
+  max|x_row| / 32767 per input element (relative ~1.5e-5), far below fp16 rounding.
+
+fbgemm on CPUs without VNNI saturates int16 pair sums of uint8 x int8; there the float paths use
+an fp32 matmul on a cached dequantized weight instead.
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def fbgemm_exact() -> bool:
+    """True when fbgemm accumulates u8 x s8 without saturation (VNNI), so the paths are exact."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+class PackedInt8:
+    """An int8 weight [N, K] with per-channel fp32 scales, prepacked for fbgemm."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+        n, k = codes.shape
+        scale = scale.float().reshape(-1).expand(n).contiguous()
+        live = scale > 0  # a zero scale (all-zero row) would break fbgemm's requantization
+        codes = torch.where(live[:, None], codes, torch.zeros_like(codes))
+        self.scale = torch.where(live, scale, torch.ones_like(scale))
+        q = torch._make_per_channel_quantized_tensor(codes.contiguous(), self.scale.double(),
+                                                     torch.zeros(n, dtype=torch.long), 0)
+        self.packed = torch.ops.quantized.linear_prepack(q, None)
+        # for the float path: 128 * rowsum(codes) * scale undoes the low half's -128 offset
+        self.offset = 128 * codes.sum(dim=1, dtype=torch.int64).float() * self.scale
+        self.k = k
+        self.dummy = torch.zeros(1, k)
+        self.dummy[0, 0] = -128.0
+        if k > 1:
+            self.dummy[0, 1] = 127.0
+        else:  # K == 1: the two bounds cannot share a row; fall back to two rows
+            self.dummy = torch.tensor([[-128.0], [127.0]])
+
+    def _gemm(self, rows: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.quantized.linear_dynamic(torch.cat([rows, self.dummy]), self.packed, False)
+        return out[: rows.shape[0]]
+
+    def int_codes_matmul(self, x_codes: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        """float(x_codes @ W^T) * w_scale * x_scale for int8 codes [M, K] and x_scale [M]."""
+        return self._gemm(x_codes.float()) * x_scale.reshape(-1, 1)
+
+    def float_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float @ (codes * scale)^T via the 16-bit split."""
+        xf = x.float()
+        amax = xf.abs().amax(dim=1, keepdim=True)
+        step = torch.where(amax > 0, amax / 32767, torch.ones_like(amax))
+        xi = torch.round(xf / step)
+        hi = torch.floor(xi / 256)
+        lo = xi - 256 * hi - 128
+        m = x.shape[0]
+        y = self._gemm(torch.cat([hi, lo]))
+        return (256 * y[:m] + y[m:] + self.offset) * step
+
+
+_CACHE: dict = {}  # (id, id) -> (weakrefs, versions, value); tensors hash by identity here
+
+
+def cached(tensors: tuple, build):
+    """build(*tensors) once per set of tensors and their versions (in-place edits invalidate);
+    an entry goes away with its tensors."""
+    key = tuple(id(t) for t in tensors)
+    versions = tuple(t._version for t in tensors)
+    hit = _CACHE.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == versions:
+        return hit[2]
+    value = build(*tensors)
+    refs = tuple(weakref.ref(t, lambda _, k=key: _CACHE.pop(k, None)) for t in tensors)
+    _CACHE[key] = (refs, versions, value)
+    return value

@@ -1,0 +1,115 @@
+"""The public matmul ops. Each runs the Triton kernel for CUDA tensors (and for CPU tensors under
+TRITON_INTERPRET=1), the fast CPU path for CPU tensors, or the reference twin on request:
+
+    y = ternary_matmul(x, packed, scale, bias=None)          # W2 (ternary) x float activations
+    y = ternary_matmul(x, packed, scale, activations="dynamic")   # W1.58A8
+    y = int8_matmul(x, w, scale, bias=None)                   # W8A16
+    y = int8_matmul(x, w, scale, activations="dynamic")       # W8A8
+
+backend: "auto" (default), "triton", "cpu" or "ref". Inputs of any leading shape [..., K];
+non-contiguous inputs are handled.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cpu
+from .common import HAS_TRITON, use_triton
+from .int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
+                          int8_weight_only_matmul_ref, int8_weight_only_matmul_triton)
+from .packing import unpack_ternary
+from .ternary_matmul import (ternary_a8_matmul_ref, ternary_a8_matmul_triton, ternary_matmul_ref,
+                             ternary_matmul_triton)
+
+_ACTS = ("none", "dynamic")
+
+
+def quantize_per_token(x: torch.Tensor):
+    """int8 codes [..., K] and fp32 scales [...] with x ~= codes * scale[..., None]."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    codes = torch.clamp(torch.round(xf / scale), -127, 127).to(torch.int8)
+    return codes, scale.squeeze(-1)
+
+
+def _backend(x, backend):
+    if backend not in ("auto", "triton", "cpu", "ref"):
+        raise ValueError(f"backend must be auto, triton, cpu or ref, got {backend!r}")
+    if backend == "auto":
+        return "triton" if use_triton(x) else "cpu" if not x.is_cuda else "ref"
+    if backend == "triton" and not HAS_TRITON:
+        raise RuntimeError("backend='triton' needs triton installed")
+    if backend == "cpu" and x.is_cuda:
+        raise ValueError("backend='cpu' needs CPU tensors; x is on " + str(x.device))
+    return backend
+
+
+def _float_x(x):
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype} of shape {tuple(x.shape)}")
+
+
+def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="auto"):
+    """y[..., N] = x[..., K] @ (ternary W * scale)^T + bias; packed from packing.pack_ternary."""
+    _float_x(x)
+    if activations not in _ACTS:
+        raise ValueError(f"activations must be none or dynamic, got {activations!r}")
+    be = _backend(x, backend)
+    lead, k = x.shape[:-1], x.shape[-1]
+    if activations == "dynamic":
+        codes, xs = quantize_per_token(x.reshape(-1, k))
+        if be == "triton":
+            y = ternary_a8_matmul_triton(codes, xs, packed, scale, bias, out_dtype=x.dtype)
+        elif be == "cpu":
+            y = _cpu_ternary(packed, scale, k).int_codes_matmul(codes, xs)
+            y = (y + bias.float() if bias is not None else y).to(x.dtype)
+        else:
+            y = ternary_a8_matmul_ref(codes, xs, packed, scale, bias, out_dtype=x.dtype)
+        return y.reshape(*lead, -1)
+    if be == "triton":
+        return ternary_matmul_triton(x, packed, scale, bias)
+    if be == "cpu" and cpu.fbgemm_exact():
+        from .ternary_matmul import _check
+        _check(x, packed, scale, bias)
+        y = _cpu_ternary(packed, scale, k).float_matmul(x.reshape(-1, k))
+        y = y + bias.float() if bias is not None else y
+        return y.to(x.dtype).reshape(*lead, -1)
+    return ternary_matmul_ref(x, packed, scale, bias)
+
+
+def _cpu_ternary(packed, scale, k):
+    return cpu.cached((packed, scale), lambda p, s: cpu.PackedInt8(unpack_ternary(p, k), s))
+
+
+def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
+    """y = x @ (w * scale)^T + bias for int8 w [N, K], scale [N] (or [N, K // G] weight-only)."""
+    _float_x(x)
+    if activations not in _ACTS:
+        raise ValueError(f"activations must be none or dynamic, got {activations!r}")
+    be = _backend(x, backend)
+    lead, k = x.shape[:-1], x.shape[-1]
+    grouped = scale.dim() == 2
+    if activations == "dynamic":
+        codes, xs = quantize_per_token(x.reshape(-1, k))
+        if be == "triton":
+            y = int8_w8a8_matmul_triton(codes, xs, w, scale, bias, out_dtype=x.dtype)
+        elif be == "cpu" and not grouped:
+            y = cpu.cached((w, scale), cpu.PackedInt8).int_codes_matmul(codes, xs)
+            y = (y + bias.float() if bias is not None else y).to(x.dtype)
+        else:
+            y = int8_w8a8_matmul_ref(codes, xs, w, scale, bias, out_dtype=x.dtype)
+        return y.reshape(*lead, -1)
+    if be == "triton" and (not grouped or (k // scale.shape[1]) % 32 == 0):
+        return int8_weight_only_matmul_triton(x, w, scale, bias)
+    if be == "cpu" and not grouped and cpu.fbgemm_exact():
+        from .int8_matmul import _check
+        _check(x, w, scale, bias)
+        y = cpu.cached((w, scale), cpu.PackedInt8).float_matmul(x.reshape(-1, k))
+        y = y + bias.float() if bias is not None else y
+        return y.to(x.dtype).reshape(*lead, -1)
+    return int8_weight_only_matmul_ref(x, w, scale, bias)
+
+
+__all__ = ["ternary_matmul", "int8_matmul", "quantize_per_token", "ternary_matmul_ref",
+           "ternary_a8_matmul_ref", "int8_weight_only_matmul_ref", "int8_w8a8_matmul_ref"]
