@@ -16,6 +16,7 @@ an fp32 matmul on a cached dequantized weight instead.
 from __future__ import annotations
 
 import functools
+import warnings
 import weakref
 
 import torch
@@ -43,9 +44,11 @@ class PackedInt8:
         live = scale > 0  # a zero scale (all-zero row) would break fbgemm's requantization
         codes = torch.where(live[:, None], codes, torch.zeros_like(codes))
         self.scale = torch.where(live, scale, torch.ones_like(scale))
-        q = torch._make_per_channel_quantized_tensor(codes.contiguous(), self.scale.double(),
-                                                     torch.zeros(n, dtype=torch.long), 0)
-        self.packed = torch.ops.quantized.linear_prepack(q, None)
+        with warnings.catch_warnings():  # quantized tensors are deprecated; fbgemm still needs one
+            warnings.simplefilter("ignore")
+            q = torch._make_per_channel_quantized_tensor(
+                codes.contiguous(), self.scale.double(), torch.zeros(n, dtype=torch.long), 0)
+            self.packed = torch.ops.quantized.linear_prepack(q, None)
         # for the float path: 128 * rowsum(codes) * scale undoes the low half's -128 offset
         self.offset = 128 * codes.sum(dim=1, dtype=torch.int64).float() * self.scale
         self.k = k
