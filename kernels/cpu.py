@@ -59,24 +59,45 @@ class PackedInt8:
         else:  # K == 1: the two bounds cannot share a row; fall back to two rows
             self.dummy = torch.tensor([[-128.0], [127.0]])
 
-    def _gemm(self, rows: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.quantized.linear_dynamic(torch.cat([rows, self.dummy]), self.packed, False)
-        return out[: rows.shape[0]]
+    def _rows(self, m: int) -> torch.Tensor:
+        """A [m + dummy, K] float buffer whose last rows already hold the dummy."""
+        buf = torch.empty(m + self.dummy.shape[0], self.k)
+        buf[m:] = self.dummy
+        return buf
+
+    def _gemm(self, buf: torch.Tensor, m: int) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(buf, self.packed, False)[:m]
 
     def int_codes_matmul(self, x_codes: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
         """float(x_codes @ W^T) * w_scale * x_scale for int8 codes [M, K] and x_scale [M]."""
-        return self._gemm(x_codes.float()) * x_scale.reshape(-1, 1)
+        m = x_codes.shape[0]
+        buf = self._rows(m)
+        buf[:m] = x_codes
+        return self._gemm(buf, m) * x_scale.reshape(-1, 1)
+
+    def dynamic_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token int8 quantization of float x [M, K] fused into the GEMM's input buffer;
+        equal to quantize_per_token followed by int_codes_matmul."""
+        m = x.shape[0]
+        xf = x.float()
+        amax = xf.abs().amax(dim=1, keepdim=True)
+        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        buf = self._rows(m)
+        torch.div(xf, scale, out=buf[:m])
+        buf[:m].round_().clamp_(-127, 127)
+        return self._gemm(buf, m) * scale
 
     def float_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float @ (codes * scale)^T via the 16-bit split."""
         xf = x.float()
         amax = xf.abs().amax(dim=1, keepdim=True)
         step = torch.where(amax > 0, amax / 32767, torch.ones_like(amax))
-        xi = torch.round(xf / step)
-        hi = torch.floor(xi / 256)
-        lo = xi - 256 * hi - 128
         m = x.shape[0]
-        y = self._gemm(torch.cat([hi, lo]))
+        buf = self._rows(2 * m)
+        xi = torch.round(xf / step)
+        hi = torch.floor(xi / 256, out=buf[:m])
+        torch.sub(xi - 128, hi, alpha=256, out=buf[m:2 * m])  # the low byte, offset to int8
+        y = self._gemm(buf, 2 * m)
         return (256 * y[:m] + y[m:] + self.offset) * step
 
 

@@ -58,12 +58,14 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
     be = _backend(x, backend)
     lead, k = x.shape[:-1], x.shape[-1]
     if activations == "dynamic":
+        if be == "cpu":
+            from .ternary_matmul import _check
+            _check(x, packed, scale, bias)
+            y = _cpu_ternary(packed, scale, k).dynamic_matmul(x.reshape(-1, k))
+            return (y + bias.float() if bias is not None else y).to(x.dtype).reshape(*lead, -1)
         codes, xs = quantize_per_token(x.reshape(-1, k))
         if be == "triton":
             y = ternary_a8_matmul_triton(codes, xs, packed, scale, bias, out_dtype=x.dtype)
-        elif be == "cpu":
-            y = _cpu_ternary(packed, scale, k).int_codes_matmul(codes, xs)
-            y = (y + bias.float() if bias is not None else y).to(x.dtype)
         else:
             y = ternary_a8_matmul_ref(codes, xs, packed, scale, bias, out_dtype=x.dtype)
         return y.reshape(*lead, -1)
@@ -91,12 +93,14 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     lead, k = x.shape[:-1], x.shape[-1]
     grouped = scale.dim() == 2
     if activations == "dynamic":
+        if be == "cpu" and not grouped:
+            from .int8_matmul import _check
+            _check(x, w, scale, bias)
+            y = cpu.cached((w, scale), cpu.PackedInt8).dynamic_matmul(x.reshape(-1, k))
+            return (y + bias.float() if bias is not None else y).to(x.dtype).reshape(*lead, -1)
         codes, xs = quantize_per_token(x.reshape(-1, k))
         if be == "triton":
             y = int8_w8a8_matmul_triton(codes, xs, w, scale, bias, out_dtype=x.dtype)
-        elif be == "cpu" and not grouped:
-            y = cpu.cached((w, scale), cpu.PackedInt8).int_codes_matmul(codes, xs)
-            y = (y + bias.float() if bias is not None else y).to(x.dtype)
         else:
             y = int8_w8a8_matmul_ref(codes, xs, w, scale, bias, out_dtype=x.dtype)
         return y.reshape(*lead, -1)

@@ -147,7 +147,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_EXTRA: list = []  # commands that need torch register here (bench, train, ...) and import lazily
+def _add_bench(sub):
+    s = sub.add_parser("bench", help="time quantized matmuls against torch and the peers")
+    s.add_argument("--M", type=int, nargs="+", default=[1, 16, 256], metavar="M")
+    s.add_argument("--NK", type=int, nargs="+", default=[4096, 8192], metavar="N")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")
+    s.add_argument("--repeat", type=int, default=10)
+    s.add_argument("--methods", nargs="+", metavar="METHOD")
+    s.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
+    s.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return bench.run_cli(args)
+    except ValueError as e:
+        print(f"triton-dsl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+_EXTRA: list = [_add_bench]  # commands that need torch; they import it only when run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,228 @@
+"""`triton-dsl bench`: quantized matmuls against torch and the peers, baseline in the same run.
+
+Every method computes y = x @ W^T for x [M, K] and a random W [N, K]; the table gives the median
+over repeated runs after warm-up, the weight bytes each method reads, the speedup over the
+baseline (torch fp32 on the CPU, torch fp16 on the GPU) and the achieved weight bandwidth.
+On the GPU the L2 cache is flushed before each timed run and CUDA-graph replay time is reported
+beside the kernel time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+GPU_PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}  # HBM bandwidth, vendor figures
+
+
+def _methods(device):
+    from .kernels.ops import int8_matmul, ternary_matmul
+    from .kernels.packing import pack_ternary, quantize_int8
+
+    def torch_linear(dtype):
+        def make(w):
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=device, dtype=dtype)
+            lin.weight.data.copy_(w)
+            return (lambda x: lin(x.to(dtype))), w.numel() * w.element_size() // 4 * (
+                torch.finfo(dtype).bits // 8)
+        return make
+
+    def dynamic_int8(w):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            lin.weight.data.copy_(w)
+            q = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(lin),
+                                                       {torch.nn.Linear}, dtype=torch.qint8)
+        return q, w.numel()
+
+    def ternary(act):
+        def make(w):
+            codes = torch.sign(w) * (w.abs() > 0.7 * w.abs().mean())
+            packed = pack_ternary(codes.to(torch.int8)).to(device)
+            scale = torch.rand(w.shape[0], device=device) + 0.5
+            return (lambda x: ternary_matmul(x, packed, scale, activations=act)), \
+                packed.numel() + 4 * scale.numel()
+        return make
+
+    def int8(act):
+        def make(w):
+            q, s = quantize_int8(w.float().cpu())
+            q, s = q.to(device), s.to(device)
+            return (lambda x: int8_matmul(x, q, s, activations=act)), q.numel() + 4 * s.numel()
+        return make
+
+    def torchao(cfg_name):
+        def make(w):
+            import torchao.quantization as tq
+            lin = torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[0], bias=False,
+                                                      device=device, dtype=torch.float16))
+            lin[0].weight.data.copy_(w)
+            cfg = {"torchao_int8_weight_only": "Int8WeightOnlyConfig",
+                   "torchao_int8_dynamic": "Int8DynamicActivationInt8WeightConfig"}[cfg_name]
+            tq.quantize_(lin, getattr(tq, cfg)())
+            return (lambda x: lin(x.half())), w.numel()
+        return make
+
+    m = {"torch_fp32": torch_linear(torch.float32), "torch_bf16": torch_linear(torch.bfloat16)}
+    if device == "cuda":
+        m["torch_fp16"] = torch_linear(torch.float16)
+        m["torchao_int8_weight_only"] = torchao("torchao_int8_weight_only")
+        m["torchao_int8_dynamic"] = torchao("torchao_int8_dynamic")
+    else:
+        m["torch_dynamic_int8"] = dynamic_int8
+    m.update({"ternary": ternary("none"), "ternary_a8": ternary("dynamic"),
+              "int8_weight_only": int8("none"), "int8_w8a8": int8("dynamic")})
+    return m
+
+
+def _time_cpu(fn, x, repeat, warmup=3):
+    for _ in range(warmup):
+        fn(x)
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn(x)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3, None
+
+
+def _time_gpu(fn, x, repeat, warmup=10):
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")  # larger than any L2
+    for _ in range(warmup):
+        fn(x)
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeat):
+        flush.zero_()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn(x)
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    graph_ms = None
+    try:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn(x)
+        torch.cuda.current_stream().wait_stream(s)
+        with torch.cuda.graph(g):
+            fn(x)
+        gs = []
+        for _ in range(repeat):
+            flush.zero_()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            torch.cuda.synchronize()
+            gs.append(a.elapsed_time(b))
+        graph_ms = statistics.median(gs)
+    except Exception:  # a method that cannot be captured reports kernel time only
+        pass
+    return statistics.median(ts), graph_ms
+
+
+def run(ms, nks, device="cpu", repeat=10, methods=None, log=print):
+    torch.manual_seed(0)
+    avail = _methods(device)
+    chosen = methods or list(avail)
+    unknown = [m for m in chosen if m not in avail]
+    if unknown:
+        raise ValueError(f"unknown or unavailable method(s) on {device}: {', '.join(unknown)}; "
+                         f"available: {', '.join(avail)}")
+    base = "torch_fp16" if device == "cuda" else "torch_fp32"
+    timer = _time_gpu if device == "cuda" else _time_cpu
+    records = []
+    for nk in nks:
+        w = torch.randn(nk, nk) / nk ** 0.5
+        wd = w.to(device)
+        built = {}
+        for name in dict.fromkeys([base] + chosen):
+            try:
+                built[name] = avail[name](wd)
+            except Exception as e:  # a missing peer (torchao not installed) is skipped, not fatal
+                log(f"skip {name}: {type(e).__name__}: {e}")
+        for m in ms:
+            x = torch.randn(m, nk, device=device)
+            with torch.no_grad():
+                base_ms = timer(built[base][0], x, repeat)[0]
+                for name, (fn, nbytes) in built.items():
+                    ms_, graph = timer(fn, x, repeat)
+                    records.append({"method": name, "M": m, "N": nk, "K": nk, "device": device,
+                                    "median_ms": round(ms_, 4),
+                                    "graph_ms": None if graph is None else round(graph, 4),
+                                    "weight_bytes": int(nbytes),
+                                    "speedup": round(base_ms / ms_, 3), "baseline": base,
+                                    "baseline_ms": round(base_ms, 4),
+                                    "gbs": round(nbytes / ms_ / 1e6, 1)})
+                    log(_row(records[-1]))
+    return records
+
+
+def _row(r):
+    g = f"{r['graph_ms']:.3f}" if r.get("graph_ms") else "-"
+    return (f"{r['method']:<26}{r['M']:>5}{r['N']:>6}{r['median_ms']:>11.3f}{g:>10}"
+            f"{r['weight_bytes'] / 2 ** 20:>10.2f}{r['speedup']:>9.2f}x"
+            f"{r['N'] * r['K'] * 4 / r['weight_bytes']:>8.1f}x{r['gbs']:>9.1f}")
+
+
+HEADER = (f"{'method':<26}{'M':>5}{'N=K':>6}{'median ms':>11}{'graph ms':>10}{'weight MiB':>10}"
+          f"{'speedup':>10}{'compr.':>9}{'GB/s':>9}")
+
+
+def environment(device):
+    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
+           "python": platform.python_version(), "machine": platform.machine(),
+           "threads": torch.get_num_threads(), "device": device}
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)
+        except Exception:
+            env["cpu"] = platform.processor()
+    return env
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="triton-dsl bench", description=__doc__.split("\n")[0])
+    add_arguments(ap)
+    return run_cli(ap.parse_args(argv))
+
+
+def add_arguments(ap):
+    ap.add_argument("--M", type=int, nargs="+", default=[1, 16, 256], metavar="M")
+    ap.add_argument("--NK", type=int, nargs="+", default=[4096, 8192], metavar="N")
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--methods", nargs="+", metavar="METHOD")
+    ap.add_argument("--json", metavar="PATH", help="write the records and the environment here")
+
+
+def run_cli(a) -> int:
+    env = environment(a.device)
+    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(HEADER)
+    recs = run(a.M, a.NK, a.device, a.repeat, a.methods)
+    if a.json:
+        from .files import write_atomic
+        write_atomic(a.json, json.dumps({"environment": env, "records": recs}, indent=1) + "\n")
+        print(f"wrote {a.json}")
+    return 0
