@@ -1,7 +1,8 @@
 """Runtime used by generated modules: trainable layers, quantizers, containers."""
 from ..precision import FP32, Binary, Float, Int, Ternary
 from .layers import Conv2d, Linear
+from .frozen import FrozenConv2d, FrozenLinear, freeze
 from .model import CompiledModel, Group, ternary_act
 
-__all__ = ["Linear", "Conv2d", "CompiledModel", "Group", "ternary_act", "Float", "Int",
+__all__ = ["Linear", "Conv2d", "freeze", "FrozenLinear", "FrozenConv2d", "CompiledModel", "Group", "ternary_act", "Float", "Int",
            "Ternary", "Binary", "FP32"]

@@ -162,7 +162,7 @@ def learned_threshold_ternary(w: torch.Tensor, t: torch.Tensor, granularity: str
     delta = torch.sigmoid(t) * mean
     hard = (w.detach().abs() > delta).to(w.dtype)
     soft = torch.sigmoid((w.abs() - delta) / (temperature * mean).clamp(min=1e-12))
-    mask = hard + soft - soft.detach()
+    mask = hard + (soft - soft.detach())  # exactly hard in value; parenthesised so it stays 0/1
     codes = torch.sign(w.detach()) * mask
     return codes, hard, delta
 

@@ -1,0 +1,149 @@
+"""Deploy form: trained layers frozen into packed weights whose forward calls the kernels.
+
+    frozen = freeze(model)   # in place; returns the model
+
+Ternary and binary weights become 2-bit packed codes plus scales (binary is ternary without
+zeros); symmetric int weights and asymmetric ones up to 7 bits become int8 codes plus scales.
+TTQ's separate positive and negative scales are served as a*T + d*|T| with a = (p + n) / 2 and
+d = (p - n) / 2: two ternary matmuls. Asymmetric 8-bit weights, grouped convolutions and 16-bit
+layers keep their (dequantized) float weights. Static activations keep their calibrated fake
+quantizer in front of the weight-only kernel.
+
+The frozen output equals the trainable layer's fake-quantized eval forward up to float rounding:
+the kernels sum in a different order (fp32 paths ~1e-6 relative), the CPU float paths carry
+16-bit fixed-point activations (~1.5e-5 relative), and int8-activation paths are exact in their
+integer part.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.ops import int8_matmul, ternary_matmul
+from ..kernels.packing import pack_ternary
+from ..precision import Binary, Int, Ternary
+from . import quant as Q
+from .layers import Conv2d, Linear
+
+
+class FrozenLinear(nn.Module):
+    def __init__(self, layer: Linear):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.precision = layer.precision
+        w = layer.weight.detach()
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(),
+                                                               requires_grad=False)
+        p = layer.precision
+        self.activations = getattr(p, "activations", "none")
+        self.act_quant = layer.act_quant if self.activations == "static" else None
+        self.mode = "float"
+        with torch.no_grad():
+            if isinstance(p, (Ternary, Binary)):
+                self._ternary(layer, w)
+            elif isinstance(p, Int) and (p.symmetric or p.bits <= 7):
+                r = layer.weight_quant.quantize(w)
+                n = w.shape[0]
+                codes = (r.codes - r.zero_point.reshape(n, -1).repeat_interleave(
+                    w.shape[1] // r.zero_point.reshape(n, -1).shape[1], 1)
+                    if p.group_size else r.codes - r.zero_point.reshape(-1, 1)).to(torch.int8)
+                scale = r.scale.reshape(n, -1) if p.group_size else r.scale.reshape(-1).expand(n)
+                self.register_buffer("codes", codes.reshape(n, -1).contiguous())
+                self.register_buffer("scale", scale.contiguous().float().squeeze(-1)
+                                     if not p.group_size else scale.contiguous().float())
+                self.mode = "int8"
+            else:
+                self.register_buffer("weight", layer.quantized_weight().detach().clone())
+
+    def _ternary(self, layer, w):
+        p = layer.precision
+        if isinstance(p, Binary):
+            _, codes, scale = Q.binary_quantize(w, p.granularity)
+            pos = neg = scale
+        else:
+            layer.weight_quant.eval()
+            r = layer.weight_quant.quantize(w)
+            codes, pos, neg = r.codes, r.scale, r.neg_scale
+        n = w.shape[0]
+        pos, neg = pos.reshape(-1).float(), neg.reshape(-1).float()
+        self.register_buffer("packed", pack_ternary(codes.reshape(n, -1)))
+        self.register_buffer("scale", ((pos + neg) / 2).contiguous())
+        diff = (pos - neg) / 2
+        if (diff != 0).any():  # TTQ: the |T| term
+            self.register_buffer("packed_abs", pack_ternary(codes.reshape(n, -1).abs()))
+            self.register_buffer("scale_abs", diff.contiguous())
+        self.mode = "ternary"
+
+    def matmul(self, x):
+        if self.act_quant is not None:
+            x = self.act_quant(x)
+        act = "dynamic" if self.activations == "dynamic" else "none"
+        if self.mode == "ternary":
+            y = ternary_matmul(x, self.packed, self.scale, self.bias, activations=act)
+            if hasattr(self, "packed_abs"):
+                y = y + ternary_matmul(x, self.packed_abs, self.scale_abs, activations=act)
+            return y
+        if self.mode == "int8":
+            return int8_matmul(x, self.codes, self.scale, self.bias, activations=act)
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def forward(self, x):
+        return self.matmul(x)
+
+    def extra_repr(self):
+        return (f"{self.in_features}, {self.out_features}, precision={self.precision.to_source()}"
+                f", kernel={self.mode}")
+
+
+class FrozenConv2d(nn.Module):
+    """A convolution as unfold + the frozen matmul (im2col); grouped ones keep float weights."""
+
+    def __init__(self, layer: Conv2d):
+        super().__init__()
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        self.kernel_size, self.out_channels = layer.kernel_size, layer.out_channels
+        if layer.groups == 1 and layer.padding != "same":
+            self.linear = FrozenLinear(_as_linear(layer))
+        else:
+            self.linear = None
+            self.register_buffer("weight", layer.quantized_weight().detach().clone())
+            self.bias = layer.bias
+
+    def forward(self, x):
+        if self.linear is None:
+            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                            self.groups)
+        b, _, h, w = x.shape
+        kh, kw = self.kernel_size
+        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        y = self.linear(cols.transpose(1, 2))  # [B, L, out]
+        return y.transpose(1, 2).reshape(b, self.out_channels, ho, wo)
+
+
+def _as_linear(conv: Conv2d) -> Linear:
+    """The conv's weight viewed as a [out, C*kh*kw] linear layer with the same quantizers."""
+    lin = Linear.__new__(Linear)
+    nn.Module.__init__(lin)
+    lin.in_features = conv.weight[0].numel()
+    lin.out_features = conv.out_channels
+    lin.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1))
+    lin.bias = conv.bias
+    lin.precision = conv.precision
+    lin.weight_quant = conv.weight_quant
+    lin.act_quant = conv.act_quant
+    return lin
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Replace every quantized Linear/Conv2d (below 16 bits) with its deploy form, in place."""
+    model.eval()
+    for name, child in list(model.named_children()):
+        if isinstance(child, (Linear, Conv2d)) and child.precision.bits < 16:
+            setattr(model, name, (FrozenLinear if isinstance(child, Linear) else FrozenConv2d)(child))
+        else:
+            freeze(child)
+    return model
