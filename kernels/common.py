@@ -8,11 +8,49 @@ import torch
 
 try:  # Triton is optional: without it every op runs its CPU path
     import triton
-    import triton.language as tl  # noqa: F401
+    import triton.language as tl
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised on machines without triton
     triton = None
     HAS_TRITON = False
+
+
+if HAS_TRITON:
+    @triton.jit
+    def finish_tile(out, y_ptr, xs_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_ym,
+                    stride_yn, A8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The epilogue both matmul kernels share: out (fp32, weight scale already applied) times
+        the per-token scale when A8, plus bias (once, by the first K split), then a store, or an
+        atomic add into the fp32 output when the K loop is split."""
+        if A8:
+            out = out * tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
+        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        mask = mask_m[:, None] & mask_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.atomic_add(y_ptrs, out, mask=mask)
+
+
+def launch(kernel, tuned, m: int, n: int, args, flags, config=None):
+    """Run ``kernel`` with a pinned tile ``config`` (tests), else its autotuned twin ``tuned``.
+    Grid: (M tiles, N tiles, K splits)."""
+    if config is not None:
+        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]),
+                config["SPLIT_K"])
+        kernel[grid](*args, **flags, **config)
+    else:
+        tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),
+                            meta["SPLIT_K"])](*args, **flags)
+
+
+def ieee_dots(dtype: torch.dtype) -> bool:
+    """fp32 dots in IEEE precision (not TF32) so fp32 results match the reference; bf16 dots are
+    mis-evaluated by the interpreter, so there they run in fp32 too (exact: bf16 fits fp32)."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
 
 
 def interpreting() -> bool:
@@ -47,13 +85,6 @@ def configs(int8: bool):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": max(bkk, bk),
                                   "SPLIT_K": sk}, num_warps=w, num_stages=st))
     return out
-
-
-def check_2d_last(name: str, t: torch.Tensor, k: int | None = None):
-    if t.dim() < 1:
-        raise ValueError(f"{name} must have at least one dimension, got shape {tuple(t.shape)}")
-    if k is not None and t.shape[-1] != k:
-        raise ValueError(f"{name} of shape {tuple(t.shape)} must have K={k} in its last dimension")
 
 
 def check_same_device(**tensors):

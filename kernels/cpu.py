@@ -104,10 +104,10 @@ class PackedInt8:
 _CACHE: dict = {}  # (id, id) -> (weakrefs, versions, value); tensors hash by identity here
 
 
-def cached(tensors: tuple, build):
-    """build(*tensors) once per set of tensors and their versions (in-place edits invalidate);
-    an entry goes away with its tensors."""
-    key = tuple(id(t) for t in tensors)
+def cached(tensors: tuple, build, kind: str = "fbgemm"):
+    """build(*tensors) once per kind of cached form, set of tensors and their versions (in-place
+    edits invalidate); an entry goes away with its tensors."""
+    key = (kind,) + tuple(id(t) for t in tensors)
     versions = tuple(t._version for t in tensors)
     hit = _CACHE.get(key)
     if hit is not None and all(r() is t for r, t in zip(hit[0], tensors)) and hit[1] == versions:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .common import (HAS_TRITON, check_same_device, check_vector, configs, interpreting, m_bucket,
-                     triton)
+from .common import (HAS_TRITON, check_same_device, check_vector, configs, ieee_dots, launch,
+                     m_bucket, triton)
 from .packing import dequantize_int8
 
 if HAS_TRITON:
     import triton.language as tl
+
+    from .common import finish_tile
 
     @triton.jit
     def _int8_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, M, N, K,
@@ -60,17 +62,8 @@ if HAS_TRITON:
         out = acc.to(tl.float32)
         if GROUP == 0:
             out = out * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if A8:
-            out = out * tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(y_ptrs, out, mask=mask)
+        finish_tile(out, y_ptr, xs_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
+                    stride_ym, stride_yn, A8, HAS_BIAS, SPLIT_K)
 
     _int8_tuned = triton.autotune(configs(False), key=["M_BUCKET", "N", "K", "A8", "GROUP"],
                                   reset_to_zero=["y_ptr"])(_int8_kernel)
@@ -78,7 +71,7 @@ if HAS_TRITON:
                                      reset_to_zero=["y_ptr"])(_int8_kernel)
 
 
-def _check(x, w, scale, bias, x_scale=None):
+def check_args(x, w, scale, bias, x_scale=None):
     if w.dtype != torch.int8 or w.dim() != 2:
         raise ValueError(f"w must be 2-d int8 [N, K], got {w.dtype} of shape {tuple(w.shape)}")
     n, k = w.shape
@@ -100,7 +93,7 @@ def int8_weight_only_matmul_ref(x, w, scale, bias=None):
     """W8A16 specification: fp32 math on dequantized weights, output in x's dtype."""
     if not x.is_floating_point():
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
-    n, k = _check(x, w, scale, bias)
+    n, k = check_args(x, w, scale, bias)
     y = x.float().reshape(-1, k) @ dequantize_int8(w, scale.float()).t()
     if bias is not None:
         y = y + bias.float()
@@ -113,7 +106,7 @@ def int8_w8a8_matmul_ref(x_codes, x_scale, w, scale, bias=None, out_dtype=torch.
         raise ValueError(f"x_codes must be int8, got {x_codes.dtype}")
     if scale.dim() != 1:
         raise ValueError(f"W8A8 takes per-channel scales [N], got shape {tuple(scale.shape)}")
-    n, k = _check(x_codes, w, scale, bias, x_scale)
+    n, k = check_args(x_codes, w, scale, bias, x_scale)
     acc = x_codes.reshape(-1, k).to(torch.int64) @ w.to(torch.int64).t()
     y = acc.float() * scale.float().reshape(1, -1) * x_scale.float().reshape(-1, 1)
     if bias is not None:
@@ -128,29 +121,17 @@ def _launch(x2, w, scale, bias, y, a8, x_scale, config):
     args = (x2, w, scale, x_scale if a8 else scale, bias if bias is not None else scale, y,
             m, n, k, x2.stride(0), x2.stride(1), w.stride(0), scale.stride(0), y.stride(0),
             y.stride(1), m_bucket(m))
-    ieee = x2.dtype == torch.float32 or (interpreting() and x2.dtype == torch.bfloat16)
-    flags = dict(A8=a8, GROUP=group, HAS_BIAS=bias is not None, IEEE=ieee)
-    if config is not None:
-        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]),
-                config["SPLIT_K"])
-        _int8_kernel[grid](*args, **flags, **config)
-        return
-    if group:  # grouped scales need BLOCK_K | group: pick the config, don't autotune
+    flags = dict(A8=a8, GROUP=group, HAS_BIAS=bias is not None, IEEE=ieee_dots(x2.dtype))
+    if group and config is None:  # grouped scales need BLOCK_K | group: pick, don't autotune
         bk = next(b for b in (128, 64, 32) if group % b == 0)
-        cfg = dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=1)
-        grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, 64), 1)
-        _int8_kernel[grid](*args, **flags, **cfg)
-        return
-    kern = _int8_tuned_a8 if a8 else _int8_tuned
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),
-                         meta["SPLIT_K"])
-    kern[grid](*args, **flags)
+        config = dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=1)
+    launch(_int8_kernel, _int8_tuned_a8 if a8 else _int8_tuned, m, n, args, flags, config)
 
 
 def int8_weight_only_matmul_triton(x, w, scale, bias=None, config=None):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
-    n, k = _check(x, w, scale, bias)
+    n, k = check_args(x, w, scale, bias)
     if scale.dim() == 2 and (k // scale.shape[1]) % 32:
         raise ValueError(f"the Triton W8A16 kernel needs a group size that is a multiple of 32, "
                          f"got {k // scale.shape[1]}")
@@ -162,7 +143,7 @@ def int8_weight_only_matmul_triton(x, w, scale, bias=None, config=None):
 
 def int8_w8a8_matmul_triton(x_codes, x_scale, w, scale, bias=None, out_dtype=torch.float32,
                             config=None):
-    n, k = _check(x_codes, w, scale, bias, x_scale)
+    n, k = check_args(x_codes, w, scale, bias, x_scale)
     if scale.dim() != 1:
         raise ValueError(f"W8A8 takes per-channel scales [N], got shape {tuple(scale.shape)}")
     x2 = x_codes.reshape(-1, k)

@@ -15,9 +15,11 @@ import torch
 
 from . import cpu
 from .common import HAS_TRITON, use_triton
+from .int8_matmul import check_args as check_int8
 from .int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
                           int8_weight_only_matmul_ref, int8_weight_only_matmul_triton)
-from .packing import unpack_ternary
+from .packing import dequantize_int8, unpack_ternary
+from .ternary_matmul import check_args as check_ternary
 from .ternary_matmul import (ternary_a8_matmul_ref, ternary_a8_matmul_triton, ternary_matmul_ref,
                              ternary_matmul_triton)
 
@@ -50,68 +52,72 @@ def _float_x(x):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype} of shape {tuple(x.shape)}")
 
 
+def _cpu(prepacked: cpu.PackedInt8, x, bias, activations):
+    """The CPU path on a cached prepacked weight; bias added and dtype restored here, once."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if activations == "dynamic":
+        y = prepacked.dynamic_matmul(x2)
+    else:
+        y = prepacked.float_matmul(x2)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def _cpu_dequantized(x, key, dequantize, bias):
+    """Without exact fbgemm: fp32 matmul on a weight dequantized once and cached (never per call)."""
+    w = cpu.cached(key, dequantize, kind="dequantized")
+    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(
+        x.dtype)
+
+
+def _check_act(activations):
+    if activations not in _ACTS:
+        raise ValueError(f"activations must be none or dynamic, got {activations!r}")
+
+
 def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="auto"):
     """y[..., N] = x[..., K] @ (ternary W * scale)^T + bias; packed from packing.pack_ternary."""
     _float_x(x)
-    if activations not in _ACTS:
-        raise ValueError(f"activations must be none or dynamic, got {activations!r}")
+    _check_act(activations)
     be = _backend(x, backend)
-    lead, k = x.shape[:-1], x.shape[-1]
+    k = x.shape[-1]
+    if be == "cpu":
+        check_ternary(x, packed, scale, bias)
+        if activations == "dynamic" or cpu.fbgemm_exact():
+            prepacked = cpu.cached((packed, scale),
+                                   lambda p, s: cpu.PackedInt8(unpack_ternary(p, k), s))
+            return _cpu(prepacked, x, bias, activations)
+        return _cpu_dequantized(x, (packed, scale), lambda p, s: unpack_ternary(p, k).float()
+                                * s.float().reshape(-1, 1), bias)
     if activations == "dynamic":
-        if be == "cpu":
-            from .ternary_matmul import _check
-            _check(x, packed, scale, bias)
-            y = _cpu_ternary(packed, scale, k).dynamic_matmul(x.reshape(-1, k))
-            return (y + bias.float() if bias is not None else y).to(x.dtype).reshape(*lead, -1)
         codes, xs = quantize_per_token(x.reshape(-1, k))
-        if be == "triton":
-            y = ternary_a8_matmul_triton(codes, xs, packed, scale, bias, out_dtype=x.dtype)
-        else:
-            y = ternary_a8_matmul_ref(codes, xs, packed, scale, bias, out_dtype=x.dtype)
-        return y.reshape(*lead, -1)
-    if be == "triton":
-        return ternary_matmul_triton(x, packed, scale, bias)
-    if be == "cpu" and cpu.fbgemm_exact():
-        from .ternary_matmul import _check
-        _check(x, packed, scale, bias)
-        y = _cpu_ternary(packed, scale, k).float_matmul(x.reshape(-1, k))
-        y = y + bias.float() if bias is not None else y
-        return y.to(x.dtype).reshape(*lead, -1)
-    return ternary_matmul_ref(x, packed, scale, bias)
-
-
-def _cpu_ternary(packed, scale, k):
-    return cpu.cached((packed, scale), lambda p, s: cpu.PackedInt8(unpack_ternary(p, k), s))
+        run = ternary_a8_matmul_triton if be == "triton" else ternary_a8_matmul_ref
+        return run(codes, xs, packed, scale, bias, out_dtype=x.dtype).reshape(*x.shape[:-1], -1)
+    run = ternary_matmul_triton if be == "triton" else ternary_matmul_ref
+    return run(x, packed, scale, bias)
 
 
 def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     """y = x @ (w * scale)^T + bias for int8 w [N, K], scale [N] (or [N, K // G] weight-only)."""
     _float_x(x)
-    if activations not in _ACTS:
-        raise ValueError(f"activations must be none or dynamic, got {activations!r}")
+    _check_act(activations)
     be = _backend(x, backend)
-    lead, k = x.shape[:-1], x.shape[-1]
+    k = x.shape[-1]
     grouped = scale.dim() == 2
+    if be == "cpu":
+        check_int8(x, w, scale, bias)
+        if not grouped and (activations == "dynamic" or cpu.fbgemm_exact()):
+            return _cpu(cpu.cached((w, scale), cpu.PackedInt8), x, bias, activations)
+        if activations == "none":
+            return _cpu_dequantized(x, (w, scale), dequantize_int8, bias)
     if activations == "dynamic":
-        if be == "cpu" and not grouped:
-            from .int8_matmul import _check
-            _check(x, w, scale, bias)
-            y = cpu.cached((w, scale), cpu.PackedInt8).dynamic_matmul(x.reshape(-1, k))
-            return (y + bias.float() if bias is not None else y).to(x.dtype).reshape(*lead, -1)
         codes, xs = quantize_per_token(x.reshape(-1, k))
-        if be == "triton":
-            y = int8_w8a8_matmul_triton(codes, xs, w, scale, bias, out_dtype=x.dtype)
-        else:
-            y = int8_w8a8_matmul_ref(codes, xs, w, scale, bias, out_dtype=x.dtype)
-        return y.reshape(*lead, -1)
+        run = int8_w8a8_matmul_triton if be == "triton" else int8_w8a8_matmul_ref
+        return run(codes, xs, w, scale, bias, out_dtype=x.dtype).reshape(*x.shape[:-1], -1)
     if be == "triton" and (not grouped or (k // scale.shape[1]) % 32 == 0):
         return int8_weight_only_matmul_triton(x, w, scale, bias)
-    if be == "cpu" and not grouped and cpu.fbgemm_exact():
-        from .int8_matmul import _check
-        _check(x, w, scale, bias)
-        y = cpu.cached((w, scale), cpu.PackedInt8).float_matmul(x.reshape(-1, k))
-        y = y + bias.float() if bias is not None else y
-        return y.to(x.dtype).reshape(*lead, -1)
     return int8_weight_only_matmul_ref(x, w, scale, bias)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .common import (HAS_TRITON, check_same_device, check_vector, configs, interpreting,
+from .common import (HAS_TRITON, check_same_device, check_vector, configs, ieee_dots, launch,
                      m_bucket, triton)
 from .packing import packed_cols, unpack_ternary
 
 if HAS_TRITON:
     import triton.language as tl
+
+    from .common import finish_tile
 
     @triton.jit
     def _ternary_kernel(x_ptr, p_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, KQ,
@@ -63,17 +65,8 @@ if HAS_TRITON:
         else:
             scale = tl.load(s_ptr + offs_n * 0)
         out = acc.to(tl.float32) * scale[None, :]
-        if A8:
-            out = out * tl.load(xs_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            out = out + tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-        y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        mask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
-        else:
-            tl.atomic_add(y_ptrs, out, mask=mask)
+        finish_tile(out, y_ptr, xs_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
+                    stride_ym, stride_yn, A8, HAS_BIAS, SPLIT_K)
 
     _ternary_tuned = triton.autotune(configs(False), key=["M_BUCKET", "N", "K", "A8"],
                                      reset_to_zero=["y_ptr"])(_ternary_kernel)
@@ -81,7 +74,7 @@ if HAS_TRITON:
                                         reset_to_zero=["y_ptr"])(_ternary_kernel)
 
 
-def _check(x, packed, scale, bias, x_scale=None):
+def check_args(x, packed, scale, bias, x_scale=None):
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise ValueError(f"packed must be 2-d uint8 [N, ceil(K/4)], got {packed.dtype} of shape "
                          f"{tuple(packed.shape)}")
@@ -100,7 +93,7 @@ def ternary_matmul_ref(x, packed, scale, bias=None):
     """The specification: float activations, fp32 math, output in x's dtype."""
     if not x.is_floating_point():
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
-    n, k = _check(x, packed, scale, bias)
+    n, k = check_args(x, packed, scale, bias)
     w = unpack_ternary(packed, k).float()
     y = (x.float().reshape(-1, k) @ w.t()) * scale.float().reshape(1, -1)
     if bias is not None:
@@ -113,7 +106,7 @@ def ternary_a8_matmul_ref(x_codes, x_scale, packed, scale, bias=None, out_dtype=
     float(acc) * scale[n] * x_scale[m] (+ bias), in that order."""
     if x_codes.dtype != torch.int8:
         raise ValueError(f"x_codes must be int8, got {x_codes.dtype}")
-    n, k = _check(x_codes, packed, scale, bias, x_scale)
+    n, k = check_args(x_codes, packed, scale, bias, x_scale)
     w = unpack_ternary(packed, k).to(torch.int64)
     acc = x_codes.reshape(-1, k).to(torch.int64) @ w.t()
     y = acc.float() * scale.float().reshape(1, -1) * x_scale.float().reshape(-1, 1)
@@ -129,26 +122,17 @@ def _launch(x2, packed, scale, bias, y, a8, x_scale, config):
     args = (x2, packed, scale, x_scale if a8 else scale, bias if bias is not None else scale, y,
             m, n, k, kq, x2.stride(0), x2.stride(1), packed.stride(0), y.stride(0), y.stride(1),
             m_bucket(m))
-    # fp32 dots in IEEE precision (not TF32) so fp32 results match the reference; bf16 dots
-    # are mis-evaluated by the interpreter, so there they run in fp32 (exact: bf16 fits fp32)
-    ieee = x2.dtype == torch.float32 or (interpreting() and x2.dtype == torch.bfloat16)
-    flags = dict(A8=a8, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None, IEEE=ieee)
-    if config is not None:
-        grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]),
-                config["SPLIT_K"])
-        _ternary_kernel[grid](*args, **flags, **config)
-    else:
-        kern = _ternary_tuned_a8 if a8 else _ternary_tuned
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]),
-                             meta["SPLIT_K"])
-        kern[grid](*args, **flags)
+    flags = dict(A8=a8, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
+                 IEEE=ieee_dots(x2.dtype))
+    launch(_ternary_kernel, _ternary_tuned_a8 if a8 else _ternary_tuned, m, n, args, flags,
+           config)
 
 
 def ternary_matmul_triton(x, packed, scale, bias=None, config=None):
     """Triton kernel, float activations. ``config`` pins a tile config (tests); else autotuned."""
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
-    n, k = _check(x, packed, scale, bias)
+    n, k = check_args(x, packed, scale, bias)
     x2 = x.reshape(-1, k)
     # fp32 output when split-K accumulates atomically, and for bf16, whose stores the
     # interpreter mishandles; the cast back is one cheap elementwise pass over [M, N].
@@ -161,7 +145,7 @@ def ternary_matmul_triton(x, packed, scale, bias=None, config=None):
 
 def ternary_a8_matmul_triton(x_codes, x_scale, packed, scale, bias=None, out_dtype=torch.float32,
                              config=None):
-    n, k = _check(x_codes, packed, scale, bias, x_scale)
+    n, k = check_args(x_codes, packed, scale, bias, x_scale)
     x2 = x_codes.reshape(-1, k)
     out = torch.zeros((x2.shape[0], n), device=x_codes.device, dtype=torch.float32)
     _launch(x2, packed.contiguous(), scale.float().contiguous(), bias, out, True,

@@ -145,6 +145,17 @@ def test_cpu_float_paths_within_16bit_tolerance(m, n, k):
         assert (got - want).abs().max() <= bound + 1e-4
 
 
+def test_cpu_fallback_without_vnni(monkeypatch):
+    """Where fbgemm could saturate, float paths use a cached dequantized weight: exact to fp32."""
+    monkeypatch.setattr(cpu, "fbgemm_exact", lambda: False)
+    packed, scale = (t.cpu() for t in _ternary(24, 70))
+    q, s = quantize_int8(torch.randn(24, 70))
+    x, bias = torch.randn(3, 70), torch.randn(24)
+    for fn, args in ((ternary_matmul, (packed, scale)), (int8_matmul, (q, s))):
+        torch.testing.assert_close(fn(x, *args, bias, backend="cpu"),
+                                   fn(x, *args, bias, backend="ref"), atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_cache_follows_in_place_edits():
     q, s = quantize_int8(torch.randn(8, 16))
     x = torch.randn(2, 16)

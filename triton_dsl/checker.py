@@ -41,7 +41,7 @@ def check(tree: ast.File, text: str) -> tuple[list[ir.Model], list[Diagnostic]]:
                 diags.append(Diagnostic("E506", "precision section before any model", d.pos.line,
                                         d.pos.col, "put it after its model, or name the model: "
                                         "precision MyModel:"))
-            elif d.model and d.model not in {m.name for m in models} | {
+            elif d.model and d.model not in {
                     x.name for x in tree.definitions if isinstance(x, ast.Model)}:
                 diags.append(Diagnostic("E507", f"no model named '{d.model}'", d.pos.line,
                                         d.pos.col, suggest(d.model, [m.name for m in models])))
@@ -178,7 +178,7 @@ def _fits(prec, layer, rule, diags) -> bool:
         diags.append(Diagnostic("E508", f"group_size={g} does not divide {layer.name}'s "
                                 f"{layer.weight[1]} input weights per output", pos.line, pos.col,
                                 "pick a divisor: " + ", ".join(
-                                    str(d) for d in _divisors(layer.weight[1]) if d >= 8)[:60]))
+                                    map(str, _divisors(layer.weight[1])[:8]))))
         return False
     return True
 

@@ -45,13 +45,14 @@ class FrozenLinear(nn.Module):
             elif isinstance(p, Int) and (p.symmetric or p.bits <= 7):
                 r = layer.weight_quant.quantize(w)
                 n = w.shape[0]
-                codes = (r.codes - r.zero_point.reshape(n, -1).repeat_interleave(
-                    w.shape[1] // r.zero_point.reshape(n, -1).shape[1], 1)
-                    if p.group_size else r.codes - r.zero_point.reshape(-1, 1)).to(torch.int8)
-                scale = r.scale.reshape(n, -1) if p.group_size else r.scale.reshape(-1).expand(n)
-                self.register_buffer("codes", codes.reshape(n, -1).contiguous())
-                self.register_buffer("scale", scale.contiguous().float().squeeze(-1)
-                                     if not p.group_size else scale.contiguous().float())
+                if p.group_size:  # codes, zero points and scales per group of inputs
+                    codes = Q.group_view(r.codes, p.group_size) - r.zero_point
+                    scale = r.scale.reshape(n, -1)
+                else:
+                    codes = r.codes.reshape(n, -1) - r.zero_point.reshape(-1, 1)
+                    scale = r.scale.reshape(-1).expand(n)
+                self.register_buffer("codes", codes.reshape(n, -1).to(torch.int8).contiguous())
+                self.register_buffer("scale", scale.float().contiguous())
                 self.mode = "int8"
             else:
                 self.register_buffer("weight", layer.quantized_weight().detach().clone())

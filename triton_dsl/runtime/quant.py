@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.ops import quantize_per_token as _per_token
+
 
 class QuantResult(NamedTuple):
     dequantized: torch.Tensor  # same shape and dtype as the input
@@ -84,11 +86,9 @@ def int8_quantize_ste(x: torch.Tensor, granularity: str = "per_tensor") -> torch
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic int8 activations: one symmetric scale per row (token). Returns (int8 codes, scale)
-    with scale shaped (..., 1); x ~= codes * scale."""
-    amax = x.detach().abs().amax(dim=-1, keepdim=True).float()
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    codes = torch.clamp(torch.round(x.float() / scale), -127, 127).to(torch.int8)
-    return codes, scale
+    with scale shaped (..., 1); x ~= codes * scale. Same rule as the kernels use."""
+    codes, scale = _per_token(x.detach())
+    return codes, scale.unsqueeze(-1)
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:

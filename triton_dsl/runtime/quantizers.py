@@ -89,8 +89,9 @@ class TernaryQuantizer(nn.Module):
             codes, hard = self._codes(w)
             pos, neg = self._scales(w, hard)
             deq = torch.where(codes > 0, pos * codes, neg * codes)
-            return Q.TernaryResult(deq, codes.to(torch.int8), pos.expand_as(neg) * 1,
-                                   neg * 1, torch.zeros(()))
+            pos, neg = torch.broadcast_tensors(pos, neg)
+            return Q.TernaryResult(deq, codes.to(torch.int8), pos.clone(), neg.clone(),
+                                   torch.zeros(()))
 
     def _scales(self, w, hard):
         c = self.config
