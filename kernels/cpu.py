@@ -59,6 +59,10 @@ class PackedInt8:
         else:  # K == 1: the two bounds cannot share a row; fall back to two rows
             self.dummy = torch.tensor([[-128.0], [127.0]])
 
+    def codes(self) -> torch.Tensor:
+        """The int8 codes back from fbgemm's packed form (rows with a zero scale read as 0)."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+
     def _rows(self, m: int) -> torch.Tensor:
         """A [m + dummy, K] float buffer whose last rows already hold the dummy."""
         buf = torch.empty(m + self.dummy.shape[0], self.k)

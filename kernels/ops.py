@@ -52,7 +52,7 @@ def _float_x(x):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype} of shape {tuple(x.shape)}")
 
 
-def _cpu(prepacked: cpu.PackedInt8, x, bias, activations):
+def cpu_matmul(prepacked: cpu.PackedInt8, x, bias, activations):
     """The CPU path on a cached prepacked weight; bias added and dtype restored here, once."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -63,6 +63,12 @@ def _cpu(prepacked: cpu.PackedInt8, x, bias, activations):
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def cpu_fast(x, activations) -> bool:
+    """Whether a CPU tensor x takes the fbgemm path (else Triton's interpreter or a fallback)."""
+    return not x.is_cuda and not use_triton(x) and (activations == "dynamic" or
+                                                   cpu.fbgemm_exact())
 
 
 def _cpu_dequantized(x, key, dequantize, bias):
@@ -88,7 +94,7 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
         if activations == "dynamic" or cpu.fbgemm_exact():
             prepacked = cpu.cached((packed, scale),
                                    lambda p, s: cpu.PackedInt8(unpack_ternary(p, k), s))
-            return _cpu(prepacked, x, bias, activations)
+            return cpu_matmul(prepacked, x, bias, activations)
         return _cpu_dequantized(x, (packed, scale), lambda p, s: unpack_ternary(p, k).float()
                                 * s.float().reshape(-1, 1), bias)
     if activations == "dynamic":
@@ -109,7 +115,7 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     if be == "cpu":
         check_int8(x, w, scale, bias)
         if not grouped and (activations == "dynamic" or cpu.fbgemm_exact()):
-            return _cpu(cpu.cached((w, scale), cpu.PackedInt8), x, bias, activations)
+            return cpu_matmul(cpu.cached((w, scale), cpu.PackedInt8), x, bias, activations)
         if activations == "none":
             return _cpu_dequantized(x, (w, scale), dequantize_int8, bias)
     if activations == "dynamic":
