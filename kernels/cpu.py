@@ -2,10 +2,11 @@
 
 The weight is prepacked once per tensor version and cached, never unpacked per call.
 
-* int8 activations (W1.58A8, W8A8): x is quantized per token to int8 codes; a dummy row holding
-  -128 and 127 makes fbgemm's own per-tensor activation range exactly [-128, 127], so its scale is
-  1 and the codes pass through unchanged: the int32 accumulation is exact and the result equals
-  the reference twin bit for bit (float(acc) * w_scale, then * x_scale).
+* int8 activations (W1.58A8, W8A8): x is quantized per token to int8 codes, which enter fbgemm's
+  GEMM with activation scale 1 and zero point 128 (the static-input linear op; where a torch
+  lacks it, a dummy row holding -128 and 127 pins the dynamic op's range to the same scale). The
+  codes pass through unchanged, the int32 accumulation is exact, and the result equals the
+  reference twin bit for bit (float(acc) * w_scale, then * x_scale).
 * float activations (ternary, W8A16): x is written per token as 16-bit fixed point and split into
   a high and a low int8 half, both run in the same int8 GEMM. Error: at most half a step of
   max|x_row| / 32767 per input element (relative ~1.5e-5), far below fp16 rounding.
@@ -20,6 +21,11 @@ import warnings
 import weakref
 
 import torch
+
+
+# fp32 input quantized with a given scale and zero point, fp32 output: no range scan per call
+_STATIC_INPUT = getattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32",
+                        None)
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,45 +70,43 @@ class PackedInt8:
         return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     def _rows(self, m: int) -> torch.Tensor:
-        """A [m + dummy, K] float buffer whose last rows already hold the dummy."""
+        """A float buffer for m rows of codes (plus the dummy rows where they are needed)."""
+        if _STATIC_INPUT is not None:
+            return torch.empty(m, self.k)
         buf = torch.empty(m + self.dummy.shape[0], self.k)
         buf[m:] = self.dummy
         return buf
 
     def _gemm(self, buf: torch.Tensor, m: int) -> torch.Tensor:
+        """float(codes @ W^T) * w_scale for integer-valued rows in [-128, 127]."""
+        if _STATIC_INPUT is not None:
+            return _STATIC_INPUT(buf, 1.0, 128, self.packed)
         return torch.ops.quantized.linear_dynamic(buf, self.packed, False)[:m]
 
-    def int_codes_matmul(self, x_codes: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-        """float(x_codes @ W^T) * w_scale * x_scale for int8 codes [M, K] and x_scale [M]."""
-        m = x_codes.shape[0]
-        buf = self._rows(m)
-        buf[:m] = x_codes
-        return self._gemm(buf, m) * x_scale.reshape(-1, 1)
-
     def dynamic_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-token int8 quantization of float x [M, K] fused into the GEMM's input buffer;
-        equal to quantize_per_token followed by int_codes_matmul."""
+        """Per-token int8 quantization of float x [M, K] written straight into the GEMM's input
+        buffer; equal to ops.quantize_per_token then float(acc) * w_scale * x_scale."""
         m = x.shape[0]
         xf = x.float()
-        amax = xf.abs().amax(dim=1, keepdim=True)
-        scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+        amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True)  # max |x|
+        scale = torch.where(amax > 0, amax / 127, 1.0)
         buf = self._rows(m)
-        torch.div(xf, scale, out=buf[:m])
-        buf[:m].round_().clamp_(-127, 127)
-        return self._gemm(buf, m) * scale
+        # |x| / scale <= 127 (+ rounding), so rounding alone lands in [-127, 127]: no clamp
+        torch.div(xf, scale, out=buf[:m]).round_()
+        return self._gemm(buf, m).mul_(scale)
 
     def float_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float @ (codes * scale)^T via the 16-bit split."""
-        xf = x.float()
-        amax = xf.abs().amax(dim=1, keepdim=True)
-        step = torch.where(amax > 0, amax / 32767, torch.ones_like(amax))
         m = x.shape[0]
+        xf = x.float()
+        amax = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True)
+        step = torch.where(amax > 0, amax / 32767, 1.0)
         buf = self._rows(2 * m)
         xi = torch.round(xf / step)
-        hi = torch.floor(xi / 256, out=buf[:m])
-        torch.sub(xi - 128, hi, alpha=256, out=buf[m:2 * m])  # the low byte, offset to int8
+        hi = torch.div(xi, 256, rounding_mode="floor", out=buf[:m])
+        torch.sub(xi, hi, alpha=256, out=buf[m:2 * m]).sub_(128)  # the low byte, as int8
         y = self._gemm(buf, 2 * m)
-        return (256 * y[:m] + y[m:] + self.offset) * step
+        return y[:m].mul_(256).add_(y[m:]).add_(self.offset).mul_(step)
 
 
 _CACHE: dict = {}  # (id, id) -> (weakrefs, versions, value); tensors hash by identity here

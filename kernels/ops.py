@@ -56,12 +56,9 @@ def cpu_matmul(prepacked: cpu.PackedInt8, x, bias, activations):
     """The CPU path on a cached prepacked weight; bias added and dtype restored here, once."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    if activations == "dynamic":
-        y = prepacked.dynamic_matmul(x2)
-    else:
-        y = prepacked.float_matmul(x2)
+    y = prepacked.dynamic_matmul(x2) if activations == "dynamic" else prepacked.float_matmul(x2)
     if bias is not None:
-        y = y + bias.float()
+        y.add_(bias)  # y is fp32 and freshly allocated
     return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
 

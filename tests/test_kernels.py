@@ -121,8 +121,11 @@ cpu_exact = pytest.mark.skipif(not cpu.fbgemm_exact(), reason="fbgemm without VN
                                "fall back to the reference")
 
 
+@pytest.mark.parametrize("static_op", [True, False], ids=["static-input op", "dummy row"])
 @pytest.mark.parametrize("m,n,k", SHAPES + [(5, 7, 1)])
-def test_cpu_int8_activation_paths_are_bit_exact(m, n, k):
+def test_cpu_int8_activation_paths_are_bit_exact(m, n, k, static_op, monkeypatch):
+    if not static_op:
+        monkeypatch.setattr(cpu, "_STATIC_INPUT", None)
     packed, scale = (t.cpu() for t in _ternary(n, k))
     q, s = quantize_int8(torch.randn(n, k))
     x, bias = torch.randn(m, k), torch.randn(n)

@@ -21,9 +21,6 @@ GPU_PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}  # HBM bandwidth, vend
 
 
 def _methods(device):
-    from .kernels.ops import int8_matmul, ternary_matmul
-    from .kernels.packing import pack_ternary, quantize_int8
-
     def torch_linear(dtype):
         def make(w):
             lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, device=device, dtype=dtype)
@@ -42,20 +39,15 @@ def _methods(device):
                                                        {torch.nn.Linear}, dtype=torch.qint8)
         return q, w.numel()
 
-    def ternary(act):
+    def frozen(precision):
+        """Our deploy path: a trainable layer holding w, frozen (packed weights + kernels)."""
         def make(w):
-            codes = torch.sign(w) * (w.abs() > 0.7 * w.abs().mean())
-            packed = pack_ternary(codes.to(torch.int8)).to(device)
-            scale = torch.rand(w.shape[0], device=device) + 0.5
-            return (lambda x: ternary_matmul(x, packed, scale, activations=act)), \
-                packed.numel() + 4 * scale.numel()
-        return make
-
-    def int8(act):
-        def make(w):
-            q, s = quantize_int8(w.float().cpu())
-            q, s = q.to(device), s.to(device)
-            return (lambda x: int8_matmul(x, q, s, activations=act)), q.numel() + 4 * s.numel()
+            from .runtime import FrozenLinear, Linear
+            layer = Linear(w.shape[1], w.shape[0], bias=False, precision=precision)
+            layer.weight.data.copy_(w.cpu())
+            mod = FrozenLinear(layer).to(device)
+            nbytes = sum(b.numel() * b.element_size() for b in mod.buffers())
+            return mod, nbytes
         return make
 
     def torchao(cfg_name):
@@ -77,20 +69,25 @@ def _methods(device):
         m["torchao_int8_dynamic"] = torchao("torchao_int8_dynamic")
     else:
         m["torch_dynamic_int8"] = dynamic_int8
-    m.update({"ternary": ternary("none"), "ternary_a8": ternary("dynamic"),
-              "int8_weight_only": int8("none"), "int8_w8a8": int8("dynamic")})
+    from .precision import Int, Ternary
+    m.update({"ternary": frozen(Ternary()), "ternary_a8": frozen(Ternary(activations="dynamic")),
+              "int8_weight_only": frozen(Int()), "int8_w8a8": frozen(Int(activations="dynamic"))})
     return m
 
 
-def _time_cpu(fn, x, repeat, warmup=3):
-    for _ in range(warmup):
-        fn(x)
-    ts = []
+def _time_cpu_interleaved(fns: dict, x, repeat, warmup=3) -> dict:
+    """Median ms per method, the methods taking turns within each round: load from other
+    processes on a shared machine then slows every method alike, and ratios stay fair."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(x)
+    ts = {name: [] for name in fns}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3, None
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn(x)
+            ts[name].append(time.perf_counter() - t)
+    return {name: (statistics.median(v) * 1e3, None) for name, v in ts.items()}
 
 
 def _time_gpu(fn, x, repeat, warmup=10):
@@ -141,7 +138,6 @@ def run(ms, nks, device="cpu", repeat=10, methods=None, log=print):
         raise ValueError(f"unknown or unavailable method(s) on {device}: {', '.join(unknown)}; "
                          f"available: {', '.join(avail)}")
     base = "torch_fp16" if device == "cuda" else "torch_fp32"
-    timer = _time_gpu if device == "cuda" else _time_cpu
     records = []
     for nk in nks:
         w = torch.randn(nk, nk) / nk ** 0.5
@@ -155,9 +151,14 @@ def run(ms, nks, device="cpu", repeat=10, methods=None, log=print):
         for m in ms:
             x = torch.randn(m, nk, device=device)
             with torch.no_grad():
-                base_ms = timer(built[base][0], x, repeat)[0]
+                if device == "cuda":
+                    times = {name: _time_gpu(fn, x, repeat) for name, (fn, _) in built.items()}
+                else:
+                    times = _time_cpu_interleaved({n: fn for n, (fn, _) in built.items()}, x,
+                                                  repeat)
+                base_ms = times[base][0]
                 for name, (fn, nbytes) in built.items():
-                    ms_, graph = timer(fn, x, repeat)
+                    ms_, graph = times[name]
                     records.append({"method": name, "M": m, "N": nk, "K": nk, "device": device,
                                     "median_ms": round(ms_, 4),
                                     "graph_ms": None if graph is None else round(graph, 4),
