@@ -72,3 +72,31 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         g = k // scale.shape[1]
         return (q.float().view(n, -1, g) * scale[..., None]).view(n, k)
     return q.float() * scale.view(-1, 1)
+
+
+def abs_packed(packed: torch.Tensor) -> torch.Tensor:
+    """The packing of |W| from the packing of W, on the bytes: in each 2-bit field code 1
+    (weight 0) stays 1 and codes 0 and 2 (weights -1, +1) become 2 (weight +1)."""
+    low = packed & 0x55
+    return low | ((low ^ 0x55) << 1)
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned integers [N, K] below 2**bits -> uint8 [N, ceil(K * bits / 8)], each row a
+    little-endian bit stream (value k occupies bits k*bits .. k*bits + bits - 1)."""
+    n, k = values.shape
+    v = values.to(torch.int32)
+    if v.numel() and (v.min() < 0 or v.max() >= 1 << bits):
+        raise ValueError(f"pack_bits: values must lie in [0, {(1 << bits) - 1}]")
+    stream = ((v[..., None] >> torch.arange(bits, dtype=torch.int32)) & 1).reshape(n, k * bits)
+    pad = (-stream.shape[1]) % 8
+    stream = torch.nn.functional.pad(stream, (0, pad)).reshape(n, -1, 8)
+    return (stream << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """The inverse of pack_bits: int32 [N, K]."""
+    n = packed.shape[0]
+    stream = ((packed.to(torch.int32)[..., None] >> torch.arange(8, dtype=torch.int32)) & 1)
+    stream = stream.reshape(n, -1)[:, : k * bits].reshape(n, k, bits)
+    return (stream << torch.arange(bits, dtype=torch.int32)).sum(-1)

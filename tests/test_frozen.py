@@ -17,7 +17,8 @@ PRECISIONS = [rt.Ternary(), rt.Ternary(threshold="learned"),
               rt.Ternary(threshold="learned", scale="learned"), rt.Ternary(scale="absmean"),
               rt.Ternary(granularity="per_tensor", scale="none"), rt.Binary(), rt.Int(),
               rt.Int(bits=4, symmetric=False), rt.Int(bits=4, group_size=16),
-              rt.Int(activations="dynamic"), rt.Ternary(activations="dynamic")]
+              rt.Int(activations="dynamic"), rt.Ternary(activations="dynamic"),
+              rt.Int(symmetric=False), rt.Float("fp16"), rt.Float("bf16")]
 
 
 @pytest.fixture(params=["triton", "cpu"])
@@ -45,6 +46,8 @@ def test_frozen_linear_matches_fake_quant(prec, path):
     with torch.no_grad():
         want = layer(x)
         atol = _bound(x, layer.quantized_weight(), 64)
+        if isinstance(prec, rt.Float):  # the frozen bias is stored at 16 bits too
+            atol += float(layer.bias.abs().max()) * 2 ** -7
         torch.testing.assert_close(rt.FrozenLinear(layer)(x), want, atol=atol, rtol=1e-4)
 
 

@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from triton_dsl.kernels.packing import (dequantize_int8, pack_ternary, packed_cols,
-                                        quantize_int8, unpack_ternary)
+from triton_dsl.kernels.packing import (abs_packed, dequantize_int8, pack_bits, pack_ternary,
+                                        packed_cols, quantize_int8, unpack_bits, unpack_ternary)
 from triton_dsl.runtime import quant as Q
 
 dims = st.integers(min_value=1, max_value=70)
@@ -18,6 +18,23 @@ def test_ternary_pack_round_trip(n, k, seed):
     p = pack_ternary(w)
     assert p.dtype == torch.uint8 and p.shape == (n, packed_cols(k))
     assert torch.equal(unpack_ternary(p, k), w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=dims, k=dims, bits=st.integers(1, 9), seed=st.integers(0, 2 ** 16))
+def test_bit_stream_round_trip(n, k, bits, seed):
+    v = torch.randint(0, 1 << bits, (n, k), generator=torch.Generator().manual_seed(seed))
+    p = pack_bits(v, bits)
+    assert p.shape == (n, -(-k * bits // 8))  # exactly the bytes summary counts
+    assert torch.equal(unpack_bits(p, bits, k), v)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=dims, k=dims, seed=st.integers(0, 2 ** 16))
+def test_abs_of_packed_ternary(n, k, seed):
+    w = torch.randint(-1, 2, (n, k), generator=torch.Generator().manual_seed(seed),
+                      dtype=torch.int8)
+    assert torch.equal(unpack_ternary(abs_packed(pack_ternary(w)), k), w.abs())
 
 
 @settings(max_examples=40, deadline=None)

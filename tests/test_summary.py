@@ -48,8 +48,8 @@ def test_ternary_k_not_multiple_of_four():
 def test_int4_grouped_asymmetric():
     r = check_source("model N:\n    input [100]\n    layer f: linear(64)\nprecision:\n"
                      "    default int(bits=4, group_size=20, symmetric=false)\n", "n.tdsl")
-    # 100 * 4 bits = 50 bytes per row; 5 groups per row: fp32 scale + 1-byte zero point each
-    assert summarize(r.models[0])["layers"][0]["bytes"] == 64 * 50 + 64 * 5 * 4 + 64 * 5 + 64 * 4
+    # codes relative to the zero point: 100 * 5 bits = 63 bytes per row; 5 fp32 scales per row
+    assert summarize(r.models[0])["layers"][0]["bytes"] == 64 * 63 + 64 * 5 * 4 + 64 * 4
 
 
 def test_int8_static_and_binary_and_fp16():

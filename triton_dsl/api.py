@@ -23,19 +23,22 @@ def compile(path: str) -> str:  # noqa: A001 - mirrors the CLI verb
     return generate(r.models, r.path, r.text)
 
 
-def load_source(text: str, path: str = "<string>", model: str | None = None):
+def load_source(text: str, path: str = "<string>", model: str | None = None,
+                fp32: bool = False):
     """Compile .tdsl text and return the model class (``model`` picks one of several)."""
-    r = check_source(text, path)
-    return _load(r, model)
+    return _load(check_source(text, path, fp32), model)
 
 
-def load(path: str, model: str | None = None):
+def load(path: str, model: str | None = None, fp32: bool = False):
     """Compile a .tdsl file in memory and return its nn.Module class:
 
         Net = triton_dsl.load("examples/mnist_ternary.tdsl")
         net = Net()
+
+    fp32=True builds every layer in fp32 (the float model post-training quantization starts
+    from); its state dict loads into the quantized model of the same file.
     """
-    return _load(check_file(path), model)
+    return _load(check_file(path, fp32), model)
 
 
 def load_module(path: str) -> types.ModuleType:

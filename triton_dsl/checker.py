@@ -18,7 +18,10 @@ from .precision import FP32, REGISTRY, Float, Ternary
 _RANK = {"layer_exact": 3, "layer_pattern": 2, "kind": 1, "default": 0}
 
 
-def check(tree: ast.File, text: str) -> tuple[list[ir.Model], list[Diagnostic]]:
+def check(tree: ast.File, text: str, all_fp32: bool = False
+          ) -> tuple[list[ir.Model], list[Diagnostic]]:
+    """all_fp32: every layer fp32 whatever the rules say (still checked): the float baseline
+    that post-training quantization starts from."""
     diags: list[Diagnostic] = []
     blocks: dict[str, ast.Block] = {}
     models: list[ast.Model] = []
@@ -52,13 +55,13 @@ def check(tree: ast.File, text: str) -> tuple[list[ir.Model], list[Diagnostic]]:
                                 help="a file declares at least one `model Name:`"))
     out = []
     for m in models:
-        model = _model(m, blocks, rules.get(m.name, []), text, tree.path, diags)
+        model = _model(m, blocks, rules.get(m.name, []), text, tree.path, diags, all_fp32)
         if model is not None:
             out.append(model)
     return out, _dedupe(diags)
 
 
-def _model(m: ast.Model, blocks, sections, text, path, diags) -> ir.Model | None:
+def _model(m: ast.Model, blocks, sections, text, path, diags, all_fp32=False) -> ir.Model | None:
     n_before = sum(d.is_error for d in diags)
     shape = None
     if not m.inputs:
@@ -79,6 +82,8 @@ def _model(m: ast.Model, blocks, sections, text, path, diags) -> ir.Model | None
     nodes, _ = Expander(blocks, diags).body(m.body, shape, "", {}, {})
     layers = list(ir._walk(nodes))
     table = _resolve(m, layers, sections, diags)
+    if all_fp32:
+        table = {name: FP32 for name in table}
     _warn(m, layers, table, diags)
     if sum(d.is_error for d in diags) > n_before or shape is None:
         return None

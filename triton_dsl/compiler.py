@@ -27,19 +27,19 @@ class Result:
             raise TdslError(self.path, self.text, [d for d in self.diagnostics if d.is_error])
 
 
-def check_source(text: str, path: str = "<string>") -> Result:
+def check_source(text: str, path: str = "<string>", all_fp32: bool = False) -> Result:
     tree, diags = parse(text, path)
     if tree is None:
         return Result(path, text, [], diags)
-    models, diags = check(tree, text)
+    models, diags = check(tree, text, all_fp32)
     return Result(path, text, models, diags)
 
 
-def check_file(path: str) -> Result:
+def check_file(path: str, all_fp32: bool = False) -> Result:
     text, diags = read_source(path)
     if text is None:
         return Result(path, None, [], diags)
-    return check_source(text, path)
+    return check_source(text, path, all_fp32)
 
 
 def compile_source(text: str, path: str = "<string>") -> str:

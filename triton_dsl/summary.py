@@ -3,7 +3,8 @@
 Bytes are what the packed deploy form stores (and what a packed checkpoint holds):
   weights: rows x ceil(K * bits / 8)   (K = inputs per output; ternary 2 bits, binary 1 bit)
   scales:  4 bytes each (fp32): 1 per tensor, 1 per channel, or 1 per group; TTQ stores two sets
-  zero points: 1 byte each for asymmetric integer weights; static activations: a 4-byte scale
+  asymmetric integer weights are stored relative to their zero point, which takes one more bit
+  per weight (and no separate zero points); static activations: a 4-byte scale
   bias:    4 bytes per output (2 for fp16/bf16 layers); other layers: 4 bytes per parameter and
            per running statistic (batchnorm's mean and variance)
 """
@@ -26,8 +27,9 @@ def layer_bytes(l: ir.Layer) -> int:
         return width * (n * k + n * l.bias)
     if isinstance(p, Int):
         count = n * (k // p.group_size) if p.group_size else n if p.granularity == "per_channel" else 1
-        extra = (0 if p.symmetric else count) + (4 + (not p.symmetric)) * (p.activations == "static")
-        return n * math.ceil(k * p.bits / 8) + 4 * count + extra + 4 * n * l.bias
+        bits = p.bits + (not p.symmetric)
+        extra = 4 * (p.activations == "static")
+        return n * math.ceil(k * bits / 8) + 4 * count + extra + 4 * n * l.bias
     if isinstance(p, Ternary):
         count = n if p.granularity == "per_channel" else 1
         count *= {"none": 0, "learned": 2}.get(p.scale, 1)

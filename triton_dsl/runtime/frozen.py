@@ -20,12 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.cpu import PackedInt8
+from ..kernels.cpu import PackedInt8, cached
 from ..kernels.ops import cpu_fast, cpu_matmul, int8_matmul, ternary_matmul
-from ..kernels.packing import pack_ternary, unpack_ternary
-from ..precision import Binary, Int, Ternary
+from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
+from ..precision import Binary, Float, Int, Ternary
 from . import quant as Q
 from .layers import Conv2d, Linear
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class FrozenLinear(nn.Module):
@@ -44,20 +47,34 @@ class FrozenLinear(nn.Module):
         with torch.no_grad():
             if isinstance(p, (Ternary, Binary)):
                 self._ternary(layer, w)
-            elif isinstance(p, Int) and (p.symmetric or p.bits <= 7):
-                r = layer.weight_quant.quantize(w)
-                n = w.shape[0]
-                if p.group_size:  # codes, zero points and scales per group of inputs
-                    codes = Q.group_view(r.codes, p.group_size) - r.zero_point
-                    scale = r.scale.reshape(n, -1)
-                else:
-                    codes = r.codes.reshape(n, -1) - r.zero_point.reshape(-1, 1)
-                    scale = r.scale.reshape(-1).expand(n)
-                self.register_buffer("codes", codes.reshape(n, -1).to(torch.int8).contiguous())
-                self.register_buffer("scale", scale.float().contiguous())
-                self.mode = "int8"
+            elif isinstance(p, Int):
+                self._int(layer, w)
+            elif isinstance(p, Float) and p.bits == 16:  # stored at 16 bits, computed in fp32
+                dt = _DTYPES[p.dtype]
+                self.register_buffer("weight", w.to(dt).contiguous())
+                if self.bias is not None:
+                    self.bias = nn.Parameter(self.bias.detach().to(dt), requires_grad=False)
+                self.mode = "float16"
             else:
                 self.register_buffer("weight", layer.quantized_weight().detach().clone())
+
+    def _int(self, layer, w):
+        """Codes relative to their zero point, (c - z): int8 when they fit (symmetric, or
+        asymmetric up to 7 bits), else int16 (asymmetric 8-bit: 9 bits, served dequantized)."""
+        p = layer.precision
+        r = layer.weight_quant.quantize(w)
+        n = w.shape[0]
+        if p.group_size:  # codes, zero points and scales per group of inputs
+            codes = Q.group_view(r.codes, p.group_size) - r.zero_point
+            scale = r.scale.reshape(n, -1)
+        else:
+            codes = r.codes.reshape(n, -1) - r.zero_point.reshape(-1, 1)
+            scale = r.scale.reshape(-1).expand(n)
+        fits = p.symmetric or p.bits <= 7
+        dtype = torch.int8 if fits else torch.int16
+        self.register_buffer("codes", codes.reshape(n, -1).to(dtype).contiguous())
+        self.register_buffer("scale", scale.float().contiguous())
+        self.mode = "int8" if fits else "int16"
 
     def _ternary(self, layer, w):
         p = layer.precision
@@ -73,8 +90,7 @@ class FrozenLinear(nn.Module):
         self.register_buffer("packed", pack_ternary(codes.reshape(n, -1)))
         self.register_buffer("scale", ((pos + neg) / 2).contiguous())
         diff = (pos - neg) / 2
-        if (diff != 0).any():  # TTQ: the |T| term
-            self.register_buffer("packed_abs", pack_ternary(codes.reshape(n, -1).abs()))
+        if (diff != 0).any():  # TTQ: the |T| term; |T| is derived from T, never stored
             self.register_buffer("scale_abs", diff.contiguous())
         self.mode = "ternary"
 
@@ -87,11 +103,19 @@ class FrozenLinear(nn.Module):
         self._restore()
         if self.mode == "ternary":
             y = ternary_matmul(x, self.packed, self.scale, self.bias, activations=act)
-            if hasattr(self, "packed_abs"):
-                y = y + ternary_matmul(x, self.packed_abs, self.scale_abs, activations=act)
+            if hasattr(self, "scale_abs"):
+                packed_abs = cached((self.packed,), abs_packed, kind="abs")
+                y = y + ternary_matmul(x, packed_abs, self.scale_abs, activations=act)
             return y
         if self.mode == "int8":
             return int8_matmul(x, self.codes, self.scale, self.bias, activations=act)
+        if self.mode == "int16":
+            w = cached((self.codes, self.scale), dequantize_int8, kind="dequantized")
+            return F.linear(x, w.to(x.dtype), self.bias)
+        if self.mode == "float16":  # the trainable 16-bit layer rounds its input too
+            x = x.to(self.weight.dtype).to(x.dtype)
+            return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if
+                            self.bias is not None else None)
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
     # --- the CPU form: one resident copy of the weight -------------------------------------
@@ -101,7 +125,7 @@ class FrozenLinear(nn.Module):
     # Saving, loading, copying or moving the layer rebuilds the buffer first.
 
     def _stored(self) -> str | None:
-        if self.mode == "ternary" and not hasattr(self, "packed_abs"):
+        if self.mode == "ternary" and not hasattr(self, "scale_abs"):
             return "packed"
         if self.mode == "int8" and self.scale.dim() == 1:
             return "codes"
@@ -196,10 +220,10 @@ def _as_linear(conv: Conv2d) -> Linear:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Replace every quantized Linear/Conv2d (below 16 bits) with its deploy form, in place."""
+    """Replace every Linear/Conv2d narrower than fp32 with its deploy form, in place."""
     model.eval()
     for name, child in list(model.named_children()):
-        if isinstance(child, (Linear, Conv2d)) and child.precision.bits < 16:
+        if isinstance(child, (Linear, Conv2d)) and child.precision.bits < 32:
             setattr(model, name, (FrozenLinear if isinstance(child, Linear) else FrozenConv2d)(child))
         else:
             freeze(child)
