@@ -51,6 +51,9 @@ CASES = [
      "    default int(bits=4, activations=dynamic)\n", "E502", 6, 13),
     ("group size does not divide", HEAD + "    layer fc: linear(10)\nprecision:\n"
      "    default int(bits=4, group_size=48)\n", "E508", 6, 36),
+    ("dynamic activations on a grouped conv", "model M:\n    input [4, 8, 8]\n"
+     "    layer c: conv2d(4, groups=2)\nprecision:\n    default int8(activations=dynamic)\n",
+     "E509", 5, 13),
     ("two defaults", HEAD + "    layer fc: linear(10)\nprecision:\n    default int8\n"
      "    default fp16\n", "E505", 7, 5),
     ("precision for unknown model", HEAD + "    layer fc: linear(10)\nprecision N:\n"

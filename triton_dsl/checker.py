@@ -176,6 +176,13 @@ def _layer_rule(r, layers, quant, diags):
 
 def _fits(prec, layer, rule, diags) -> bool:
     """Packing alignment checked before any work: group sizes must divide the reduction."""
+    if getattr(prec, "activations", "none") == "dynamic" and layer.kind == "conv2d" and (
+            layer.arg("groups") != 1 or layer.arg("padding") == "same"):
+        diags.append(Diagnostic("E509", f"{layer.name}: activations=dynamic on a conv2d needs "
+                                "groups=1 and a numeric padding", rule.precision.pos.line,
+                                rule.precision.pos.col, "quantize this layer's weights only, "
+                                "or use activations=static", len(rule.precision.name)))
+        return False
     g = getattr(prec, "group_size", None)
     if g and layer.weight[1] % g:
         pos = next((a.value.pos for a in rule.precision.args if a.name == "group_size"),

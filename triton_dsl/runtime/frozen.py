@@ -118,6 +118,24 @@ class FrozenLinear(nn.Module):
                             self.bias is not None else None)
         return F.linear(x, self.weight.to(x.dtype), self.bias)
 
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as fp32 [out, in], built once per buffer version (for grouped convs)."""
+        self._restore()
+        if self.mode == "ternary":
+            k = self.in_features
+            bufs = (self.packed, self.scale) + ((self.scale_abs,) if hasattr(self, "scale_abs")
+                                                else ())
+
+            def build(packed, scale, scale_abs=None):
+                w = unpack_ternary(packed, k).float() * scale.reshape(-1, 1)
+                if scale_abs is not None:
+                    w = w + unpack_ternary(packed, k).abs().float() * scale_abs.reshape(-1, 1)
+                return w
+            return cached(bufs, build, kind="dequantized")
+        if self.mode in ("int8", "int16"):
+            return cached((self.codes, self.scale), dequantize_int8, kind="dequantized")
+        return self.weight.float()
+
     # --- the CPU form: one resident copy of the weight -------------------------------------
     # On the CPU the weight is served from fbgemm's prepacked int8 form. Once that exists, the
     # packed buffer it was built from is released (the prepacked form holds the same codes), so a
@@ -178,23 +196,25 @@ class FrozenLinear(nn.Module):
 
 
 class FrozenConv2d(nn.Module):
-    """A convolution as unfold + the frozen matmul (im2col); grouped ones keep float weights."""
+    """A convolution whose weight is stored as a FrozenLinear [out, C/groups*kh*kw]. With
+    groups=1 and numeric padding it runs as unfold + the frozen matmul (im2col, the kernels);
+    otherwise as F.conv2d on the weight dequantized once."""
 
     def __init__(self, layer: Conv2d):
         super().__init__()
         self.stride, self.padding = layer.stride, layer.padding
         self.dilation, self.groups = layer.dilation, layer.groups
         self.kernel_size, self.out_channels = layer.kernel_size, layer.out_channels
-        if layer.groups == 1 and layer.padding != "same":
-            self.linear = FrozenLinear(_as_linear(layer))
-        else:
-            self.linear = None
-            self.register_buffer("weight", layer.quantized_weight().detach().clone())
-            self.bias = layer.bias
+        self.im2col = layer.groups == 1 and layer.padding != "same"
+        self.linear = FrozenLinear(_as_linear(layer))
 
     def forward(self, x):
-        if self.linear is None:
-            return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+        if not self.im2col:
+            lin = self.linear
+            if lin.act_quant is not None:
+                x = lin.act_quant(x)
+            w = lin.dequantized_weight().reshape(self.out_channels, -1, *self.kernel_size)
+            return F.conv2d(x, w.to(x.dtype), lin.bias, self.stride, self.padding, self.dilation,
                             self.groups)
         b, _, h, w = x.shape
         kh, kw = self.kernel_size
