@@ -48,7 +48,7 @@ def load_module(path: str) -> types.ModuleType:
 
 def _module(r: Result) -> types.ModuleType:
     r.raise_for_errors()
-    code = generate(r.models, r.path, r.text)
+    code = generate(r.models, r.path, r.text, r.all_fp32)
     stem = os.path.splitext(os.path.basename(r.path))[0]
     digest = hashlib.sha256(code.encode()).hexdigest()[:12]
     name = f"triton_dsl._generated.{''.join(c if c.isalnum() else '_' for c in stem)}_{digest}"

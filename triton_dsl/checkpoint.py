@@ -88,12 +88,15 @@ def save(model, path: str, history=None, data=None, extra: dict | None = None) -
     meta = {"format": FORMAT, "triton_dsl_version": __version__,
             "model": model.tdsl_model, "tdsl_source": model.tdsl_source,
             "kind": "frozen" if is_frozen(model) else "trainable",
+            "fp32": "true" if model.tdsl_fp32 else "false",
             "encodings": json.dumps(encodings, sort_keys=True),
             "sha256": _digest(model.tdsl_source, tensors)}
     if history is not None:
         meta["history"] = json.dumps(history)
-    if data is not None:
-        meta["data"] = json.dumps({"name": data.name, "mean": data.mean, "std": data.std})
+    if data is not None:  # a Dataset, or its {"name", "mean", "std"} from another checkpoint
+        if not isinstance(data, dict):
+            data = {"name": data.name, "mean": data.mean, "std": data.std}
+        meta["data"] = json.dumps(data)
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     blob = st_save(tensors, metadata=meta)
@@ -130,7 +133,8 @@ def load(path: str, expect_model: str | None = None):
     tensors, meta = read(path)
     if expect_model is not None and meta["model"] != expect_model:
         raise CheckpointError(f"{path} holds model {meta['model']!r}, not {expect_model!r}")
-    cls = load_source(meta["tdsl_source"], f"<{os.path.basename(path)}>", model=meta["model"])
+    cls = load_source(meta["tdsl_source"], f"<{os.path.basename(path)}>", model=meta["model"],
+                      fp32=meta.get("fp32") == "true")
     model = cls()
     if meta["kind"] == "frozen":
         freeze(model)

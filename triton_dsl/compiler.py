@@ -17,6 +17,7 @@ class Result:
     text: str | None
     models: list[ir.Model] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    all_fp32: bool = False  # every layer forced to fp32 (the float baseline of the file)
 
     @property
     def ok(self) -> bool:
@@ -32,7 +33,7 @@ def check_source(text: str, path: str = "<string>", all_fp32: bool = False) -> R
     if tree is None:
         return Result(path, text, [], diags)
     models, diags = check(tree, text, all_fp32)
-    return Result(path, text, models, diags)
+    return Result(path, text, models, diags, all_fp32)
 
 
 def check_file(path: str, all_fp32: bool = False) -> Result:

@@ -24,6 +24,7 @@ class CompiledModel(nn.Module):
     """Base of every generated model. Subclasses set input_shape, TDSL_SOURCE and SOURCE_PATH."""
 
     input_shape: tuple = ()
+    tdsl_fp32: bool = False  # True for the all-fp32 variant (triton_dsl.load(..., fp32=True))
 
     def check_input(self, x) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):

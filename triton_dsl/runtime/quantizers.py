@@ -56,10 +56,20 @@ class TernaryQuantizer(nn.Module):
             self.threshold_logit = nn.Parameter(torch.full(shape, Q.logit(Q.TWN_FACTOR)))
         if config.scale == "learned":
             # TTQ (Zhu et al.): separate positive and negative scales, initialised to the TWN scale
-            init = self._codes(weight.detach())[1]
-            alpha = Q.ternary_scale(weight, init, "twn", config.granularity)
-            self.pos_scale = nn.Parameter(alpha.clone().expand(shape).contiguous())
-            self.neg_scale = nn.Parameter(alpha.clone().expand(shape).contiguous())
+            self.pos_scale = nn.Parameter(torch.empty(shape))
+            self.neg_scale = nn.Parameter(torch.empty(shape))
+            self.init_from(weight)
+
+    @torch.no_grad()
+    def init_from(self, weight: torch.Tensor):
+        """Re-derive the learned parameters from ``weight`` (after loading float weights)."""
+        if self.config.threshold == "learned":
+            self.threshold_logit.fill_(Q.logit(Q.TWN_FACTOR))
+        if self.config.scale == "learned":
+            mask = self._codes(weight.detach())[1]
+            alpha = Q.ternary_scale(weight, mask, "twn", self.config.granularity)
+            self.pos_scale.copy_(alpha.expand_as(self.pos_scale))
+            self.neg_scale.copy_(alpha.expand_as(self.neg_scale))
 
     def _codes(self, w):
         """(codes in {-1,0,1} carrying any threshold gradient, hard mask)."""
