@@ -196,10 +196,20 @@ def _check_output(path: str):
         raise ValueError(f"output folder {folder} does not exist")
 
 
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group; gloo on the CPU, nccl on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 @_workflow_errors
 def cmd_train(args) -> int:
     from .workflow import train_model
     _check_output(args.output)
+    _init_distributed()
     r = train_model(args.file, args.data, args.output, args.epochs, args.seed, args.lr,
                     args.batch_size, args.fp32, args.freeze, args.model, not args.quiet)
     if "bytes" in r:

@@ -1,0 +1,232 @@
+"""Train, PTQ, freeze, checkpoints, data loading, evaluation and reports, end to end."""
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import triton_dsl
+from triton_dsl import checkpoint as ck
+from triton_dsl.data import DataError, load, read_idx
+from triton_dsl.summary import summarize
+from triton_dsl.compiler import check_file
+from triton_dsl.train import evaluate
+from triton_dsl.workflow import (evaluate_checkpoint, freeze_checkpoint, ptq, train_model)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TERNARY = os.path.join(ROOT, "examples", "mnist_ternary.tdsl")
+QUIET = dict(progress=False, log=lambda s: None)
+
+
+@pytest.fixture(autouse=True)
+def cpu_kernels(monkeypatch):
+    """Whole networks run the CPU paths; the Triton kernels are tested under the interpreter in
+    test_kernels.py and test_frozen.py, where shapes are small enough for it."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A QAT checkpoint and an fp32 checkpoint of the ternary MLP, trained briefly on digits."""
+    d = tmp_path_factory.mktemp("trained")
+    qat = train_model(TERNARY, "digits", str(d / "qat.safetensors"), epochs=3, **QUIET)
+    f32 = train_model(TERNARY, "digits", str(d / "fp32.safetensors"), epochs=3, fp32=True, **QUIET)
+    return d, qat, f32
+
+
+def test_training_learns_and_is_deterministic(trained, tmp_path):
+    d, qat, _ = trained
+    assert qat["history"][-1]["loss"] < qat["history"][0]["loss"]
+    assert qat["test_acc"] > 80  # 10 classes: chance is 10%
+    again = train_model(TERNARY, "digits", str(tmp_path / "again.safetensors"), epochs=3, **QUIET)
+    assert again["history"] == [dict(r, seconds=again["history"][i]["seconds"])
+                                for i, r in enumerate(qat["history"])]
+    a, _ = ck.read(str(d / "qat.safetensors"))
+    b, _ = ck.read(str(tmp_path / "again.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_freeze_round_trip_is_small_and_equal(trained, tmp_path):
+    d, qat, _ = trained
+    out = tmp_path / "packed.safetensors"
+    size = freeze_checkpoint(str(d / "qat.safetensors"), str(out))
+    trainable = ck.load(str(d / "qat.safetensors"))
+    frozen = ck.load(str(out))
+    assert frozen.checkpoint_meta["kind"] == "frozen"
+    ds = load("digits", frozen.input_shape)
+    assert evaluate(frozen, ds) == pytest.approx(evaluate(trainable, ds), abs=0.6)
+    # the packed file is what summary predicts, plus a small header (names, metadata)
+    predicted = summarize(check_file(TERNARY).models[0])["total_bytes"]
+    assert predicted <= size <= predicted * 1.03
+    assert os.path.getsize(d / "qat.safetensors") / size > 10
+
+
+def test_checkpoint_data_bytes_match_summary_for_every_example(tmp_path):
+    from triton_dsl.runtime import freeze
+    for name in ("mnist_ternary", "mixed_precision", "small_cnn", "resnet_ternary"):
+        path = os.path.join(ROOT, "examples", name + ".tdsl")
+        net = triton_dsl.load(path)()
+        net.train()(torch.randn(2, *net.input_shape))
+        out = tmp_path / f"{name}.safetensors"
+        size = ck.save(freeze(net.eval()), str(out))
+        header = struct.unpack("<Q", out.read_bytes()[:8])[0]
+        predicted = summarize(check_file(path).models[0])["total_bytes"]
+        # tensor bytes; batchnorm's num_batches_tracked (8 bytes each) is the only extra
+        assert predicted <= size - 8 - header <= predicted * 1.01, name
+
+
+def test_ptq_int8_and_calibration(trained, tmp_path):
+    d, _, f32 = trained
+    net = ck.load(str(d / "fp32.safetensors"))
+    ds = load("digits", net.input_shape)
+    base = evaluate(net, ds)
+    int8 = tmp_path / "int8.tdsl"
+    int8.write_text(open(TERNARY).read().split("precision:")[0] +
+                    "precision:\n    default int8(activations=static)\n")
+    with pytest.raises(DataError, match="static activations"):
+        ptq(str(int8), str(d / "fp32.safetensors"), str(tmp_path / "x.safetensors"))
+    assert not (tmp_path / "x.safetensors").exists()
+    r = ptq(str(int8), str(d / "fp32.safetensors"), str(tmp_path / "q.safetensors"),
+            calib="digits")
+    q = ck.load(str(tmp_path / "q.safetensors"))
+    assert abs(evaluate(q, ds) - base) <= 1.5
+    assert r["bytes"] < os.path.getsize(d / "fp32.safetensors") / 3
+
+
+def test_checkpoint_errors(trained, tmp_path):
+    d, _, _ = trained
+    good = (d / "qat.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ck.CheckpointError, match="truncated or corrupt"):
+        ck.load(str(tmp_path / "trunc.safetensors"))
+    flipped = bytearray(good)
+    flipped[-10] ^= 0xFF
+    (tmp_path / "flip.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ck.CheckpointError, match="SHA-256"):
+        ck.load(str(tmp_path / "flip.safetensors"))
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(d / "qat.safetensors"))
+    _, meta = ck.read(str(d / "qat.safetensors"))
+    save_file(t, str(tmp_path / "v99.safetensors"), dict(meta, format="triton-dsl-checkpoint/99"))
+    with pytest.raises(ck.CheckpointError, match="format 'triton-dsl-checkpoint/99'"):
+        ck.load(str(tmp_path / "v99.safetensors"))
+    with pytest.raises(ck.CheckpointError, match="holds model 'MnistTernary', not 'Other'"):
+        ck.load(str(d / "qat.safetensors"), expect_model="Other")
+    mixed = os.path.join(ROOT, "examples", "mixed_precision.tdsl")
+    with pytest.raises(ck.CheckpointError, match="MnistTernary"):
+        ptq(mixed, str(d / "fp32.safetensors"), str(tmp_path / "m.safetensors"))
+    torch.save({"fc1.weight": torch.zeros(3, 3)}, tmp_path / "sd.pt")
+    with pytest.raises(ck.CheckpointError, match="shape mismatch"):
+        ptq(TERNARY, str(tmp_path / "sd.pt"), str(tmp_path / "m.safetensors"))
+
+
+def test_failed_save_keeps_the_old_file(trained, tmp_path, monkeypatch):
+    out = tmp_path / "keep.safetensors"
+    out.write_bytes(b"precious")
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # an interrupted run
+    monkeypatch.setattr("triton_dsl.train.evaluate", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(TERNARY, "digits", str(out), epochs=1, **QUIET)
+    assert out.read_bytes() == b"precious"
+
+
+def _idx(path, magic_type, data: np.ndarray, gz=False):
+    raw = bytes([0, 0, magic_type, data.ndim]) + struct.pack(f">{data.ndim}I", *data.shape)
+    raw += data.astype(data.dtype.newbyteorder(">")).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(raw)
+
+
+def test_idx_reader_and_mnist_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 12, dtype=np.uint8)
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", 0x08, imgs, gz=True)
+    _idx(tmp_path / "train-labels-idx1-ubyte", 0x08, labels)
+    _idx(tmp_path / "t10k-images-idx3-ubyte", 0x08, imgs[:4])
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 0x08, labels[:4], gz=True)
+    assert torch.equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")),
+                       torch.from_numpy(imgs))
+    _idx(tmp_path / "ints.idx", 0x0C, np.arange(6, dtype=np.int32).reshape(2, 3))
+    assert read_idx(str(tmp_path / "ints.idx")).tolist() == [[0, 1, 2], [3, 4, 5]]
+    ds = load(f"mnist:{tmp_path}", (1, 28, 28))
+    assert ds.x_train.shape == (12, 1, 28, 28) and ds.y_test.tolist() == labels[:4].tolist()
+    raw = (tmp_path / "t10k-images-idx3-ubyte").read_bytes()
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[:-5])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        load(f"mnist:{tmp_path}")
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(b"\x01\x02garbage")
+    with pytest.raises(DataError, match="bad magic"):
+        load(f"mnist:{tmp_path}")
+    os.remove(tmp_path / "t10k-images-idx3-ubyte")
+    with pytest.raises(DataError, match="no t10k-images-idx3-ubyte"):
+        load(f"mnist:{tmp_path}")
+
+
+def test_tensor_files(tmp_path):
+    x, y = torch.rand(50, 8, 8), torch.randint(0, 10, (50,))
+    torch.save({"x": x, "y": y}, tmp_path / "d.pt")
+    np.savez(tmp_path / "d.npz", x=x.numpy(), y=y.numpy(), x_test=x[:5].numpy(),
+             y_test=y[:5].numpy())
+    assert len(load(str(tmp_path / "d.pt")).x_test) == 10
+    assert load(str(tmp_path / "d.npz"), (64,)).x_test.shape == (5, 64)
+    torch.save({"a": x}, tmp_path / "bad.pt")
+    with pytest.raises(DataError, match="x and y"):
+        load(str(tmp_path / "bad.pt"))
+    with pytest.raises(DataError, match="unknown data set"):
+        load("imagenet")
+    with pytest.raises(DataError, match="do not fit"):
+        load("digits", (3, 32, 32))
+
+
+def test_cli_end_to_end(tmp_path, run_cli):
+    qat = str(tmp_path / "qat.safetensors")
+    code, out, err = run_cli("train", TERNARY, "--epochs", "2", "--quiet", "-o", qat)
+    assert code == 0, err
+    assert "epoch   2/2" in err and "test accuracy" in out
+    packed = str(tmp_path / "packed.safetensors")
+    assert run_cli("freeze", qat, "-o", packed)[0] == 0
+    code, out, _ = run_cli("eval", packed, "--json")
+    r = json.loads(out)
+    assert code == 0 and r["kind"] == "frozen" and r["accuracy"] > 50
+    code, out, _ = run_cli("report", qat, "-o", str(tmp_path / "rep"))
+    assert code == 0
+    names = set(os.listdir(tmp_path / "rep"))
+    assert {"report.md", "weights.png", "errors.png", "ternary.png", "training.png"} <= names
+    # bad input: clean message, exit 1, nothing written
+    code, _, err = run_cli("eval", str(tmp_path / "nope.safetensors"))
+    assert code == 1 and "no such file" in err and "Traceback" not in err
+    code, _, err = run_cli("train", TERNARY, "--data", "mnist:/nowhere", "-o",
+                           str(tmp_path / "z.safetensors"))
+    assert code == 1 and "not a directory" in err
+    assert not (tmp_path / "z.safetensors").exists()
+    code, _, err = run_cli("freeze", packed, "-o", str(tmp_path / "p2.safetensors"))
+    assert code == 1 and "already frozen" in err
+
+
+def test_evaluate_checkpoint_reports_size_and_latency(trained):
+    d, _, _ = trained
+    r = evaluate_checkpoint(str(d / "qat.safetensors"))
+    assert r["bytes"] == os.path.getsize(d / "qat.safetensors")
+    assert set(r["latency_ms"]) == {"1", "64"} and all(v > 0 for v in r["latency_ms"].values())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_stay_identical(tmp_path):
+    out = tmp_path / "ddp.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", os.path.join(ROOT, "tests", "ddp_worker.py"),
+                        str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world"] == 2 and res["identical"]
+    assert res["losses"][-1] < res["losses"][0]
