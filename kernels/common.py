@@ -17,6 +17,20 @@ except Exception:  # pragma: no cover - exercised on machines without triton
 
 if HAS_TRITON:
     @triton.jit
+    def start_tile(M, N, A8: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The prologue both matmul kernels share: this program's rows and columns, their
+        masks, its K split, and a zeroed accumulator (int32 for int8 activations, else fp32)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if A8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        return offs_m, offs_n, offs_m < M, offs_n < N, tl.program_id(2), acc
+
+    @triton.jit
     def finish_tile(out, y_ptr, xs_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_ym,
                     stride_yn, A8: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
         """The epilogue both matmul kernels share: out (fp32, weight scale already applied) times

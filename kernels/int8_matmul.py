@@ -16,7 +16,7 @@ from .packing import dequantize_int8
 if HAS_TRITON:
     import triton.language as tl
 
-    from .common import finish_tile
+    from .common import finish_tile, start_tile
 
     @triton.jit
     def _int8_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, M, N, K,
@@ -29,17 +29,7 @@ if HAS_TRITON:
             s_ptr: scales [N] (GROUP == 0) or [N, K // GROUP]; xs_ptr: [M] when A8
             y_ptr: output [M, N]; fp32 and atomically accumulated when SPLIT_K > 1
         Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K)."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        if A8:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_m, offs_n, mask_m, mask_n, pid_k, acc = start_tile(M, N, A8, BLOCK_M, BLOCK_N)
         for k0 in range(pid_k * BLOCK_K, K, SPLIT_K * BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K

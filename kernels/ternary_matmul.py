@@ -16,7 +16,7 @@ from .packing import packed_cols, unpack_ternary
 if HAS_TRITON:
     import triton.language as tl
 
-    from .common import finish_tile
+    from .common import finish_tile, start_tile
 
     @triton.jit
     def _ternary_kernel(x_ptr, p_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, M, N, K, KQ,
@@ -30,17 +30,7 @@ if HAS_TRITON:
             s_ptr: weight scale [N] (PER_CHANNEL) or [1]; xs_ptr: per-token scale [M] when A8
             y_ptr: output [M, N]; with SPLIT_K > 1 an fp32 buffer accumulated atomically
         Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K); BLOCK_K counts packed bytes."""
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_m = offs_m < M
-        mask_n = offs_n < N
-        if A8:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        else:
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        offs_m, offs_n, mask_m, mask_n, pid_k, acc = start_tile(M, N, A8, BLOCK_M, BLOCK_N)
         for j0 in range(pid_k * BLOCK_K, KQ, SPLIT_K * BLOCK_K):
             offs_j = j0 + tl.arange(0, BLOCK_K)
             mask_j = offs_j < KQ
