@@ -25,6 +25,7 @@ def main(out_path):
             json.dump({"world": dist.get_world_size(),
                        "identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
                        "losses": [r["loss"] for r in hist]}, f)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
     dist.destroy_process_group()
 
 

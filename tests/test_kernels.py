@@ -121,11 +121,16 @@ cpu_exact = pytest.mark.skipif(not cpu.fbgemm_exact(), reason="fbgemm without VN
                                "fall back to the reference")
 
 
-@pytest.mark.parametrize("static_op", [True, False], ids=["static-input op", "dummy row"])
+@pytest.fixture(params=["onednn", "fbgemm"])
+def cpu_engine(request, monkeypatch):
+    monkeypatch.setenv("TRITON_DSL_CPU_ENGINE", request.param)
+    if cpu.engine() != request.param:
+        pytest.skip(f"this torch has no {request.param} int8 GEMM")
+    return request.param
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES + [(5, 7, 1)])
-def test_cpu_int8_activation_paths_are_bit_exact(m, n, k, static_op, monkeypatch):
-    if not static_op:
-        monkeypatch.setattr(cpu, "_STATIC_INPUT", None)
+def test_cpu_int8_activation_paths_are_bit_exact(m, n, k, cpu_engine):
     packed, scale = (t.cpu() for t in _ternary(n, k))
     q, s = quantize_int8(torch.randn(n, k))
     x, bias = torch.randn(m, k), torch.randn(n)
@@ -136,7 +141,7 @@ def test_cpu_int8_activation_paths_are_bit_exact(m, n, k, static_op, monkeypatch
 
 @cpu_exact
 @pytest.mark.parametrize("m,n,k", SHAPES)
-def test_cpu_float_paths_within_16bit_tolerance(m, n, k):
+def test_cpu_float_paths_within_16bit_tolerance(m, n, k, cpu_engine):
     packed, scale = (t.cpu() for t in _ternary(n, k))
     q, s = quantize_int8(torch.randn(n, k))
     x = torch.randn(m, k)
@@ -157,6 +162,11 @@ def test_cpu_fallback_without_vnni(monkeypatch):
     for fn, args in ((ternary_matmul, (packed, scale)), (int8_matmul, (q, s))):
         torch.testing.assert_close(fn(x, *args, bias, backend="cpu"),
                                    fn(x, *args, bias, backend="ref"), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_codes_read_back_from_either_engine(cpu_engine):
+    q, s = quantize_int8(torch.randn(12, 40))
+    assert torch.equal(cpu.PackedInt8(q, s).codes(), q)
 
 
 def test_cpu_cache_follows_in_place_edits():

@@ -205,13 +205,23 @@ def _init_distributed():
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+def _end_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+
+
 @_workflow_errors
 def cmd_train(args) -> int:
     from .workflow import train_model
     _check_output(args.output)
     _init_distributed()
-    r = train_model(args.file, args.data, args.output, args.epochs, args.seed, args.lr,
-                    args.batch_size, args.fp32, args.freeze, args.model, not args.quiet)
+    try:
+        r = train_model(args.file, args.data, args.output, args.epochs, args.seed, args.lr,
+                        args.batch_size, args.fp32, args.freeze, args.model, not args.quiet)
+    finally:
+        _end_distributed()
     if "bytes" in r:
         print(f"wrote {args.output} ({r['bytes']:,} bytes): test accuracy {r['test_acc']:.2f}%")
     return EXIT_OK
