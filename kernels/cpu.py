@@ -10,9 +10,9 @@ The weight is prepacked once per tensor version and cached, never unpacked per c
   a high and a low 8-bit half, both run in the same int8 GEMM. Error: at most half a step of
   max|x_row| / 32767 per input element (relative ~1.5e-5), far below fp16 rounding.
 
-Engines: "onednn" (torch.ops.onednn.qlinear_pointwise; it takes uint8 codes as they are and
-measured fastest at M=256), else "fbgemm" (the static-input quantized linear). The environment
-variable TRITON_DSL_CPU_ENGINE picks one. Both multiply uint8 by int8 with VNNI; CPUs without it
+Engines: "fbgemm" (the static-input quantized linear; within ~10% of torch's dynamic int8 linear
+at M = 1..256 here) by default, or "onednn" (torch.ops.onednn.qlinear_pointwise: faster at
+M=256, up to 1.5x slower at M=1), picked with the environment variable TRITON_DSL_CPU_ENGINE. Both multiply uint8 by int8 with VNNI; CPUs without it
 can saturate int16 pair sums, so there the float paths use an fp32 matmul on a cached
 dequantized weight instead (see fbgemm_exact).
 """
@@ -43,7 +43,7 @@ def engine() -> str | None:
     want = os.environ.get("TRITON_DSL_CPU_ENGINE")
     if want in ("onednn", "fbgemm"):
         return want if (_ONEDNN if want == "onednn" else _FBGEMM) is not None else None
-    return "onednn" if _ONEDNN is not None else "fbgemm" if _FBGEMM is not None else None
+    return "fbgemm" if _FBGEMM is not None else "onednn" if _ONEDNN is not None else None
 
 
 @functools.lru_cache(maxsize=1)

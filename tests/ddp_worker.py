@@ -1,6 +1,7 @@
 """Run by tests/test_workflow.py under torchrun: two gloo processes train one model with DDP,
 then rank 0 checks that both replicas hold identical parameters and writes what it saw."""
 import json
+import os
 import sys
 
 import torch
@@ -31,3 +32,7 @@ def main(out_path):
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Skip interpreter teardown: under load, gloo's threads occasionally abort in C++ static
+    # destructors after all the work is done (seen 1 run in ~4 of the full suite).
+    sys.stdout.flush()
+    os._exit(0)
