@@ -21,16 +21,20 @@ PRECISIONS = [rt.Ternary(), rt.Ternary(threshold="learned"),
               rt.Int(symmetric=False), rt.Float("fp16"), rt.Float("bf16")]
 
 
-@pytest.fixture(params=["triton", "cpu"])
+@pytest.fixture(params=["triton", "cpu-int8-gemm", "cpu-dense"])
 def path(request, monkeypatch):
-    """Run a test on the Triton interpreter and on the fbgemm CPU path."""
+    """Run a test on the Triton interpreter, on the CPU int8 GEMM, and on the CPU dense path
+    that small layers take."""
     from triton_dsl.kernels.common import HAS_TRITON
+    from triton_dsl.runtime import frozen
     if request.param == "triton":
         if not HAS_TRITON:
             pytest.skip("triton is not installed")
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        monkeypatch.setattr(frozen, "DENSE_BELOW", 0 if request.param == "cpu-int8-gemm"
+                            else 1 << 30)
     return request.param
 
 
@@ -53,8 +57,11 @@ def test_frozen_linear_matches_fake_quant(prec, path):
 
 @pytest.mark.parametrize("example", ["examples/mnist_ternary.tdsl", "examples/small_cnn.tdsl",
                                   "examples/resnet_ternary.tdsl"])
-def test_frozen_examples_match(example, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # whole networks: the CPU path
+@pytest.mark.parametrize("dense", [False, True], ids=["int8-gemm", "dense"])
+def test_frozen_examples_match(example, dense, monkeypatch):
+    from triton_dsl.runtime import frozen
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # whole networks: the CPU paths
+    monkeypatch.setattr(frozen, "DENSE_BELOW", 1 << 30 if dense else 0)
     torch.manual_seed(0)
     net = triton_dsl.load(example)()
     x = torch.randn(2, *net.input_shape)
@@ -78,6 +85,8 @@ def test_frozen_ternary_is_packed():
 
 
 def test_cpu_form_keeps_one_copy_and_round_trips(tmp_path, monkeypatch):
+    from triton_dsl.runtime import frozen
+    monkeypatch.setattr(frozen, "DENSE_BELOW", 0)  # the int8 GEMM form, which releases
     """After a CPU call the 2-bit buffer is released (fbgemm's int8 form holds the codes);
     state_dict, save/load, deepcopy and .to() all see the original packed weight."""
     torch.manual_seed(0)

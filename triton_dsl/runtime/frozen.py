@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu import PackedInt8, cached
-from ..kernels.ops import cpu_fast, cpu_matmul, int8_matmul, ternary_matmul
+from ..kernels.ops import cpu_fast, cpu_matmul, int8_matmul, quantize_per_token, ternary_matmul
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
 from ..precision import Binary, Float, Int, Ternary
 from . import quant as Q
@@ -29,6 +29,8 @@ from .layers import Conv2d, Linear
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# CPU layers with at most this many weights (1 MiB in fp32) run dense; see _dense_matmul
+DENSE_BELOW = 1 << 18
 
 
 class FrozenLinear(nn.Module):
@@ -99,6 +101,8 @@ class FrozenLinear(nn.Module):
             x = self.act_quant(x)
         act = "dynamic" if self.activations == "dynamic" else "none"
         if self._compactable() and cpu_fast(x, act):
+            if self.in_features * self.out_features <= DENSE_BELOW:
+                return self._dense_matmul(x, act)
             return cpu_matmul(self._cpu_form(), x, self.bias, act)
         self._restore()
         if self.mode == "ternary":
@@ -117,6 +121,16 @@ class FrozenLinear(nn.Module):
             return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if
                             self.bias is not None else None)
         return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def _dense_matmul(self, x, act):
+        """Small layers on the CPU: fp32 matmul on the weight dequantized once (per-token int8
+        activations are fake-quantized first). Per call this beats an int8 GEMM's fixed costs
+        below ~1 MiB of fp32 weights, and the extra resident copy stays under that size."""
+        w = self.dequantized_weight()
+        if act == "dynamic":
+            codes, scale = quantize_per_token(x)
+            x = (codes.float() * scale.unsqueeze(-1)).to(x.dtype)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as fp32 [out, in], built once per buffer version (for grouped convs)."""
