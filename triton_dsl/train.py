@@ -19,7 +19,8 @@ from torch import nn
 from .data import DataError, Dataset
 
 
-def _dist():
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
     d = torch.distributed
     if d.is_available() and d.is_initialized():
         return d.get_rank(), d.get_world_size()
@@ -65,7 +66,7 @@ def train(model: nn.Module, data: Dataset, epochs: int = 10, lr: float = 1e-3,
           on_epoch=None) -> list[dict]:
     """Adam with a cosine schedule on cross-entropy. Returns one record per epoch:
     {epoch, loss, train_acc, test_acc, seconds}; on_epoch(record, model) may add to it."""
-    rank, world = _dist()
+    rank, world = rank_and_world()
     log = log or (lambda s: print(s, file=sys.stderr))
     check_classes(model, data)
     net = model

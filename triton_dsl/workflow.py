@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ck
 from . import data as D
 from .api import load as load_class
-from .train import evaluate, latency, train
+from .train import evaluate, latency, rank_and_world, train
 
 # parameters a float checkpoint lacks: the quantizers' own, and calibration statistics
 _QUANTIZER_STATE = ("weight_quant.", "act_quant.")
@@ -39,7 +39,7 @@ def train_model(tdsl: str, data: str, out: str, epochs: int = 10, seed: int = 0,
     net = build(tdsl, model, fp32, seed)
     ds = D.load(data, net.input_shape)
     hist = train(net, ds, epochs, lr, batch_size, seed, progress, log)
-    if _rank() != 0:
+    if rank_and_world()[0] != 0:
         return {"history": hist}
     if freeze_output:
         from .runtime import freeze
@@ -48,11 +48,6 @@ def train_model(tdsl: str, data: str, out: str, epochs: int = 10, seed: int = 0,
         "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "data": data,
         "fp32": fp32}})
     return {"history": hist, "test_acc": evaluate(net, ds), "bytes": size}
-
-
-def _rank() -> int:
-    d = torch.distributed
-    return d.get_rank() if d.is_available() and d.is_initialized() else 0
 
 
 def load_float_weights(net, weights: str):

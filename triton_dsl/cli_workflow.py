@@ -1,0 +1,184 @@
+"""The CLI commands of the workflow: bench, train, ptq, freeze, eval, report.
+
+Each imports torch and the rest only when it runs, so `triton-dsl check` stays instant.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE
+
+
+def _add_bench(sub):
+    s = sub.add_parser("bench", help="time quantized matmuls against torch and the peers")
+    s.add_argument("--M", type=int, nargs="+", default=[1, 16, 256], metavar="M")
+    s.add_argument("--NK", type=int, nargs="+", default=[4096, 8192], metavar="N")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")
+    s.add_argument("--repeat", type=int, default=10)
+    s.add_argument("--methods", nargs="+", metavar="METHOD")
+    s.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
+    s.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from . import bench
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return bench.run_cli(args)
+    except ValueError as e:
+        print(f"triton-dsl: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _workflow_errors(fn):
+    """Bad data, checkpoints and .tdsl files become a message and exit 1, not a traceback."""
+    def run(args):
+        from .checkpoint import CheckpointError
+        from .data import DataError
+        from .diagnostics import TdslError
+        try:
+            return fn(args)
+        except TdslError as e:
+            print(str(e), file=sys.stderr)
+        except (CheckpointError, DataError, ValueError) as e:
+            print(f"triton-dsl: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    return run
+
+
+def _check_output(path: str):
+    if os.path.isdir(path):
+        raise ValueError(f"output {path} is a directory")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"output folder {folder} does not exist")
+
+
+def _init_distributed():
+    """Under torchrun (WORLD_SIZE > 1): join the process group; gloo on the CPU, nccl on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _end_distributed():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still uses it
+        dist.destroy_process_group()
+
+
+@_workflow_errors
+def cmd_train(args) -> int:
+    from .workflow import train_model
+    _check_output(args.output)
+    _init_distributed()
+    try:
+        r = train_model(args.file, args.data, args.output, args.epochs, args.seed, args.lr,
+                        args.batch_size, args.fp32, args.freeze, args.model, not args.quiet)
+    finally:
+        _end_distributed()
+    if "bytes" in r:
+        print(f"wrote {args.output} ({r['bytes']:,} bytes): test accuracy {r['test_acc']:.2f}%")
+    return EXIT_OK
+
+
+@_workflow_errors
+def cmd_ptq(args) -> int:
+    from .train import evaluate
+    from .workflow import ptq
+    _check_output(args.output)
+    r = ptq(args.file, args.weights, args.output, args.calib, args.calib_batches, args.model)
+    msg = f"wrote {args.output} ({r['bytes']:,} bytes)"
+    if args.calib:
+        from .data import load
+        msg += f": test accuracy {evaluate(r['model'], load(args.calib, r['model'].input_shape)):.2f}%"
+    print(msg)
+    return EXIT_OK
+
+
+@_workflow_errors
+def cmd_freeze(args) -> int:
+    from .workflow import freeze_checkpoint
+    _check_output(args.output)
+    size = freeze_checkpoint(args.checkpoint, args.output)
+    print(f"wrote {args.output} ({size:,} bytes, {os.path.getsize(args.checkpoint) / size:.1f}x "
+          f"smaller than {args.checkpoint})")
+    return EXIT_OK
+
+
+@_workflow_errors
+def cmd_eval(args) -> int:
+    import json
+
+    from .workflow import evaluate_checkpoint
+    r = evaluate_checkpoint(args.checkpoint, args.data)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        lat = ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in r["latency_ms"].items())
+        print(f"{r['model']} ({r['kind']}): accuracy {r['accuracy']:.2f}% on {args.data}; "
+              f"{r['bytes']:,} bytes on disk; CPU latency {lat}")
+    return EXIT_OK
+
+
+@_workflow_errors
+def cmd_report(args) -> int:
+    from .report import write_report
+    page = write_report(args.checkpoint, args.output, args.bench)
+    print(f"wrote {page}")
+    return EXIT_OK
+
+
+def _add_workflow(sub):
+    s = sub.add_parser("train", help="train a model (QAT for quantized layers) and save it")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--data", default="digits", help="digits (default), mnist:DIR, x.pt, x.npz")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--fp32", action="store_true", help="every layer fp32 (a float baseline)")
+    s.add_argument("--freeze", action="store_true", help="save the packed deploy form")
+    s.add_argument("--model", metavar="NAME", help="which model of the file")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    s.set_defaults(func=cmd_train)
+    s = sub.add_parser("ptq", help="post-training quantization of float weights")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--weights", required=True, help="float weights: a checkpoint from "
+                   "`train --fp32`, a safetensors or a torch state_dict")
+    s.add_argument("--calib", metavar="DATA", help="calibration data (needed for "
+                   "activations=static); also reports accuracy on its test split")
+    s.add_argument("--calib-batches", type=int, default=8)
+    s.add_argument("--model", metavar="NAME")
+    s.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    s.set_defaults(func=cmd_ptq)
+    s = sub.add_parser("freeze", help="a trained checkpoint -> its packed deploy form")
+    s.add_argument("checkpoint")
+    s.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
+    s.set_defaults(func=cmd_freeze)
+    s = sub.add_parser("eval", help="accuracy, CPU latency and size of a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--data", default="digits")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_eval)
+    s = sub.add_parser("report", help="plots and a markdown page for a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("-o", "--output", required=True, metavar="DIR")
+    s.add_argument("--bench", metavar="JSON", help="a `bench --json` file to plot as well")
+    s.set_defaults(func=cmd_report)
+
+
+
+
+def add_commands(sub):
+    _add_bench(sub)
+    _add_workflow(sub)
