@@ -82,9 +82,12 @@ def m_bucket(m: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def configs(int8: bool):
+def configs(int8: bool, fp32: bool = False):
     """Tile configs. GEMV-like (small BLOCK_M, split-K) for small M, tiled GEMM for large M;
-    the autotuner, keyed on (M bucket, N, K), picks. The interpreter gets one small config."""
+    the autotuner, keyed on (M bucket, N, K), picks. The interpreter gets one small config.
+    fp32 activations (IEEE dots) need far more shared memory: compiled for sm_90, the ternary
+    kernel's 128-row tiles took 288-800 KiB against the 227 KiB a block may use, so the fp32
+    table stops at 64 rows (`python -m triton_dsl.kernels.aot` checks every config)."""
     if not HAS_TRITON:
         return []
     bk = 64 if int8 else 32  # 8-bit dot operands need K >= 32; wider K tiles halve the loop
@@ -96,6 +99,8 @@ def configs(int8: bool):
         (16, 32, 256, 8, 4, 3), (16, 128, 64, 16, 4, 4), (32, 64, 128, 4, 4, 4),
         (64, 64, 64, 2, 4, 4), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3),
         (128, 256, 64, 1, 8, 3), (128, 64, 128, 1, 4, 4), (256, 128, 64, 1, 8, 3)]:
+        if fp32 and bm >= 128:
+            continue
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": max(bkk, bk),
                                   "SPLIT_K": sk}, num_warps=w, num_stages=st))
     return out

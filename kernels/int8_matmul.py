@@ -57,6 +57,9 @@ if HAS_TRITON:
 
     _int8_tuned = triton.autotune(configs(False), key=["M_BUCKET", "N", "K", "A8", "GROUP"],
                                   reset_to_zero=["y_ptr"])(_int8_kernel)
+    _int8_tuned_f32 = triton.autotune(configs(False, True),
+                                      key=["M_BUCKET", "N", "K", "A8", "GROUP"],
+                                      reset_to_zero=["y_ptr"])(_int8_kernel)
     _int8_tuned_a8 = triton.autotune(configs(True), key=["M_BUCKET", "N", "K", "A8", "GROUP"],
                                      reset_to_zero=["y_ptr"])(_int8_kernel)
 
@@ -115,7 +118,9 @@ def _launch(x2, w, scale, bias, y, a8, x_scale, config):
     if group and config is None:  # grouped scales need BLOCK_K | group: pick, don't autotune
         bk = next(b for b in (128, 64, 32) if group % b == 0)
         config = dict(BLOCK_M=16 if m <= 16 else 64, BLOCK_N=64, BLOCK_K=bk, SPLIT_K=1)
-    launch(_int8_kernel, _int8_tuned_a8 if a8 else _int8_tuned, m, n, args, flags, config)
+    tuned = (_int8_tuned_a8 if a8 else
+             _int8_tuned_f32 if x2.dtype == torch.float32 else _int8_tuned)
+    launch(_int8_kernel, tuned, m, n, args, flags, config)
 
 
 def int8_weight_only_matmul_triton(x, w, scale, bias=None, config=None):

@@ -60,6 +60,8 @@ if HAS_TRITON:
 
     _ternary_tuned = triton.autotune(configs(False), key=["M_BUCKET", "N", "K", "A8"],
                                      reset_to_zero=["y_ptr"])(_ternary_kernel)
+    _ternary_tuned_f32 = triton.autotune(configs(False, True), key=["M_BUCKET", "N", "K", "A8"],
+                                         reset_to_zero=["y_ptr"])(_ternary_kernel)
     _ternary_tuned_a8 = triton.autotune(configs(True), key=["M_BUCKET", "N", "K", "A8"],
                                         reset_to_zero=["y_ptr"])(_ternary_kernel)
 
@@ -114,8 +116,9 @@ def _launch(x2, packed, scale, bias, y, a8, x_scale, config):
             m_bucket(m))
     flags = dict(A8=a8, PER_CHANNEL=per_channel, HAS_BIAS=bias is not None,
                  IEEE=ieee_dots(x2.dtype))
-    launch(_ternary_kernel, _ternary_tuned_a8 if a8 else _ternary_tuned, m, n, args, flags,
-           config)
+    tuned = (_ternary_tuned_a8 if a8 else
+             _ternary_tuned_f32 if x2.dtype == torch.float32 else _ternary_tuned)
+    launch(_ternary_kernel, tuned, m, n, args, flags, config)
 
 
 def ternary_matmul_triton(x, packed, scale, bias=None, config=None):
