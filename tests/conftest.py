@@ -1,5 +1,4 @@
 import os
-import sys
 
 import pytest
 
@@ -31,5 +30,3 @@ def run_cli(capsys):
         return code, out, err
     return run
 
-
-sys.path.insert(0, ROOT)

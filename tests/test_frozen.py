@@ -6,12 +6,15 @@ paths carry 16-bit fixed-point activations: each input errs by at most max|x_row
 output errs by at most K * max|x| / 65534 * max|w| (plus rounding).
 """
 import copy
+import os
 
 import pytest
 import torch
 
 import triton_dsl
 from triton_dsl import runtime as rt
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 PRECISIONS = [rt.Ternary(), rt.Ternary(threshold="learned"),
               rt.Ternary(threshold="learned", scale="learned"), rt.Ternary(scale="absmean"),
@@ -21,21 +24,29 @@ PRECISIONS = [rt.Ternary(), rt.Ternary(threshold="learned"),
               rt.Int(symmetric=False), rt.Float("fp16"), rt.Float("bf16")]
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels are built at import time
+
+
 @pytest.fixture(params=["triton", "cpu-int8-gemm", "cpu-dense"])
 def path(request, monkeypatch):
-    """Run a test on the Triton interpreter, on the CPU int8 GEMM, and on the CPU dense path
-    that small layers take."""
+    """Run a test on the Triton kernels (on a GPU, or the interpreter when the process started
+    with TRITON_INTERPRET=1), on the CPU int8 GEMM, and on the CPU dense path of small layers.
+    Returns the device the test should use."""
     from triton_dsl.kernels.common import HAS_TRITON
     from triton_dsl.runtime import frozen
     if request.param == "triton":
         if not HAS_TRITON:
             pytest.skip("triton is not installed")
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        if torch.cuda.is_available():
+            return "cuda"
+        if not INTERPRETED:
+            pytest.skip("no GPU, and this process did not start with TRITON_INTERPRET=1")
+        return "cpu"
     else:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
         monkeypatch.setattr(frozen, "DENSE_BELOW", 0 if request.param == "cpu-int8-gemm"
                             else 1 << 30)
-    return request.param
+    return "cpu"
 
 
 def _bound(x, w, k):
@@ -52,11 +63,12 @@ def test_frozen_linear_matches_fake_quant(prec, path):
         atol = _bound(x, layer.quantized_weight(), 64)
         if isinstance(prec, rt.Float):  # the frozen bias is stored at 16 bits too
             atol += float(layer.bias.abs().max()) * 2 ** -7
-        torch.testing.assert_close(rt.FrozenLinear(layer)(x), want, atol=atol, rtol=1e-4)
+        got = rt.FrozenLinear(layer).to(path)(x.to(path)).cpu()
+        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize("example", ["examples/mnist_ternary.tdsl", "examples/small_cnn.tdsl",
-                                  "examples/resnet_ternary.tdsl"])
+@pytest.mark.parametrize("example", [os.path.join(EXAMPLES, f) for f in (
+    "mnist_ternary.tdsl", "small_cnn.tdsl", "resnet_ternary.tdsl")], ids=os.path.basename)
 @pytest.mark.parametrize("dense", [False, True], ids=["int8-gemm", "dense"])
 def test_frozen_examples_match(example, dense, monkeypatch):
     from triton_dsl.runtime import frozen

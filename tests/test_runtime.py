@@ -132,6 +132,8 @@ def test_ternary_act_gradient():
 
 def test_input_shape_error_names_argument():
     import triton_dsl
-    Net = triton_dsl.load("examples/mnist_ternary.tdsl")
+    import os
+    Net = triton_dsl.load(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                       "examples", "mnist_ternary.tdsl"))
     with pytest.raises(ValueError, match=r"expects x of shape \[batch, 1, 28, 28\], got x of shape \[2, 784\]"):
         Net()(torch.randn(2, 784))
