@@ -1,4 +1,6 @@
-"""Fast CPU paths on the int8 GEMMs torch ships: oneDNN's (x86) or fbgemm's.
+"""Fast CPU paths. Ternary weights run the native 2-bit kernel (PackedTernary, ternary_cpu.c via
+native.py) when it builds; int8 weights, and ternary ones without it, run the int8 GEMMs torch
+ships: oneDNN's (x86) or fbgemm's (PackedInt8).
 
 The weight is prepacked once per tensor version and cached, never unpacked per call.
 
@@ -24,6 +26,8 @@ import warnings
 import weakref
 
 import torch
+
+from . import native
 
 
 def _op(namespace, name):
@@ -103,18 +107,18 @@ class PackedInt8:
                            0, torch.float32, "none", [], "")
         return _FBGEMM(rows, 1.0, 128, self.packed)
 
-    def dynamic_matmul(self, x: torch.Tensor) -> torch.Tensor:
+    def dynamic_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         """Per-token int8 quantization of float x [M, K], then the exact integer GEMM; equal to
-        ops.quantize_per_token then float(acc) * w_scale * x_scale."""
+        ops.quantize_per_token then float(acc) * w_scale * x_scale (+ bias)."""
         xf = x.float()
         amax = _row_absmax(xf)
         scale = torch.where(amax > 0, amax / 127, 1.0)
         # |x| / scale <= 127 (+ rounding), so rounding alone lands in [-127, 127]: no clamp
         rows = torch.div(xf, scale).round_()
-        return self._gemm(rows).mul_(scale)
+        return _add(self._gemm(rows).mul_(scale), bias)
 
-    def float_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float @ (codes * scale)^T via the 16-bit split."""
+    def float_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        """x [M, K] float @ (codes * scale)^T (+ bias) via the 16-bit split."""
         m = x.shape[0]
         xf = x.float()
         amax = _row_absmax(xf)
@@ -124,7 +128,48 @@ class PackedInt8:
         hi = torch.div(xi, 256, rounding_mode="floor", out=rows[:m])
         torch.sub(xi, hi, alpha=256, out=rows[m:]).sub_(128)  # the low byte, as int8
         y = self._gemm(rows)
-        return y[:m].mul_(256).add_(y[m:]).add_(self.offset).mul_(step)
+        return _add(y[:m].mul_(256).add_(y[m:]).add_(self.offset).mul_(step), bias)
+
+
+def _add(y, bias):
+    return y if bias is None else y.add_(bias)
+
+
+def native_ternary(k: int, activations: str) -> bool:
+    """Whether ternary weights with K inputs run the native kernel on this machine."""
+    return native.library() is not None and (activations == "dynamic" or
+                                            k <= native.MAX_K_FLOAT)
+
+
+class PackedTernary:
+    """A ternary weight [N, K] in the native kernel's 2-bit K-blocked layout (N * K / 4 bytes
+    resident) with per-channel fp32 scales. Same interface as PackedInt8."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+        n, self.k = codes.shape
+        self.lib = native.library()
+        if self.lib is None:
+            raise RuntimeError(f"the native CPU kernel is unavailable: {native.error()}")
+        self.blocks = native.to_blocks(codes)
+        self.scale = scale.float().reshape(-1).expand(n).contiguous()
+
+    def codes(self) -> torch.Tensor:
+        return native.from_blocks(self.blocks, self.k)
+
+    def _run(self, x, bias, mode):
+        x = x.float()
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        return self.lib.ternary_linear(x, self.blocks, self.scale, b, mode)
+
+    def dynamic_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        """Bit-exact with ops.quantize_per_token then ternary_a8_matmul_ref."""
+        return self._run(x, bias, 0)
+
+    def float_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        """16-bit fixed-point activations (~1.5e-5 of max|x| per row), exact integer sums."""
+        return self._run(x, bias, 1)
 
 
 _CACHE: dict = {}  # (id, id) -> (weakrefs, versions, value); tensors hash by identity here

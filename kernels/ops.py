@@ -52,20 +52,32 @@ def _float_x(x):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype} of shape {tuple(x.shape)}")
 
 
-def cpu_matmul(prepacked: cpu.PackedInt8, x, bias, activations):
-    """The CPU path on a cached prepacked weight; bias added and dtype restored here, once."""
+def cpu_matmul(prepacked, x, bias, activations):
+    """The CPU path on a cached cpu.PackedInt8 or cpu.PackedTernary; dtype restored here."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
-    y = prepacked.dynamic_matmul(x2) if activations == "dynamic" else prepacked.float_matmul(x2)
-    if bias is not None:
-        y.add_(bias)  # y is fp32 and freshly allocated
-    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    run = prepacked.dynamic_matmul if activations == "dynamic" else prepacked.float_matmul
+    return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def cpu_fast(x, activations) -> bool:
-    """Whether a CPU tensor x takes the fbgemm path (else Triton's interpreter or a fallback)."""
-    return not x.is_cuda and not use_triton(x) and (activations == "dynamic" or
-                                                   cpu.fbgemm_exact())
+def cpu_kind(k: int, activations: str, ternary: bool) -> str | None:
+    """The fast CPU form for a weight with K inputs: "native", "fbgemm" or None (fallback)."""
+    if ternary and cpu.native_ternary(k, activations):
+        return "native"
+    return "fbgemm" if activations == "dynamic" or cpu.fbgemm_exact() else None
+
+
+def cpu_fast(x, activations, ternary=False) -> bool:
+    """Whether a CPU tensor x takes a fast CPU path (else Triton's interpreter or a fallback)."""
+    return (not x.is_cuda and not use_triton(x) and
+            cpu_kind(x.shape[-1], activations, ternary) is not None)
+
+
+def ternary_cpu_form(codes: torch.Tensor, scale: torch.Tensor, activations: str):
+    """The fastest CPU form of ternary codes [N, K]: native 2-bit, else fbgemm's int8."""
+    if cpu.native_ternary(codes.shape[1], activations):
+        return cpu.PackedTernary(codes, scale)
+    return cpu.PackedInt8(codes, scale)
 
 
 def _cpu_dequantized(x, key, dequantize, bias):
@@ -88,9 +100,11 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
     k = x.shape[-1]
     if be == "cpu":
         check_ternary(x, packed, scale, bias)
-        if activations == "dynamic" or cpu.fbgemm_exact():
-            prepacked = cpu.cached((packed, scale),
-                                   lambda p, s: cpu.PackedInt8(unpack_ternary(p, k), s))
+        kind = cpu_kind(k, activations, ternary=True)
+        if kind is not None:
+            prepacked = cpu.cached(
+                (packed, scale),
+                lambda p, s: ternary_cpu_form(unpack_ternary(p, k), s, activations), kind=kind)
             return cpu_matmul(prepacked, x, bias, activations)
         return _cpu_dequantized(x, (packed, scale), lambda p, s: unpack_ternary(p, k).float()
                                 * s.float().reshape(-1, 1), bias)

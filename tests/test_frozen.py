@@ -1,9 +1,10 @@
-"""Frozen (deploy) layers match the trainable layers' fake-quantized forward, on both the
-Triton path (interpreter) and the fbgemm CPU path.
+"""Frozen (deploy) layers match the trainable layers' fake-quantized forward, on the Triton path
+(interpreter), the native 2-bit CPU kernel, the fbgemm CPU path and the dense CPU path.
 
 Tolerance: the kernels sum in another order than F.linear (~1e-6 relative), and the CPU float
-paths carry 16-bit fixed-point activations: each input errs by at most max|x_row| / 65534, so an
-output errs by at most K * max|x| / 65534 * max|w| (plus rounding).
+paths carry 16-bit fixed-point activations: each input errs by at most half a step, max|x_row| /
+65278 (the native kernel's step is max|x_row| / 32639), so an output errs by at most
+K * max|x| / 65278 * max|w| (plus rounding).
 """
 import copy
 import os
@@ -27,11 +28,13 @@ PRECISIONS = [rt.Ternary(), rt.Ternary(threshold="learned"),
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels are built at import time
 
 
-@pytest.fixture(params=["triton", "cpu-int8-gemm", "cpu-dense"])
+@pytest.fixture(params=["triton", "cpu-native", "cpu-int8-gemm", "cpu-dense"])
 def path(request, monkeypatch):
     """Run a test on the Triton kernels (on a GPU, or the interpreter when the process started
-    with TRITON_INTERPRET=1), on the CPU int8 GEMM, and on the CPU dense path of small layers.
-    Returns the device the test should use."""
+    with TRITON_INTERPRET=1), on the native 2-bit CPU kernel, on the CPU int8 GEMM (ternary
+    weights too, with the native kernel switched off), and on the CPU dense path of small
+    layers. Returns the device the test should use."""
+    from triton_dsl.kernels import cpu, native
     from triton_dsl.kernels.common import HAS_TRITON
     from triton_dsl.runtime import frozen
     if request.param == "triton":
@@ -42,15 +45,17 @@ def path(request, monkeypatch):
         if not INTERPRETED:
             pytest.skip("no GPU, and this process did not start with TRITON_INTERPRET=1")
         return "cpu"
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-        monkeypatch.setattr(frozen, "DENSE_BELOW", 0 if request.param == "cpu-int8-gemm"
-                            else 1 << 30)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(frozen, "DENSE_BELOW", 1 << 30 if request.param == "cpu-dense" else 0)
+    if request.param == "cpu-native" and native.library() is None:
+        pytest.skip(f"the native CPU kernel is unavailable: {native.error()}")
+    if request.param == "cpu-int8-gemm":
+        monkeypatch.setattr(cpu, "native_ternary", lambda k, activations: False)
     return "cpu"
 
 
 def _bound(x, w, k):
-    return float(k * x.abs().max() / 65534 * w.abs().max()) + 1e-5
+    return float(k * x.abs().max() / 65278 * w.abs().max()) + 1e-5
 
 
 @pytest.mark.parametrize("prec", PRECISIONS, ids=lambda p: p.to_source())
@@ -97,10 +102,10 @@ def test_frozen_ternary_is_packed():
 
 
 def test_cpu_form_keeps_one_copy_and_round_trips(tmp_path, monkeypatch):
-    from triton_dsl.runtime import frozen
-    monkeypatch.setattr(frozen, "DENSE_BELOW", 0)  # the int8 GEMM form, which releases
-    """After a CPU call the 2-bit buffer is released (fbgemm's int8 form holds the codes);
+    """After a CPU call the stored buffer is released (the CPU form holds the codes);
     state_dict, save/load, deepcopy and .to() all see the original packed weight."""
+    from triton_dsl.runtime import frozen
+    monkeypatch.setattr(frozen, "DENSE_BELOW", 0)  # the prepacked form, which releases
     torch.manual_seed(0)
     for prec in (rt.Ternary(), rt.Int()):
         layer = rt.Linear(96, 40, precision=prec).eval()

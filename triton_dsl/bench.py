@@ -193,6 +193,8 @@ def environment(device):
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     else:
+        from .kernels import cpu, native
+        env["cpu_kernels"] = f"ternary: {native.describe()}; int8: {cpu.engine()}"
         try:
             with open("/proc/cpuinfo") as f:
                 env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)

@@ -12,7 +12,7 @@ quantizer in front of the weight-only kernel.
 The frozen output equals the trainable layer's fake-quantized eval forward up to float rounding:
 the kernels sum in a different order (fp32 paths ~1e-6 relative), the CPU float paths carry
 16-bit fixed-point activations (~1.5e-5 relative), and int8-activation paths are exact in their
-integer part.
+integer part (the CPU ones bit-exact with the reference twins).
 """
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.cpu import PackedInt8, cached
-from ..kernels.ops import cpu_fast, cpu_matmul, int8_matmul, quantize_per_token, ternary_matmul
+from ..kernels.cpu import PackedInt8, PackedTernary, cached
+from ..kernels.ops import (cpu_fast, cpu_matmul, int8_matmul, quantize_per_token, ternary_cpu_form,
+                           ternary_matmul)
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
 from ..precision import Binary, Float, Int, Ternary
 from . import quant as Q
@@ -100,10 +101,10 @@ class FrozenLinear(nn.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         act = "dynamic" if self.activations == "dynamic" else "none"
-        if self._compactable() and cpu_fast(x, act):
+        if self._compactable() and cpu_fast(x, act, ternary=self.mode == "ternary"):
             if self.in_features * self.out_features <= DENSE_BELOW:
                 return self._dense_matmul(x, act)
-            return cpu_matmul(self._cpu_form(), x, self.bias, act)
+            return cpu_matmul(self._cpu_form(act), x, self.bias, act)
         self._restore()
         if self.mode == "ternary":
             y = ternary_matmul(x, self.packed, self.scale, self.bias, activations=act)
@@ -151,9 +152,10 @@ class FrozenLinear(nn.Module):
         return self.weight.float()
 
     # --- the CPU form: one resident copy of the weight -------------------------------------
-    # On the CPU the weight is served from fbgemm's prepacked int8 form. Once that exists, the
-    # packed buffer it was built from is released (the prepacked form holds the same codes), so a
-    # frozen ternary layer keeps about 1/4 of its fp32 size resident instead of 1/4 + 1/16.
+    # On the CPU the weight is served from a prepacked form: ternary weights from the native
+    # kernel's 2-bit layout (1/16 of fp32), or fbgemm's int8 form (1/4) where that kernel is
+    # unavailable; int8 weights from fbgemm's. Once it exists, the buffer it was built from is
+    # released (the prepacked form holds the same codes), so a layer keeps one copy resident.
     # Saving, loading, copying or moving the layer rebuilds the buffer first.
 
     def _stored(self) -> str | None:
@@ -166,12 +168,15 @@ class FrozenLinear(nn.Module):
     def _compactable(self) -> bool:
         return self._stored() is not None
 
-    def _cpu_form(self) -> PackedInt8:
+    def _cpu_form(self, act: str) -> PackedInt8 | PackedTernary:
         if self._prepacked is None:
             name = self._stored()
             buf = getattr(self, name)
-            codes = unpack_ternary(buf, self.in_features) if name == "packed" else buf
-            self._prepacked = PackedInt8(codes, self.scale)
+            if name == "packed":
+                codes = unpack_ternary(buf, self.in_features)
+                self._prepacked = ternary_cpu_form(codes, self.scale, act)
+            else:
+                self._prepacked = PackedInt8(buf, self.scale)
             setattr(self, name, torch.empty(0, dtype=buf.dtype))  # released: see above
         return self._prepacked
 

@@ -1,0 +1,141 @@
+"""The native CPU kernel (ternary_cpu.c): built on first use with the system C compiler, cached,
+and called through ctypes. Everything works without it: when there is no compiler, the build
+fails, or TRITON_DSL_CPU_NATIVE=0, the CPU paths fall back to torch's int8 GEMMs (kernels/cpu.py).
+
+The library is built for this CPU (-march=native) into $TRITON_DSL_CACHE (default
+~/.cache/triton-dsl), named by a hash of the source, the flags, the compiler and the CPU, so a
+changed file or another machine gets its own build. Writes are atomic: concurrent first uses (DDP
+ranks, pytest workers) cannot load a half-written library.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ternary_cpu.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
+ISAS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
+MAX_K_FLOAT = 65536  # the float path's int32 sums hold 32639 * K
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return ""
+    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+def build(extra_flags: tuple = ()) -> Path:
+    """Compile (or find in the cache) the library; raises RuntimeError saying why it cannot."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    flags = FLAGS + list(extra_flags)
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_id()])
+                         .encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("TRITON_DSL_CACHE") or Path.home() / ".cache" / "triton-dsl")
+    lib = cache / f"ternary_cpu-{key}.so"
+    if lib.exists():
+        return lib
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+    os.close(fd)
+    try:
+        run = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                             text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-400:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+class Library:
+    def __init__(self, path: Path):
+        self.path = path
+        self.dll = ctypes.CDLL(str(path))
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self.dll.tdsl_ternary_linear.argtypes = [p, i64, i64, i64, p, i64, p, p, i32, p, i32]
+        self.dll.tdsl_ternary_linear.restype = i32
+        self.isa = ISAS[self.dll.tdsl_isa()]
+
+    def ternary_linear(self, x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None, mode: int) -> torch.Tensor:
+        """x fp32 [M, K] (unit stride along K), blocks uint8 [N, ceil(K/64) * 16], scale fp32 [N],
+        bias fp32 [N] or None; mode 0 = per-token int8 activations, 1 = float activations."""
+        m, k = x.shape
+        n = blocks.shape[0]
+        y = torch.empty(m, n)
+        if m and n:
+            rc = self.dll.tdsl_ternary_linear(
+                x.data_ptr(), m, k, x.stride(0), blocks.data_ptr(), n, scale.data_ptr(),
+                None if bias is None else bias.data_ptr(), mode, y.data_ptr(),
+                torch.get_num_threads())
+            if rc != 0:
+                raise MemoryError("ternary_linear: could not allocate scratch memory")
+        return y
+
+
+_ERROR: list = []
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> Library | None:
+    """The loaded library, or None (then error() says why)."""
+    if os.environ.get("TRITON_DSL_CPU_NATIVE", "1") == "0":
+        _ERROR.append("disabled by TRITON_DSL_CPU_NATIVE=0")
+        return None
+    try:
+        return Library(build())
+    except (RuntimeError, OSError) as e:
+        _ERROR.append(str(e))
+        return None
+
+
+def error() -> str | None:
+    return _ERROR[-1] if _ERROR else None
+
+
+def describe() -> str:
+    lib = library()
+    return f"native ({lib.isa})" if lib else f"unavailable: {error()}"
+
+
+def to_blocks(codes: torch.Tensor) -> torch.Tensor:
+    """int8 ternary weights [N, K] in {-1, 0, 1} -> the K-blocked 2-bit layout, uint8
+    [N, ceil(K / 64) * 16] (see ternary_cpu.c)."""
+    n, k = codes.shape
+    kb = -(-k // 64)
+    c = torch.ones(n, kb * 64, dtype=torch.uint8)  # code 1 = weight 0 pads K
+    c[:, :k] = (codes.to(torch.int16) + 1).to(torch.uint8)
+    s = c.view(n, kb, 4, 16)
+    return (s[:, :, 0] | s[:, :, 1] << 2 | s[:, :, 2] << 4 | s[:, :, 3] << 6).reshape(n, -1)
+
+
+def from_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
+    """The inverse of to_blocks: int8 [N, K]."""
+    n = blocks.shape[0]
+    b = blocks.view(n, -1, 1, 16)
+    planes = torch.cat([(b >> (2 * s)) & 3 for s in range(4)], dim=2)  # [N, KB, 4, 16]
+    return planes.reshape(n, -1)[:, :k].to(torch.int8) - 1

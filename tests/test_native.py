@@ -1,0 +1,131 @@
+"""The native 2-bit CPU kernel (kernels/ternary_cpu.c) against its reference twins.
+
+Each instruction-set path (AVX-512 VNNI, AVX2, portable C) is built separately, as far as this
+CPU runs it, and must be bit-exact with ternary_a8_matmul_ref for int8 activations. Float
+activations carry 16-bit fixed point: each input errs by at most half a step, max|x_row| / 65278.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from triton_dsl.kernels import native
+from triton_dsl.kernels.ops import quantize_per_token, ternary_matmul
+from triton_dsl.kernels.packing import pack_ternary
+from triton_dsl.kernels.ternary_matmul import ternary_a8_matmul_ref, ternary_matmul_ref
+
+if native.library() is None:
+    pytest.skip(f"the native CPU kernel is unavailable: {native.error()}",
+                allow_module_level=True)
+
+# flags appended after -march=native switch the wider paths off
+ISA_FLAGS = {"avx512-vnni": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx2", "-mno-avx512f")}
+RANK = {"scalar": 0, "avx2": 1, "avx512-vnni": 2}
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def lib(request):
+    if RANK[request.param] > RANK[native.library().isa]:
+        pytest.skip(f"this CPU has no {request.param}")
+    built = native.Library(native.build(ISA_FLAGS[request.param]))
+    assert built.isa == request.param
+    return built
+
+
+# M = 1, 3, 17, 64 (float mode doubles the rows); N and K off every tile and block size
+SHAPES = [(1, 5, 7), (3, 17, 65), (17, 33, 200), (64, 100, 129), (7, 37, 64), (2, 3, 1000)]
+
+
+def _case(m, n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    return (w, torch.rand(n, generator=g) + 0.5, torch.randn(n, generator=g),
+            torch.randn(m, k, generator=g))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_int8_activations_bit_exact(lib, m, n, k):
+    w, scale, bias, x = _case(m, n, k)
+    x[0, :] = 0  # an all-zero token
+    codes, xs = quantize_per_token(x)
+    for b in (bias, None):
+        got = lib.ternary_linear(x, native.to_blocks(w), scale, b, 0)
+        assert torch.equal(got, ternary_a8_matmul_ref(codes, xs, pack_ternary(w), scale, b))
+
+
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_float_activations_within_16bit_tolerance(lib, m, n, k):
+    w, scale, bias, x = _case(m, n, k, seed=1)
+    x[-1] *= 1e4  # rows of very different magnitude are scaled separately
+    got = lib.ternary_linear(x, native.to_blocks(w), scale, bias, 1)
+    want = ternary_matmul_ref(x, pack_ternary(w), scale, bias)
+    bound = k * x.abs().amax(dim=1, keepdim=True) / 65278 * scale.max()
+    assert ((got - want).abs() <= bound * 1.001 + 1e-5).all()
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 63), (5, 64), (2, 65), (4, 300)])
+def test_blocks_round_trip(n, k):
+    w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
+    blocks = native.to_blocks(w)
+    assert blocks.shape == (n, -(-k // 64) * 16) and blocks.dtype == torch.uint8
+    assert torch.equal(native.from_blocks(blocks, k), w)
+
+
+def test_threads_give_identical_results():
+    w, scale, bias, x = _case(33, 70, 300)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(ternary_matmul(x, pack_ternary(w), scale, bias, backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*outs)
+
+
+def test_strided_and_leading_dims():
+    w, scale, bias, _ = _case(1, 24, 96)
+    packed = pack_ternary(w)
+    x = torch.randn(96, 5).t()  # non-contiguous [5, 96]
+    for act in ("none", "dynamic"):
+        got = ternary_matmul(x, packed, scale, bias, activations=act, backend="cpu")
+        want = ternary_matmul(x.contiguous(), packed, scale, bias, activations=act, backend="cpu")
+        assert torch.equal(got, want)
+    x3 = torch.randn(2, 3, 96, dtype=torch.bfloat16)
+    y3 = ternary_matmul(x3, packed, scale, backend="cpu")
+    assert y3.shape == (2, 3, 24) and y3.dtype == torch.bfloat16
+
+
+def test_cached_build_is_reused():
+    path = native.build()
+    mtime = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == mtime
+
+
+def _run(env_extra):
+    code = ("import torch\n"
+            "from triton_dsl.kernels import native, cpu\n"
+            "from triton_dsl.kernels.ops import ternary_matmul\n"
+            "from triton_dsl.kernels.packing import pack_ternary\n"
+            "p = pack_ternary(torch.randint(-1, 2, (8, 40), dtype=torch.int8))\n"
+            "x, s = torch.randn(3, 40), torch.rand(8)\n"
+            "y = ternary_matmul(x, p, s, activations='dynamic', backend='cpu')\n"
+            "r = ternary_matmul(x, p, s, activations='dynamic', backend='ref')\n"
+            "print(native.describe(), torch.equal(y, r))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_falls_back_when_disabled_or_uncompilable(tmp_path):
+    """Without the native kernel, ternary layers still run (fbgemm) and stay exact."""
+    assert _run({"TRITON_DSL_CPU_NATIVE": "0"}) == \
+        "unavailable: disabled by TRITON_DSL_CPU_NATIVE=0 True"
+    # no compiler on PATH and an empty cache: the build fails, the op still works
+    out = _run({"PATH": str(tmp_path), "CC": "", "TRITON_DSL_CACHE": str(tmp_path / "cache")})
+    assert out.startswith("unavailable: no C compiler found") and out.endswith("True")
