@@ -1,6 +1,6 @@
-"""Fast CPU paths. Ternary weights run the native 2-bit kernel (PackedTernary, ternary_cpu.c via
-native.py) when it builds; int8 weights, and ternary ones without it, run the int8 GEMMs torch
-ships: oneDNN's (x86) or fbgemm's (PackedInt8).
+"""Fast CPU paths. Weights run the native kernel (PackedNative: cpu_linear.c via native.py) when
+it builds: ternary at 2 bits, int8 where the CPU has VNNI. Otherwise they run the int8 GEMMs
+torch ships: oneDNN's (x86) or fbgemm's (PackedInt8).
 
 The weight is prepacked once per tensor version and cached, never unpacked per call.
 
@@ -135,40 +135,52 @@ def _add(y, bias):
     return y if bias is None else y.add_(bias)
 
 
-def native_ternary(k: int, activations: str) -> bool:
-    """Whether ternary weights with K inputs run the native kernel on this machine."""
+def native_kind(k: int, activations: str) -> bool:
+    """Whether a weight with K inputs runs the native kernel on this machine (else PackedInt8)."""
     return native.library() is not None and (activations == "dynamic" or
                                             k <= native.MAX_K_FLOAT)
 
 
-class PackedTernary:
-    """A ternary weight [N, K] in the native kernel's 2-bit K-blocked layout (N * K / 4 bytes
-    resident) with per-channel fp32 scales. Same interface as PackedInt8."""
+def native_int8() -> bool:
+    """Int8 weights take the native kernel only where it has the VNNI tiles (measured faster
+    than fbgemm here); elsewhere fbgemm stays."""
+    lib = native.library()
+    return lib is not None and lib.isa == "avx512-vnni"
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+
+class PackedNative:
+    """A weight [N, K] in the native kernel's layout: ternary at 2 bits (N * K / 4 bytes
+    resident) or int8 codes, with per-channel fp32 scales. Same interface as PackedInt8."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, ternary: bool):
         n, self.k = codes.shape
         self.lib = native.library()
         if self.lib is None:
             raise RuntimeError(f"the native CPU kernel is unavailable: {native.error()}")
-        self.blocks = native.to_blocks(codes)
+        self.kind = native.TERNARY if ternary else native.INT8
+        self.weight = native.to_blocks(codes) if ternary else native.int8_rows(codes)
+        self.w_sum = None if ternary else codes.sum(dim=1, dtype=torch.int32)
         self.scale = scale.float().reshape(-1).expand(n).contiguous()
 
     def codes(self) -> torch.Tensor:
-        return native.from_blocks(self.blocks, self.k)
+        if self.kind == native.TERNARY:
+            return native.from_blocks(self.weight, self.k)
+        return self.weight[:, :self.k].clone()
 
     def _run(self, x, bias, mode):
         x = x.float()
         if x.stride(-1) != 1:
             x = x.contiguous()
         b = None if bias is None else bias.float().contiguous()
-        return self.lib.ternary_linear(x, self.blocks, self.scale, b, mode)
+        return self.lib.linear(self.kind, x, self.weight, self.scale, self.w_sum, b, mode)
 
     def dynamic_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
-        """Bit-exact with ops.quantize_per_token then ternary_a8_matmul_ref."""
+        """Bit-exact with ops.quantize_per_token then the W1.58A8 / W8A8 reference twin."""
         return self._run(x, bias, 0)
 
     def float_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
-        """16-bit fixed-point activations (~1.5e-5 of max|x| per row), exact integer sums."""
+        """16-bit fixed-point activations (half a step, max|x_row| / 65278, per input), exact
+        integer sums."""
         return self._run(x, bias, 1)
 
 

@@ -1,4 +1,4 @@
-"""The native CPU kernel (ternary_cpu.c): built on first use with the system C compiler, cached,
+"""The native CPU kernel (cpu_linear.c): built on first use with the system C compiler, cached,
 and called through ctypes. Everything works without it: when there is no compiler, the build
 fails, or TRITON_DSL_CPU_NATIVE=0, the CPU paths fall back to torch's int8 GEMMs (kernels/cpu.py).
 
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("ternary_cpu.c")
+SOURCE = Path(__file__).with_name("cpu_linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
-MAX_K_FLOAT = 65536  # the float path's int32 sums hold 32639 * K
+MAX_K_FLOAT = 65536  # the float path's int32 half-sums hold 255 * 127 * K
+TERNARY, INT8 = 0, 1
 
 
 def _cpu_id() -> str:
@@ -53,7 +54,7 @@ def build(extra_flags: tuple = ()) -> Path:
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_id()])
                          .encode()).hexdigest()[:16]
     cache = Path(os.environ.get("TRITON_DSL_CACHE") or Path.home() / ".cache" / "triton-dsl")
-    lib = cache / f"ternary_cpu-{key}.so"
+    lib = cache / f"cpu_linear-{key}.so"
     if lib.exists():
         return lib
     cache.mkdir(parents=True, exist_ok=True)
@@ -76,24 +77,26 @@ class Library:
         self.path = path
         self.dll = ctypes.CDLL(str(path))
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self.dll.tdsl_ternary_linear.argtypes = [p, i64, i64, i64, p, i64, p, p, i32, p, i32]
-        self.dll.tdsl_ternary_linear.restype = i32
+        self.dll.tdsl_linear.argtypes = [i32, p, i64, i64, i64, p, i64, p, p, p, i32, p, i32]
+        self.dll.tdsl_linear.restype = i32
         self.isa = ISAS[self.dll.tdsl_isa()]
 
-    def ternary_linear(self, x: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor,
-                       bias: torch.Tensor | None, mode: int) -> torch.Tensor:
-        """x fp32 [M, K] (unit stride along K), blocks uint8 [N, ceil(K/64) * 16], scale fp32 [N],
-        bias fp32 [N] or None; mode 0 = per-token int8 activations, 1 = float activations."""
+    def linear(self, kind: int, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+               w_sum: torch.Tensor | None, bias: torch.Tensor | None, mode: int) -> torch.Tensor:
+        """x fp32 [M, K] (unit stride along K); w [N, ...] in kind's layout (ternary_blocks or
+        int8_rows); scale fp32 [N]; w_sum int32 [N] (int8 only); bias fp32 [N] or None;
+        mode 0 = per-token int8 activations, 1 = float activations."""
         m, k = x.shape
-        n = blocks.shape[0]
+        n = w.shape[0]
         y = torch.empty(m, n)
         if m and n:
-            rc = self.dll.tdsl_ternary_linear(
-                x.data_ptr(), m, k, x.stride(0), blocks.data_ptr(), n, scale.data_ptr(),
+            rc = self.dll.tdsl_linear(
+                kind, x.data_ptr(), m, k, x.stride(0), w.data_ptr(), n, scale.data_ptr(),
+                None if w_sum is None else w_sum.data_ptr(),
                 None if bias is None else bias.data_ptr(), mode, y.data_ptr(),
                 torch.get_num_threads())
             if rc != 0:
-                raise MemoryError("ternary_linear: could not allocate scratch memory")
+                raise MemoryError("native linear: could not allocate scratch memory")
         return y
 
 
@@ -124,7 +127,7 @@ def describe() -> str:
 
 def to_blocks(codes: torch.Tensor) -> torch.Tensor:
     """int8 ternary weights [N, K] in {-1, 0, 1} -> the K-blocked 2-bit layout, uint8
-    [N, ceil(K / 64) * 16] (see ternary_cpu.c)."""
+    [N, ceil(K / 64) * 16] (see cpu_linear.c)."""
     n, k = codes.shape
     kb = -(-k // 64)
     c = torch.ones(n, kb * 64, dtype=torch.uint8)  # code 1 = weight 0 pads K
@@ -139,3 +142,11 @@ def from_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
     b = blocks.view(n, -1, 1, 16)
     planes = torch.cat([(b >> (2 * s)) & 3 for s in range(4)], dim=2)  # [N, KB, 4, 16]
     return planes.reshape(n, -1)[:, :k].to(torch.int8) - 1
+
+
+def int8_rows(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] -> rows zero-padded to a multiple of 64, int8 [N, ceil(K / 64) * 64]."""
+    n, k = codes.shape
+    out = torch.zeros(n, -(-k // 64) * 64, dtype=torch.int8)
+    out[:, :k] = codes
+    return out

@@ -53,7 +53,7 @@ def _float_x(x):
 
 
 def cpu_matmul(prepacked, x, bias, activations):
-    """The CPU path on a cached cpu.PackedInt8 or cpu.PackedTernary; dtype restored here."""
+    """The CPU path on a cached cpu.PackedInt8 or cpu.PackedNative; dtype restored here."""
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     run = prepacked.dynamic_matmul if activations == "dynamic" else prepacked.float_matmul
@@ -62,7 +62,7 @@ def cpu_matmul(prepacked, x, bias, activations):
 
 def cpu_kind(k: int, activations: str, ternary: bool) -> str | None:
     """The fast CPU form for a weight with K inputs: "native", "fbgemm" or None (fallback)."""
-    if ternary and cpu.native_ternary(k, activations):
+    if cpu.native_kind(k, activations) and (ternary or cpu.native_int8()):
         return "native"
     return "fbgemm" if activations == "dynamic" or cpu.fbgemm_exact() else None
 
@@ -73,10 +73,11 @@ def cpu_fast(x, activations, ternary=False) -> bool:
             cpu_kind(x.shape[-1], activations, ternary) is not None)
 
 
-def ternary_cpu_form(codes: torch.Tensor, scale: torch.Tensor, activations: str):
-    """The fastest CPU form of ternary codes [N, K]: native 2-bit, else fbgemm's int8."""
-    if cpu.native_ternary(codes.shape[1], activations):
-        return cpu.PackedTernary(codes, scale)
+def cpu_form(codes: torch.Tensor, scale: torch.Tensor, activations: str, ternary: bool):
+    """The fastest CPU form of int8 codes [N, K] (ternary: values in {-1, 0, 1}) with
+    per-channel scales: the native kernel's, else fbgemm's."""
+    if cpu_kind(codes.shape[1], activations, ternary) == "native":
+        return cpu.PackedNative(codes, scale, ternary)
     return cpu.PackedInt8(codes, scale)
 
 
@@ -104,7 +105,7 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
         if kind is not None:
             prepacked = cpu.cached(
                 (packed, scale),
-                lambda p, s: ternary_cpu_form(unpack_ternary(p, k), s, activations), kind=kind)
+                lambda p, s: cpu_form(unpack_ternary(p, k), s, activations, True), kind=kind)
             return cpu_matmul(prepacked, x, bias, activations)
         return _cpu_dequantized(x, (packed, scale), lambda p, s: unpack_ternary(p, k).float()
                                 * s.float().reshape(-1, 1), bias)
@@ -125,8 +126,11 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     grouped = scale.dim() == 2
     if be == "cpu":
         check_int8(x, w, scale, bias)
-        if not grouped and (activations == "dynamic" or cpu.fbgemm_exact()):
-            return cpu_matmul(cpu.cached((w, scale), cpu.PackedInt8), x, bias, activations)
+        kind = None if grouped else cpu_kind(k, activations, ternary=False)
+        if kind is not None:
+            prepacked = cpu.cached((w, scale), lambda c, s: cpu_form(c, s, activations, False),
+                                   kind=kind)
+            return cpu_matmul(prepacked, x, bias, activations)
         if activations == "none":
             return _cpu_dequantized(x, (w, scale), dequantize_int8, bias)
     if activations == "dynamic":

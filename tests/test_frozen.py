@@ -31,8 +31,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels are built at 
 @pytest.fixture(params=["triton", "cpu-native", "cpu-int8-gemm", "cpu-dense"])
 def path(request, monkeypatch):
     """Run a test on the Triton kernels (on a GPU, or the interpreter when the process started
-    with TRITON_INTERPRET=1), on the native 2-bit CPU kernel, on the CPU int8 GEMM (ternary
-    weights too, with the native kernel switched off), and on the CPU dense path of small
+    with TRITON_INTERPRET=1), on the native CPU kernel, on fbgemm's int8 GEMM (the native
+    kernel switched off), and on the CPU dense path of small
     layers. Returns the device the test should use."""
     from triton_dsl.kernels import cpu, native
     from triton_dsl.kernels.common import HAS_TRITON
@@ -50,7 +50,7 @@ def path(request, monkeypatch):
     if request.param == "cpu-native" and native.library() is None:
         pytest.skip(f"the native CPU kernel is unavailable: {native.error()}")
     if request.param == "cpu-int8-gemm":
-        monkeypatch.setattr(cpu, "native_ternary", lambda k, activations: False)
+        monkeypatch.setattr(cpu, "native_kind", lambda k, activations: False)
     return "cpu"
 
 

@@ -1,7 +1,7 @@
-"""The native 2-bit CPU kernel (kernels/ternary_cpu.c) against its reference twins.
+"""The native CPU kernel (kernels/cpu_linear.c) against its reference twins.
 
 Each instruction-set path (AVX-512 VNNI, AVX2, portable C) is built separately, as far as this
-CPU runs it, and must be bit-exact with ternary_a8_matmul_ref for int8 activations. Float
+CPU runs it, and must be bit-exact with the W1.58A8 and W8A8 twins for int8 activations. Float
 activations carry 16-bit fixed point: each input errs by at most half a step, max|x_row| / 65278.
 """
 import os
@@ -11,9 +11,10 @@ import sys
 import pytest
 import torch
 
-from triton_dsl.kernels import native
-from triton_dsl.kernels.ops import quantize_per_token, ternary_matmul
-from triton_dsl.kernels.packing import pack_ternary
+from triton_dsl.kernels import cpu, native
+from triton_dsl.kernels.int8_matmul import int8_w8a8_matmul_ref, int8_weight_only_matmul_ref
+from triton_dsl.kernels.ops import int8_matmul, quantize_per_token, ternary_matmul
+from triton_dsl.kernels.packing import pack_ternary, quantize_int8
 from triton_dsl.kernels.ternary_matmul import ternary_a8_matmul_ref, ternary_matmul_ref
 
 if native.library() is None:
@@ -45,45 +46,64 @@ def _case(m, n, k, seed=0):
             torch.randn(m, k, generator=g))
 
 
+def _weights(w, scale):
+    """(ternary or int8) -> (kind, native layout, w_sum, the twins' weight)"""
+    yield native.TERNARY, native.to_blocks(w), None, pack_ternary(w), scale
+    q, s = quantize_int8(torch.randn(w.shape, generator=torch.Generator().manual_seed(2)) * 3)
+    yield native.INT8, native.int8_rows(q), q.sum(dim=1, dtype=torch.int32), q, s
+
+
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_int8_activations_bit_exact(lib, m, n, k):
     w, scale, bias, x = _case(m, n, k)
     x[0, :] = 0  # an all-zero token
     codes, xs = quantize_per_token(x)
-    for b in (bias, None):
-        got = lib.ternary_linear(x, native.to_blocks(w), scale, b, 0)
-        assert torch.equal(got, ternary_a8_matmul_ref(codes, xs, pack_ternary(w), scale, b))
+    for kind, layout, w_sum, twin_w, s in _weights(w, scale):
+        ref = ternary_a8_matmul_ref if kind == native.TERNARY else int8_w8a8_matmul_ref
+        for b in (bias, None):
+            got = lib.linear(kind, x, layout, s, w_sum, b, 0)
+            assert torch.equal(got, ref(codes, xs, twin_w, s, b)), kind
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
 def test_float_activations_within_16bit_tolerance(lib, m, n, k):
     w, scale, bias, x = _case(m, n, k, seed=1)
     x[-1] *= 1e4  # rows of very different magnitude are scaled separately
-    got = lib.ternary_linear(x, native.to_blocks(w), scale, bias, 1)
-    want = ternary_matmul_ref(x, pack_ternary(w), scale, bias)
-    bound = k * x.abs().amax(dim=1, keepdim=True) / 65278 * scale.max()
-    assert ((got - want).abs() <= bound * 1.001 + 1e-5).all()
+    for kind, layout, w_sum, twin_w, s in _weights(w, scale):
+        got = lib.linear(kind, x, layout, s, w_sum, bias, 1)
+        if kind == native.TERNARY:
+            want, wmax = ternary_matmul_ref(x, twin_w, s, bias), s.max()
+        else:
+            want, wmax = int8_weight_only_matmul_ref(x, twin_w, s, bias), 127 * s.max()
+        bound = k * x.abs().amax(dim=1, keepdim=True) / 65278 * wmax
+        assert ((got - want).abs() <= bound * 1.001 + 1e-5).all(), kind
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 63), (5, 64), (2, 65), (4, 300)])
-def test_blocks_round_trip(n, k):
+def test_layouts_round_trip(n, k):
     w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
     blocks = native.to_blocks(w)
     assert blocks.shape == (n, -(-k // 64) * 16) and blocks.dtype == torch.uint8
     assert torch.equal(native.from_blocks(blocks, k), w)
+    q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    for ternary, codes in ((True, w), (False, q)):
+        form = cpu.PackedNative(codes, torch.rand(n), ternary)
+        assert torch.equal(form.codes(), codes)
 
 
 def test_threads_give_identical_results():
     w, scale, bias, x = _case(33, 70, 300)
+    q, s = quantize_int8(torch.randn(70, 300))
     before = torch.get_num_threads()
     try:
         outs = []
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append(ternary_matmul(x, pack_ternary(w), scale, bias, backend="cpu"))
+            outs.append((ternary_matmul(x, pack_ternary(w), scale, bias, backend="cpu"),
+                         int8_matmul(x, q, s, bias, backend="cpu")))
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(*outs)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 def test_strided_and_leading_dims():

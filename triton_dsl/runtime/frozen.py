@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.cpu import PackedInt8, PackedTernary, cached
-from ..kernels.ops import (cpu_fast, cpu_matmul, int8_matmul, quantize_per_token, ternary_cpu_form,
+from ..kernels.cpu import PackedInt8, PackedNative, cached
+from ..kernels.ops import (cpu_fast, cpu_form, cpu_matmul, int8_matmul, quantize_per_token,
                            ternary_matmul)
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
 from ..precision import Binary, Float, Int, Ternary
@@ -152,9 +152,9 @@ class FrozenLinear(nn.Module):
         return self.weight.float()
 
     # --- the CPU form: one resident copy of the weight -------------------------------------
-    # On the CPU the weight is served from a prepacked form: ternary weights from the native
-    # kernel's 2-bit layout (1/16 of fp32), or fbgemm's int8 form (1/4) where that kernel is
-    # unavailable; int8 weights from fbgemm's. Once it exists, the buffer it was built from is
+    # On the CPU the weight is served from a prepacked form: the native kernel's (ternary at 2
+    # bits, 1/16 of fp32; int8 codes, 1/4) or, where that kernel is unavailable, fbgemm's int8
+    # form (1/4). Once it exists, the buffer it was built from is
     # released (the prepacked form holds the same codes), so a layer keeps one copy resident.
     # Saving, loading, copying or moving the layer rebuilds the buffer first.
 
@@ -168,15 +168,13 @@ class FrozenLinear(nn.Module):
     def _compactable(self) -> bool:
         return self._stored() is not None
 
-    def _cpu_form(self, act: str) -> PackedInt8 | PackedTernary:
+    def _cpu_form(self, act: str) -> PackedInt8 | PackedNative:
         if self._prepacked is None:
             name = self._stored()
             buf = getattr(self, name)
-            if name == "packed":
-                codes = unpack_ternary(buf, self.in_features)
-                self._prepacked = ternary_cpu_form(codes, self.scale, act)
-            else:
-                self._prepacked = PackedInt8(buf, self.scale)
+            ternary = name == "packed"
+            codes = unpack_ternary(buf, self.in_features) if ternary else buf
+            self._prepacked = cpu_form(codes, self.scale, act, ternary)
             setattr(self, name, torch.empty(0, dtype=buf.dtype))  # released: see above
         return self._prepacked
 

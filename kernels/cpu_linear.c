@@ -1,0 +1,284 @@
+/* Low-bit linear layers for the CPU, compiled on first use by kernels/native.py.
+
+   Why native code: at small batch a linear layer is bound by reading its weight. torch's int8
+   GEMMs read 8 bits per ternary weight; this kernel reads the 2-bit codes and unpacks them in
+   registers, so a 4096 x 4096 layer streams 4 MiB instead of 16 MiB. Int8 weights run through
+   the same tiles without the unpack, with per-token activation scales done in the kernel.
+
+   Ternary weight layout ("K-blocked"): row n holds KB = ceil(K / 64) blocks of 16 bytes; bits
+   2s..2s+1 of byte j in block b hold the code c = w + 1 (in 0..2) of input k = 64 b + 16 s + j.
+   One broadcast, one shift per 128-bit lane and one mask turn a block into 64 codes in the
+   order of 64 consecutive activations. Int8 weight layout: the codes, rows padded to KB * 64.
+   Padding is arbitrary: the activations are zero-padded (int8: their shifted codes are 128, and
+   the correction below counts the padded weights, which the packer sets to 0).
+
+   Arithmetic, exact in integers: activations are quantized per token to int8 q.
+   ternary: u8 codes c = w + 1 times s8 q (VNNI dpbusd, or AVX2 maddubs, which cannot saturate
+            because c <= 2): sum q w = sum q c - sum q.
+   int8:    u8 q + 128 times s8 w (dpbusd): sum q w = sum (q + 128) w - 128 sum w.
+   mode 0 (W1.58A8, W8A8): q = rint(x / s), s = max|x| / 127; y = float(acc) * w_scale * s
+            (+ bias): the reference twins' operations in their order, so results are bit-exact.
+   mode 1 (float activations): x is written as 16-bit fixed point xi = rint(x / t), t = max|x| /
+            32639, split into 8-bit halves xi = 256 hi + lo; both halves run through the same
+            tiles and recombine exactly in int64. Error: half a step per element, t / 2. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TDSL_ISA 2
+#elif defined(__AVX2__)
+#define TDSL_ISA 1
+#else
+#define TDSL_ISA 0
+#endif
+
+/* row tile, column tile, column block, K chunk (in blocks of 64) */
+#ifndef MB
+#define MB 6
+#endif
+#ifndef NB
+#define NB 4
+#endif
+#ifndef NC
+#define NC 32
+#endif
+#ifndef KCB
+#define KCB 128
+#endif
+#ifndef SMALL_ROWS
+#define SMALL_ROWS 48 /* up to this many 8-bit activation rows, loop over weight tiles outside */
+#endif
+
+
+enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
+
+int tdsl_isa(void) { return TDSL_ISA; }
+
+static inline __attribute__((always_inline)) void tile_portable(const int kind, const uint8_t *w, int64_t ldw, const uint8_t *x,
+                          int64_t ldx, int64_t kb0, int64_t kb1, int mb, int nb, int32_t *acc,
+                          int64_t ldc) {
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) {
+            int32_t s = 0;
+            for (int64_t k = kb0 * 64; k < kb1 * 64; k++)
+                s += kind == INT8 ? x[i * ldx + k] * (int8_t)w[j * ldw + k]
+                                  : ((w[j * ldw + (k >> 6) * 16 + (k & 15)] >> (2 * ((k >> 4) & 3))) & 3) *
+                                        (int8_t)x[i * ldx + k];
+            acc[i * ldc + j] += s;
+        }
+}
+
+/* acc[i * ldc + j] += sum over blocks kb0..kb1 of x row i . weight row j, for a mb x nb tile.
+   x holds s8 activations (ternary) or u8 shifted ones (int8). */
+static inline __attribute__((always_inline)) void tile_body(
+    const int kind, const uint8_t *w, int64_t ldw, const uint8_t *x, int64_t ldx, int64_t kb0,
+    int64_t kb1, const int mb, const int nb, int32_t *acc, int64_t ldc) {
+#if TDSL_ISA == 2
+    /* Named accumulators, not an array: GCC 12 shuffles and spills an array of __m512i. With mb
+       and nb constant, the conditions fold away. */
+    const __m512i shift = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
+    const __m512i three = _mm512_set1_epi8(3);
+#define ROW_VARS(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = a##i##0, \
+    a##i##2 = a##i##0, a##i##3 = a##i##0;
+    ROW_VARS(0) ROW_VARS(1) ROW_VARS(2) ROW_VARS(3) ROW_VARS(4) ROW_VARS(5) ROW_VARS(6) ROW_VARS(7)
+#define CODES(j) (nb <= j ? three : kind == INT8 ? \
+    _mm512_loadu_si512((const void *)(w + j * ldw + b * 64)) : \
+    _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4( \
+        _mm_loadu_si128((const __m128i *)(w + j * ldw + b * 16))), shift), three))
+#define DOT(a, c, xv) (kind == INT8 ? _mm512_dpbusd_epi32(a, xv, c) : _mm512_dpbusd_epi32(a, c, xv))
+#define ROW_STEP(i) if (mb > i) { \
+        __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + b * 64)); \
+        __asm__("" : "+v"(xv)); /* one load, not one folded into each dpbusd */ \
+        a##i##0 = DOT(a##i##0, c0, xv); \
+        if (nb > 1) a##i##1 = DOT(a##i##1, c1, xv); \
+        if (nb > 2) a##i##2 = DOT(a##i##2, c2, xv); \
+        if (nb > 3) a##i##3 = DOT(a##i##3, c3, xv); }
+    for (int64_t b = kb0; b < kb1; b++) {
+        const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
+        ROW_STEP(0) ROW_STEP(1) ROW_STEP(2) ROW_STEP(3)
+        ROW_STEP(4) ROW_STEP(5) ROW_STEP(6) ROW_STEP(7)
+    }
+#define ROW_OUT(i) if (mb > i) { \
+        acc[i * ldc] += _mm512_reduce_add_epi32(a##i##0); \
+        if (nb > 1) acc[i * ldc + 1] += _mm512_reduce_add_epi32(a##i##1); \
+        if (nb > 2) acc[i * ldc + 2] += _mm512_reduce_add_epi32(a##i##2); \
+        if (nb > 3) acc[i * ldc + 3] += _mm512_reduce_add_epi32(a##i##3); }
+    ROW_OUT(0) ROW_OUT(1) ROW_OUT(2) ROW_OUT(3) ROW_OUT(4) ROW_OUT(5) ROW_OUT(6) ROW_OUT(7)
+#elif TDSL_ISA == 1
+    if (kind == INT8) { /* maddubs would saturate u8 x s8 pairs; the portable loop is exact */
+        tile_portable(kind, w, ldw, x, ldx, kb0, kb1, mb, nb, acc, ldc);
+        return;
+    }
+    const __m256i shift_lo = _mm256_set_epi64x(2, 2, 0, 0), shift_hi = _mm256_set_epi64x(6, 6, 4, 4);
+    const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i a[8][4];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) a[i][j] = _mm256_setzero_si256();
+    for (int64_t b = kb0; b < kb1; b++) {
+        __m256i c0[4], c1[4];
+        for (int j = 0; j < nb; j++) {
+            __m256i v = _mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(w + j * ldw + b * 16)));
+            c0[j] = _mm256_and_si256(_mm256_srlv_epi64(v, shift_lo), three);
+            c1[j] = _mm256_and_si256(_mm256_srlv_epi64(v, shift_hi), three);
+        }
+        for (int i = 0; i < mb; i++) {
+            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + i * ldx + b * 64));
+            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + i * ldx + b * 64 + 32));
+            for (int j = 0; j < nb; j++) {
+                __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0[j], x0),
+                                             _mm256_maddubs_epi16(c1[j], x1)); /* |p| <= 1020 */
+                a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(p, ones));
+            }
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) {
+            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[i][j]),
+                                      _mm256_extracti128_si256(a[i][j], 1));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+            acc[i * ldc + j] += _mm_cvtsi128_si32(s);
+        }
+#else
+    tile_portable(kind, w, ldw, x, ldx, kb0, kb1, mb, nb, acc, ldc);
+#endif
+}
+
+/* tile_body with kind, mb and nb as compile-time constants, so the accumulators live in
+   registers */
+#define TILE(K, I, J) static void tile_##K##_##I##_##J(const uint8_t *w, int64_t ldw, \
+    const uint8_t *x, int64_t ldx, int64_t kb0, int64_t kb1, int32_t *acc, int64_t ldc) { \
+    tile_body(K, w, ldw, x, ldx, kb0, kb1, I, J, acc, ldc); }
+#define TILE_ROW(K, I) TILE(K, I, 1) TILE(K, I, 2) TILE(K, I, 3) TILE(K, I, 4)
+#define TILE_KIND(K) TILE_ROW(K, 1) TILE_ROW(K, 2) TILE_ROW(K, 3) TILE_ROW(K, 4) \
+    TILE_ROW(K, 5) TILE_ROW(K, 6) TILE_ROW(K, 7) TILE_ROW(K, 8)
+TILE_KIND(0) TILE_KIND(1)
+typedef void (*tile_fn)(const uint8_t *, int64_t, const uint8_t *, int64_t, int64_t, int64_t,
+                        int32_t *, int64_t);
+#define TILE_FNS(K, I) {tile_##K##_##I##_1, tile_##K##_##I##_2, tile_##K##_##I##_3, \
+    tile_##K##_##I##_4}
+#define TILE_TABLE(K) {TILE_FNS(K, 1), TILE_FNS(K, 2), TILE_FNS(K, 3), TILE_FNS(K, 4), \
+    TILE_FNS(K, 5), TILE_FNS(K, 6), TILE_FNS(K, 7), TILE_FNS(K, 8)}
+static const tile_fn TILES[2][8][4] = {TILE_TABLE(0), TILE_TABLE(1)};
+
+/* Quantize one token x [k] into kp-byte row(s) of q, zero-padded (int8 kind: shifted by 128);
+   rsum gets each row's sum of signed codes (used by the ternary correction). Returns the scale. */
+static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int mode, uint8_t *q,
+                          int32_t *rsum) {
+    const int shift = kind == INT8 ? 128 : 0;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+        float v = fabsf(x[i]);
+        amax = v > amax ? v : amax;
+    }
+    if (mode == 0) {
+        float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < k; i++) {
+            float r = rintf(x[i] / s);
+            int v = r > 127.0f ? 127 : r < -127.0f ? -127 : (int)r;
+            q[i] = (uint8_t)(v + shift);
+            sum += v;
+        }
+        memset(q + k, shift, (size_t)(kp - k));
+        rsum[0] = sum;
+        return s;
+    }
+    /* ternary: hi, lo both s8 with lo in [-128, 127]; int8: hi + 128 and lo in [0, 255], u8 */
+    float t = amax > 0.0f ? amax / 32639.0f : 1.0f;
+    uint8_t *hi = q, *lo = q + kp;
+    int32_t shi = 0, slo = 0;
+    for (int64_t i = 0; i < k; i++) {
+        float r = rintf(x[i] / t);
+        int xi = r > 32639.0f ? 32639 : r < -32639.0f ? -32639 : (int)r;
+        int l = kind == INT8 ? (xi & 255) : ((xi + 128) & 255) - 128;
+        int h = (xi - l) / 256; /* exact: xi - l is a multiple of 256 */
+        hi[i] = (uint8_t)(h + shift);
+        lo[i] = (uint8_t)l;
+        shi += h;
+        slo += l;
+    }
+    memset(hi + k, shift, (size_t)(kp - k));
+    memset(lo + k, 0, (size_t)(kp - k));
+    rsum[0] = shi;
+    rsum[1] = slo;
+    return t;
+}
+
+/* y [M, N] = x [M, K] (row stride ldx) times the weight [N, ...] in kind's layout, scaled per
+   output channel (w_scale), + bias (may be NULL). w_sum: the int8 kind's per-row code sums.
+   Returns 0, or -1 when scratch memory cannot be allocated. */
+int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
+                int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias,
+                int mode, float *y, int threads) {
+    const int64_t kb = (k + 63) / 64, kp = kb * 64, ldw = kind == INT8 ? kp : kb * 16;
+    const int per = mode == 0 ? 1 : 2; /* 8-bit rows per token */
+    const int64_t rows = m * per;
+    uint8_t *q = aligned_alloc(64, (size_t)(rows * kp));
+    int32_t *rsum = malloc(sizeof(int32_t) * (size_t)rows);
+    float *xs = malloc(sizeof(float) * (size_t)m);
+    int failed = !q || !rsum || !xs;
+    if (!failed) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (m >= 16)
+        for (int64_t i = 0; i < m; i++)
+            xs[i] = quantize_row(x + i * ldx, k, kp, kind, mode, q + i * per * kp,
+                                 rsum + i * per);
+
+        const int64_t blocks = (n + NC - 1) / NC;
+#pragma omp parallel num_threads(threads)
+        {
+            int32_t *acc = malloc(sizeof(int32_t) * (size_t)(rows * NC));
+            if (!acc) {
+#pragma omp atomic write
+                failed = 1;
+            } else {
+#pragma omp for schedule(static)
+                for (int64_t nbk = 0; nbk < blocks; nbk++) {
+                    const int64_t n0 = nbk * NC, nc = n - n0 < NC ? n - n0 : NC;
+                    memset(acc, 0, sizeof(int32_t) * (size_t)(rows * NC));
+                    for (int64_t k0 = 0; k0 < kb; k0 += KCB) {
+                        const int64_t k1 = k0 + KCB < kb ? k0 + KCB : kb;
+                        /* few rows: each weight tile is read once and reused from L1 by all
+                           row tiles; many rows: each activation tile stays in L1 instead */
+                        const int64_t outer = rows <= SMALL_ROWS ? nc : rows;
+                        const int64_t inner = rows <= SMALL_ROWS ? rows : nc;
+                        const int64_t so = rows <= SMALL_ROWS ? NB : MB;
+                        const int64_t si = rows <= SMALL_ROWS ? MB : NB;
+                        for (int64_t o = 0; o < outer; o += so)
+                            for (int64_t t = 0; t < inner; t += si) {
+                                const int64_t i0 = rows <= SMALL_ROWS ? t : o;
+                                const int64_t j0 = rows <= SMALL_ROWS ? o : t;
+                                TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1]
+                                     [(nc - j0 < NB ? nc - j0 : NB) - 1](
+                                    w + (n0 + j0) * ldw, ldw, q + i0 * kp, kp, k0, k1,
+                                    acc + i0 * NC + j0, NC);
+                            }
+                    }
+                    for (int64_t i = 0; i < m; i++)
+                        for (int64_t j = 0; j < nc; j++) {
+                            const int32_t *r = acc + i * per * NC + j;
+                            /* undo the offsets: ternary codes are w + 1, int8 activations
+                               (and the high half) are q + 128 */
+                            int64_t v = kind == INT8 ? (int64_t)r[0] - 128 * (int64_t)w_sum[n0 + j]
+                                                     : (int64_t)r[0] - rsum[i * per];
+                            if (per == 2)
+                                v = 256 * v + r[NC] - (kind == INT8 ? 0 : rsum[i * per + 1]);
+                            float o = (float)v * w_scale[n0 + j] * xs[i];
+                            y[i * n + n0 + j] = bias ? o + bias[n0 + j] : o;
+                        }
+                }
+            }
+            free(acc);
+        }
+    }
+    free(q);
+    free(rsum);
+    free(xs);
+    return failed ? -1 : 0;
+}
