@@ -153,19 +153,19 @@ class PackedNative:
     resident) or int8 codes, with per-channel fp32 scales. Same interface as PackedInt8."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, ternary: bool):
-        n, self.k = codes.shape
+        self.n, self.k = codes.shape
         self.lib = native.library()
         if self.lib is None:
             raise RuntimeError(f"the native CPU kernel is unavailable: {native.error()}")
         self.kind = native.TERNARY if ternary else native.INT8
-        self.weight = native.to_blocks(codes) if ternary else native.int8_rows(codes)
+        pack = native.to_blocks if ternary else native.int8_rows
+        self.weight = pack(codes, self.lib.tile_rows)
         self.w_sum = None if ternary else codes.sum(dim=1, dtype=torch.int32)
-        self.scale = scale.float().reshape(-1).expand(n).contiguous()
+        self.scale = scale.float().reshape(-1).expand(self.n).contiguous()
 
     def codes(self) -> torch.Tensor:
-        if self.kind == native.TERNARY:
-            return native.from_blocks(self.weight, self.k)
-        return self.weight[:, :self.k].clone()
+        unpack = native.from_blocks if self.kind == native.TERNARY else native.from_int8_rows
+        return unpack(self.weight, self.n, self.k, self.lib.tile_rows)
 
     def _run(self, x, bias, mode):
         x = x.float()

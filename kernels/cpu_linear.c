@@ -5,12 +5,13 @@
    registers, so a 4096 x 4096 layer streams 4 MiB instead of 16 MiB. Int8 weights run through
    the same tiles without the unpack, with per-token activation scales done in the kernel.
 
-   Ternary weight layout ("K-blocked"): row n holds KB = ceil(K / 64) blocks of 16 bytes; bits
+   Ternary weight layout ("K-blocked"): a row is KB = ceil(K / 64) blocks of 16 bytes; bits
    2s..2s+1 of byte j in block b hold the code c = w + 1 (in 0..2) of input k = 64 b + 16 s + j.
    One broadcast, one shift per 128-bit lane and one mask turn a block into 64 codes in the
-   order of 64 consecutive activations. Int8 weight layout: the codes, rows padded to KB * 64.
-   Padding is arbitrary: the activations are zero-padded (int8: their shifted codes are 128, and
-   the correction below counts the padded weights, which the packer sets to 0).
+   order of 64 consecutive activations. Int8 weight layout: blocks of 64 codes. Rows are stored
+   in tiles of NB (see WADDR), N padded to a multiple of NB. K padding is zero weights (the
+   shifted int8 activations of padding are 128, so its weights must be 0; ternary ones are
+   arbitrary since its activations are 0).
 
    Arithmetic, exact in integers: activations are quantized per token to int8 q.
    ternary: u8 codes c = w + 1 times s8 q (VNNI dpbusd, or AVX2 maddubs, which cannot saturate
@@ -48,7 +49,22 @@
 #define NC 32
 #endif
 #ifndef KCB
-#define KCB 128
+#define KCB 128 /* many rows: partial sums are reduced once per chunk */
+#endif
+#ifndef KCB_FEW
+#define KCB_FEW 32 /* few rows: a chunk of a weight tile and of the rows fit in L1 together */
+#endif
+#if NC % NB
+#error "NC must be a multiple of NB"
+#endif
+#ifndef PF_DIST
+#define PF_DIST 8 /* chunks ahead */
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1 /* to L2: L1 holds the chunks being multiplied */
+#endif
+#ifndef PREFETCH
+#define PREFETCH 1
 #endif
 #ifndef SMALL_ROWS
 #define SMALL_ROWS 48 /* up to this many 8-bit activation rows, loop over weight tiles outside */
@@ -58,38 +74,48 @@
 enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
 
 int tdsl_isa(void) { return TDSL_ISA; }
+int tdsl_tile_rows(void) { return NB; } /* the weight layout's rows per tile */
 
-static inline __attribute__((always_inline)) void tile_portable(const int kind, const uint8_t *w, int64_t ldw, const uint8_t *x,
-                          int64_t ldx, int64_t kb0, int64_t kb1, int mb, int nb, int32_t *acc,
-                          int64_t ldc) {
+/* Weight tiles: NB rows interleaved block by block, so a tile is one contiguous stream (the
+   hardware prefetcher follows it across pages). Row j's block b of a tile starting at w: */
+#define WADDR(j, b) (w + ((b) * NB + (j)) * (kind == INT8 ? 64 : 16))
+
+static inline __attribute__((always_inline)) void tile_portable(
+    const int kind, const uint8_t *w, const uint8_t *x, int64_t ldx, int64_t kb0, int64_t kb1,
+    int mb, int nb, int32_t *acc, int64_t ldc) {
     for (int i = 0; i < mb; i++)
         for (int j = 0; j < nb; j++) {
             int32_t s = 0;
             for (int64_t k = kb0 * 64; k < kb1 * 64; k++)
-                s += kind == INT8 ? x[i * ldx + k] * (int8_t)w[j * ldw + k]
-                                  : ((w[j * ldw + (k >> 6) * 16 + (k & 15)] >> (2 * ((k >> 4) & 3))) & 3) *
+                s += kind == INT8 ? x[i * ldx + k] * (int8_t)WADDR(j, k >> 6)[k & 63]
+                                  : ((WADDR(j, k >> 6)[k & 15] >> (2 * ((k >> 4) & 3))) & 3) *
                                         (int8_t)x[i * ldx + k];
             acc[i * ldc + j] += s;
         }
 }
 
 /* acc[i * ldc + j] += sum over blocks kb0..kb1 of x row i . weight row j, for a mb x nb tile.
-   x holds s8 activations (ternary) or u8 shifted ones (int8). */
+   x holds s8 activations (ternary) or u8 shifted ones (int8). With AVX-512 and va != NULL the
+   sums stay vectors of 16 partial sums, va[(i * NB + j) * 16 ...], carried from K chunk to K
+   chunk and reduced once at the end (see flush): a reduction per chunk would cost more. */
 static inline __attribute__((always_inline)) void tile_body(
-    const int kind, const uint8_t *w, int64_t ldw, const uint8_t *x, int64_t ldx, int64_t kb0,
-    int64_t kb1, const int mb, const int nb, int32_t *acc, int64_t ldc) {
+    const int kind, const uint8_t *w, const uint8_t *x, int64_t ldx, int64_t kb0,
+    int64_t kb1, const int mb, const int nb, int32_t *acc, int64_t ldc, const uint8_t *pf,
+    int32_t *va) {
 #if TDSL_ISA == 2
     /* Named accumulators, not an array: GCC 12 shuffles and spills an array of __m512i. With mb
        and nb constant, the conditions fold away. */
     const __m512i shift = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
     const __m512i three = _mm512_set1_epi8(3);
-#define ROW_VARS(i) __m512i a##i##0 = _mm512_setzero_si512(), a##i##1 = a##i##0, \
-    a##i##2 = a##i##0, a##i##3 = a##i##0;
+#define VA(i, j) ((void *)(va + ((i) * NB + (j)) * 16))
+#define START(i, j) (va && mb > i && nb > j ? _mm512_load_si512(VA(i, j)) : _mm512_setzero_si512())
+#define ROW_VARS(i) __m512i a##i##0 = START(i, 0), a##i##1 = START(i, 1), \
+    a##i##2 = START(i, 2), a##i##3 = START(i, 3);
     ROW_VARS(0) ROW_VARS(1) ROW_VARS(2) ROW_VARS(3) ROW_VARS(4) ROW_VARS(5) ROW_VARS(6) ROW_VARS(7)
 #define CODES(j) (nb <= j ? three : kind == INT8 ? \
-    _mm512_loadu_si512((const void *)(w + j * ldw + b * 64)) : \
+    _mm512_loadu_si512((const void *)WADDR(j, b)) : \
     _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4( \
-        _mm_loadu_si128((const __m128i *)(w + j * ldw + b * 16))), shift), three))
+        _mm_loadu_si128((const __m128i *)WADDR(j, b))), shift), three))
 #define DOT(a, c, xv) (kind == INT8 ? _mm512_dpbusd_epi32(a, xv, c) : _mm512_dpbusd_epi32(a, c, xv))
 #define ROW_STEP(i) if (mb > i) { \
         __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + b * 64)); \
@@ -99,19 +125,24 @@ static inline __attribute__((always_inline)) void tile_body(
         if (nb > 2) a##i##2 = DOT(a##i##2, c2, xv); \
         if (nb > 3) a##i##3 = DOT(a##i##3, c3, xv); }
     for (int64_t b = kb0; b < kb1; b++) {
+        if (pf) /* the weight stream ahead (see tdsl_linear) */
+            for (int l = 0; l < (kind == INT8 ? NB : (NB + 3) / 4); l++) /* 64-byte lines */
+                _mm_prefetch((const char *)(pf + b * NB * (kind == INT8 ? 64 : 16) + l * 64),
+                             PF_HINT);
         const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
         ROW_STEP(0) ROW_STEP(1) ROW_STEP(2) ROW_STEP(3)
         ROW_STEP(4) ROW_STEP(5) ROW_STEP(6) ROW_STEP(7)
     }
-#define ROW_OUT(i) if (mb > i) { \
-        acc[i * ldc] += _mm512_reduce_add_epi32(a##i##0); \
-        if (nb > 1) acc[i * ldc + 1] += _mm512_reduce_add_epi32(a##i##1); \
-        if (nb > 2) acc[i * ldc + 2] += _mm512_reduce_add_epi32(a##i##2); \
-        if (nb > 3) acc[i * ldc + 3] += _mm512_reduce_add_epi32(a##i##3); }
+#define OUT(i, j, a) if (mb > i && nb > j) { \
+        if (va) _mm512_store_si512(VA(i, j), a); \
+        else acc[i * ldc + j] += _mm512_reduce_add_epi32(a); }
+#define ROW_OUT(i) OUT(i, 0, a##i##0) OUT(i, 1, a##i##1) OUT(i, 2, a##i##2) OUT(i, 3, a##i##3)
     ROW_OUT(0) ROW_OUT(1) ROW_OUT(2) ROW_OUT(3) ROW_OUT(4) ROW_OUT(5) ROW_OUT(6) ROW_OUT(7)
 #elif TDSL_ISA == 1
+    (void)pf;
+    (void)va;
     if (kind == INT8) { /* maddubs would saturate u8 x s8 pairs; the portable loop is exact */
-        tile_portable(kind, w, ldw, x, ldx, kb0, kb1, mb, nb, acc, ldc);
+        tile_portable(kind, w, x, ldx, kb0, kb1, mb, nb, acc, ldc);
         return;
     }
     const __m256i shift_lo = _mm256_set_epi64x(2, 2, 0, 0), shift_hi = _mm256_set_epi64x(6, 6, 4, 4);
@@ -123,7 +154,7 @@ static inline __attribute__((always_inline)) void tile_body(
         __m256i c0[4], c1[4];
         for (int j = 0; j < nb; j++) {
             __m256i v = _mm256_broadcastsi128_si256(
-                _mm_loadu_si128((const __m128i *)(w + j * ldw + b * 16)));
+                _mm_loadu_si128((const __m128i *)WADDR(j, b)));
             c0[j] = _mm256_and_si256(_mm256_srlv_epi64(v, shift_lo), three);
             c1[j] = _mm256_and_si256(_mm256_srlv_epi64(v, shift_hi), three);
         }
@@ -146,21 +177,34 @@ static inline __attribute__((always_inline)) void tile_body(
             acc[i * ldc + j] += _mm_cvtsi128_si32(s);
         }
 #else
-    tile_portable(kind, w, ldw, x, ldx, kb0, kb1, mb, nb, acc, ldc);
+    (void)pf;
+    (void)va;
+    tile_portable(kind, w, x, ldx, kb0, kb1, mb, nb, acc, ldc);
 #endif
+}
+
+/* acc[i * ldc + j] += the sum of va's 16 partial sums, for rows i < mb and columns j < nb */
+static void flush(const int32_t *va, int64_t mb, int nb, int32_t *acc, int64_t ldc) {
+    for (int64_t i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) {
+            int32_t s = 0;
+            for (int l = 0; l < 16; l++) s += va[(i * NB + j) * 16 + l];
+            acc[i * ldc + j] += s;
+        }
 }
 
 /* tile_body with kind, mb and nb as compile-time constants, so the accumulators live in
    registers */
-#define TILE(K, I, J) static void tile_##K##_##I##_##J(const uint8_t *w, int64_t ldw, \
-    const uint8_t *x, int64_t ldx, int64_t kb0, int64_t kb1, int32_t *acc, int64_t ldc) { \
-    tile_body(K, w, ldw, x, ldx, kb0, kb1, I, J, acc, ldc); }
+#define TILE(K, I, J) static void tile_##K##_##I##_##J(const uint8_t *w, \
+    const uint8_t *x, int64_t ldx, int64_t kb0, int64_t kb1, int32_t *acc, int64_t ldc, \
+    const uint8_t *pf, int32_t *va) { \
+    tile_body(K, w, x, ldx, kb0, kb1, I, J, acc, ldc, pf, va); }
 #define TILE_ROW(K, I) TILE(K, I, 1) TILE(K, I, 2) TILE(K, I, 3) TILE(K, I, 4)
 #define TILE_KIND(K) TILE_ROW(K, 1) TILE_ROW(K, 2) TILE_ROW(K, 3) TILE_ROW(K, 4) \
     TILE_ROW(K, 5) TILE_ROW(K, 6) TILE_ROW(K, 7) TILE_ROW(K, 8)
 TILE_KIND(0) TILE_KIND(1)
-typedef void (*tile_fn)(const uint8_t *, int64_t, const uint8_t *, int64_t, int64_t, int64_t,
-                        int32_t *, int64_t);
+typedef void (*tile_fn)(const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, int32_t *,
+                        int64_t, const uint8_t *, int32_t *);
 #define TILE_FNS(K, I) {tile_##K##_##I##_1, tile_##K##_##I##_2, tile_##K##_##I##_3, \
     tile_##K##_##I##_4}
 #define TILE_TABLE(K) {TILE_FNS(K, 1), TILE_FNS(K, 2), TILE_FNS(K, 3), TILE_FNS(K, 4), \
@@ -217,7 +261,8 @@ static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int m
 int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
                 int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias,
                 int mode, float *y, int threads) {
-    const int64_t kb = (k + 63) / 64, kp = kb * 64, ldw = kind == INT8 ? kp : kb * 16;
+    const int64_t kb = (k + 63) / 64, kp = kb * 64;
+    const int64_t tile_bytes = kb * NB * (kind == INT8 ? 64 : 16);
     const int per = mode == 0 ? 1 : 2; /* 8-bit rows per token */
     const int64_t rows = m * per;
     uint8_t *q = aligned_alloc(64, (size_t)(rows * kp));
@@ -234,7 +279,10 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
 #pragma omp parallel num_threads(threads)
         {
             int32_t *acc = malloc(sizeof(int32_t) * (size_t)(rows * NC));
-            if (!acc) {
+            /* vector partial sums for one weight tile (few rows, AVX-512) */
+            const int vector = TDSL_ISA == 2 && rows <= SMALL_ROWS;
+            int32_t *va = vector ? aligned_alloc(64, (size_t)(rows * NB * 64)) : NULL;
+            if (!acc || (vector && !va)) {
 #pragma omp atomic write
                 failed = 1;
             } else {
@@ -242,23 +290,42 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
                 for (int64_t nbk = 0; nbk < blocks; nbk++) {
                     const int64_t n0 = nbk * NC, nc = n - n0 < NC ? n - n0 : NC;
                     memset(acc, 0, sizeof(int32_t) * (size_t)(rows * NC));
-                    for (int64_t k0 = 0; k0 < kb; k0 += KCB) {
-                        const int64_t k1 = k0 + KCB < kb ? k0 + KCB : kb;
-                        /* few rows: each weight tile is read once and reused from L1 by all
-                           row tiles; many rows: each activation tile stays in L1 instead */
-                        const int64_t outer = rows <= SMALL_ROWS ? nc : rows;
-                        const int64_t inner = rows <= SMALL_ROWS ? rows : nc;
-                        const int64_t so = rows <= SMALL_ROWS ? NB : MB;
-                        const int64_t si = rows <= SMALL_ROWS ? MB : NB;
-                        for (int64_t o = 0; o < outer; o += so)
-                            for (int64_t t = 0; t < inner; t += si) {
-                                const int64_t i0 = rows <= SMALL_ROWS ? t : o;
-                                const int64_t j0 = rows <= SMALL_ROWS ? o : t;
-                                TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1]
-                                     [(nc - j0 < NB ? nc - j0 : NB) - 1](
-                                    w + (n0 + j0) * ldw, ldw, q + i0 * kp, kp, k0, k1,
-                                    acc + i0 * NC + j0, NC);
+                    if (rows <= SMALL_ROWS) {
+                        /* few rows: a K chunk of a weight tile is read from memory once and
+                           reused from L1 by every row tile; meanwhile the next chunk (the
+                           weight is one contiguous stream) is prefetched */
+                        for (int64_t j0 = 0; j0 < nc; j0 += NB) {
+                            const uint8_t *wt = w + (n0 + j0) / NB * tile_bytes;
+                            const int cols = nc - j0 < NB ? (int)(nc - j0) : NB;
+                            if (va) memset(va, 0, (size_t)(rows * NB * 64));
+                            for (int64_t k0 = 0; k0 < kb; k0 += KCB_FEW) {
+                                const int64_t k1 = k0 + KCB_FEW < kb ? k0 + KCB_FEW : kb;
+                                const int more = k1 + PF_DIST * KCB_FEW <= kb || n0 + j0 + NB < n;
+                                const uint8_t *pf = PREFETCH && more ?
+                                    wt + PF_DIST * KCB_FEW * (tile_bytes / kb) : NULL;
+                                for (int64_t i0 = 0; i0 < rows; i0 += MB)
+                                    TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1][cols - 1](
+                                        wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC, pf,
+                                        va ? va + i0 * NB * 16 : NULL);
                             }
+                            if (va) flush(va, rows, cols, acc + j0, NC);
+                        }
+                    } else {
+                        /* many rows: an activation tile stays in L1 across the column tiles,
+                           the column block's weights in L2 across the row tiles; the second
+                           row tile prefetches the next column block */
+                        for (int64_t k0 = 0; k0 < kb; k0 += KCB) {
+                            const int64_t k1 = k0 + KCB < kb ? k0 + KCB : kb;
+                            for (int64_t i0 = 0; i0 < rows; i0 += MB)
+                                for (int64_t j0 = 0; j0 < nc; j0 += NB) {
+                                    const uint8_t *wt = w + (n0 + j0) / NB * tile_bytes;
+                                    const int fetch = PREFETCH && i0 == MB && n0 + NC + j0 < n;
+                                    TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1]
+                                         [(nc - j0 < NB ? nc - j0 : NB) - 1](
+                                        wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC,
+                                        fetch ? wt + NC / NB * tile_bytes : NULL, NULL);
+                                }
+                        }
                     }
                     for (int64_t i = 0; i < m; i++)
                         for (int64_t j = 0; j < nc; j++) {
@@ -275,6 +342,7 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
                 }
             }
             free(acc);
+            free(va);
         }
     }
     free(q);

@@ -80,14 +80,15 @@ class Library:
         self.dll.tdsl_linear.argtypes = [i32, p, i64, i64, i64, p, i64, p, p, p, i32, p, i32]
         self.dll.tdsl_linear.restype = i32
         self.isa = ISAS[self.dll.tdsl_isa()]
+        self.tile_rows = self.dll.tdsl_tile_rows()
 
     def linear(self, kind: int, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                w_sum: torch.Tensor | None, bias: torch.Tensor | None, mode: int) -> torch.Tensor:
-        """x fp32 [M, K] (unit stride along K); w [N, ...] in kind's layout (ternary_blocks or
-        int8_rows); scale fp32 [N]; w_sum int32 [N] (int8 only); bias fp32 [N] or None;
+        """x fp32 [M, K] (unit stride along K); w in kind's layout (to_blocks or int8_rows, tiled
+        for this library); scale fp32 [N]; w_sum int32 [N] (int8 only); bias fp32 [N] or None;
         mode 0 = per-token int8 activations, 1 = float activations."""
         m, k = x.shape
-        n = w.shape[0]
+        n = scale.shape[0]
         y = torch.empty(m, n)
         if m and n:
             rc = self.dll.tdsl_linear(
@@ -125,28 +126,48 @@ def describe() -> str:
     return f"native ({lib.isa})" if lib else f"unavailable: {error()}"
 
 
-def to_blocks(codes: torch.Tensor) -> torch.Tensor:
-    """int8 ternary weights [N, K] in {-1, 0, 1} -> the K-blocked 2-bit layout, uint8
-    [N, ceil(K / 64) * 16] (see cpu_linear.c)."""
+def _tile(rows: torch.Tensor, nb: int) -> torch.Tensor:
+    """[N, KB, W] -> tiles of nb rows interleaved block by block, [ceil(N / nb), KB * nb * W]
+    (see WADDR in cpu_linear.c); padding rows are zero."""
+    n, kb, width = rows.shape
+    np_ = -(-n // nb) * nb
+    padded = torch.zeros(np_, kb, width, dtype=rows.dtype)
+    padded[:n] = rows
+    return padded.view(np_ // nb, nb, kb, width).transpose(1, 2).reshape(np_ // nb, -1)
+
+
+def _untile(tiles: torch.Tensor, n: int, nb: int, width: int) -> torch.Tensor:
+    t = tiles.view(tiles.shape[0], -1, nb, width).transpose(1, 2)  # [tiles, nb, KB, W]
+    return t.reshape(-1, t.shape[2], width)[:n]
+
+
+def to_blocks(codes: torch.Tensor, nb: int) -> torch.Tensor:
+    """int8 ternary weights [N, K] in {-1, 0, 1} -> the K-blocked 2-bit layout in tiles of nb
+    rows, uint8 (N * K / 4 bytes, N and K padded; see cpu_linear.c)."""
     n, k = codes.shape
     kb = -(-k // 64)
     c = torch.ones(n, kb * 64, dtype=torch.uint8)  # code 1 = weight 0 pads K
     c[:, :k] = (codes.to(torch.int16) + 1).to(torch.uint8)
     s = c.view(n, kb, 4, 16)
-    return (s[:, :, 0] | s[:, :, 1] << 2 | s[:, :, 2] << 4 | s[:, :, 3] << 6).reshape(n, -1)
+    return _tile(s[:, :, 0] | s[:, :, 1] << 2 | s[:, :, 2] << 4 | s[:, :, 3] << 6, nb)
 
 
-def from_blocks(blocks: torch.Tensor, k: int) -> torch.Tensor:
+def from_blocks(blocks: torch.Tensor, n: int, k: int, nb: int) -> torch.Tensor:
     """The inverse of to_blocks: int8 [N, K]."""
-    n = blocks.shape[0]
-    b = blocks.view(n, -1, 1, 16)
+    b = _untile(blocks, n, nb, 16).unsqueeze(2)  # [N, KB, 1, 16]
     planes = torch.cat([(b >> (2 * s)) & 3 for s in range(4)], dim=2)  # [N, KB, 4, 16]
     return planes.reshape(n, -1)[:, :k].to(torch.int8) - 1
 
 
-def int8_rows(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [N, K] -> rows zero-padded to a multiple of 64, int8 [N, ceil(K / 64) * 64]."""
+def int8_rows(codes: torch.Tensor, nb: int) -> torch.Tensor:
+    """int8 codes [N, K] -> blocks of 64 codes (K zero-padded) in tiles of nb rows."""
     n, k = codes.shape
-    out = torch.zeros(n, -(-k // 64) * 64, dtype=torch.int8)
+    kb = -(-k // 64)
+    out = torch.zeros(n, kb * 64, dtype=torch.int8)
     out[:, :k] = codes
-    return out
+    return _tile(out.view(n, kb, 64), nb)
+
+
+def from_int8_rows(tiles: torch.Tensor, n: int, k: int, nb: int) -> torch.Tensor:
+    """The inverse of int8_rows."""
+    return _untile(tiles, n, nb, 64).reshape(n, -1)[:, :k].contiguous()

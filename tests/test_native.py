@@ -46,11 +46,11 @@ def _case(m, n, k, seed=0):
             torch.randn(m, k, generator=g))
 
 
-def _weights(w, scale):
-    """(ternary or int8) -> (kind, native layout, w_sum, the twins' weight)"""
-    yield native.TERNARY, native.to_blocks(w), None, pack_ternary(w), scale
+def _weights(w, scale, nb):
+    """(ternary or int8) -> (kind, native layout, w_sum, the twins' weight, scale)"""
+    yield native.TERNARY, native.to_blocks(w, nb), None, pack_ternary(w), scale
     q, s = quantize_int8(torch.randn(w.shape, generator=torch.Generator().manual_seed(2)) * 3)
-    yield native.INT8, native.int8_rows(q), q.sum(dim=1, dtype=torch.int32), q, s
+    yield native.INT8, native.int8_rows(q, nb), q.sum(dim=1, dtype=torch.int32), q, s
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES)
@@ -58,7 +58,7 @@ def test_int8_activations_bit_exact(lib, m, n, k):
     w, scale, bias, x = _case(m, n, k)
     x[0, :] = 0  # an all-zero token
     codes, xs = quantize_per_token(x)
-    for kind, layout, w_sum, twin_w, s in _weights(w, scale):
+    for kind, layout, w_sum, twin_w, s in _weights(w, scale, lib.tile_rows):
         ref = ternary_a8_matmul_ref if kind == native.TERNARY else int8_w8a8_matmul_ref
         for b in (bias, None):
             got = lib.linear(kind, x, layout, s, w_sum, b, 0)
@@ -69,7 +69,7 @@ def test_int8_activations_bit_exact(lib, m, n, k):
 def test_float_activations_within_16bit_tolerance(lib, m, n, k):
     w, scale, bias, x = _case(m, n, k, seed=1)
     x[-1] *= 1e4  # rows of very different magnitude are scaled separately
-    for kind, layout, w_sum, twin_w, s in _weights(w, scale):
+    for kind, layout, w_sum, twin_w, s in _weights(w, scale, lib.tile_rows):
         got = lib.linear(kind, x, layout, s, w_sum, bias, 1)
         if kind == native.TERNARY:
             want, wmax = ternary_matmul_ref(x, twin_w, s, bias), s.max()
@@ -79,12 +79,14 @@ def test_float_activations_within_16bit_tolerance(lib, m, n, k):
         assert ((got - want).abs() <= bound * 1.001 + 1e-5).all(), kind
 
 
-@pytest.mark.parametrize("n,k", [(1, 1), (3, 63), (5, 64), (2, 65), (4, 300)])
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 63), (5, 64), (2, 65), (9, 300)])
 def test_layouts_round_trip(n, k):
     w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
-    blocks = native.to_blocks(w)
-    assert blocks.shape == (n, -(-k // 64) * 16) and blocks.dtype == torch.uint8
-    assert torch.equal(native.from_blocks(blocks, k), w)
+    for nb in (1, 4):
+        blocks = native.to_blocks(w, nb)
+        assert blocks.shape == (-(-n // nb), -(-k // 64) * 16 * nb)
+        assert blocks.dtype == torch.uint8
+        assert torch.equal(native.from_blocks(blocks, n, k, nb), w)
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
     for ternary, codes in ((True, w), (False, q)):
         form = cpu.PackedNative(codes, torch.rand(n), ternary)

@@ -194,7 +194,8 @@ def environment(device):
         env["gpu"] = torch.cuda.get_device_name()
     else:
         from .kernels import cpu, native
-        env["cpu_kernels"] = f"ternary: {native.describe()}; int8: {cpu.engine()}"
+        env["cpu_kernels"] = (f"ternary: {native.describe()}; int8: "
+                              f"{native.describe() if cpu.native_int8() else cpu.engine()}")
         try:
             with open("/proc/cpuinfo") as f:
                 env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)
