@@ -46,7 +46,8 @@ def path(request, monkeypatch):
             pytest.skip("no GPU, and this process did not start with TRITON_INTERPRET=1")
         return "cpu"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(frozen, "DENSE_BELOW", 1 << 30 if request.param == "cpu-dense" else 0)
+    size = 1 << 30 if request.param == "cpu-dense" else 0
+    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: size)
     if request.param == "cpu-native" and native.library() is None:
         pytest.skip(f"the native CPU kernel is unavailable: {native.error()}")
     if request.param == "cpu-int8-gemm":
@@ -74,11 +75,11 @@ def test_frozen_linear_matches_fake_quant(prec, path):
 
 @pytest.mark.parametrize("example", [os.path.join(EXAMPLES, f) for f in (
     "mnist_ternary.tdsl", "small_cnn.tdsl", "resnet_ternary.tdsl")], ids=os.path.basename)
-@pytest.mark.parametrize("dense", [False, True], ids=["int8-gemm", "dense"])
+@pytest.mark.parametrize("dense", [False, True], ids=["prepacked", "dense"])
 def test_frozen_examples_match(example, dense, monkeypatch):
     from triton_dsl.runtime import frozen
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # whole networks: the CPU paths
-    monkeypatch.setattr(frozen, "DENSE_BELOW", 1 << 30 if dense else 0)
+    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 1 << 30 if dense else 0)
     torch.manual_seed(0)
     net = triton_dsl.load(example)()
     x = torch.randn(2, *net.input_shape)
@@ -105,7 +106,7 @@ def test_cpu_form_keeps_one_copy_and_round_trips(tmp_path, monkeypatch):
     """After a CPU call the stored buffer is released (the CPU form holds the codes);
     state_dict, save/load, deepcopy and .to() all see the original packed weight."""
     from triton_dsl.runtime import frozen
-    monkeypatch.setattr(frozen, "DENSE_BELOW", 0)  # the prepacked form, which releases
+    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 0)  # the prepacked form
     torch.manual_seed(0)
     for prec in (rt.Ternary(), rt.Int()):
         layer = rt.Linear(96, 40, precision=prec).eval()
