@@ -1,6 +1,7 @@
 """Fast CPU paths. Weights run the native kernel (PackedNative: cpu_linear.c via native.py) when
 it builds: ternary at 2 bits, int8 where the CPU has VNNI. Otherwise they run the int8 GEMMs
-torch ships: oneDNN's (x86) or fbgemm's (PackedInt8).
+torch ships, oneDNN's (x86) or fbgemm's (PackedInt8), as described below; the native kernel
+follows the same arithmetic (see cpu_linear.c).
 
 The weight is prepacked once per tensor version and cached, never unpacked per call.
 
@@ -14,9 +15,9 @@ The weight is prepacked once per tensor version and cached, never unpacked per c
 
 Engines: "fbgemm" (the static-input quantized linear; within ~10% of torch's dynamic int8 linear
 at M = 1..256 here) by default, or "onednn" (torch.ops.onednn.qlinear_pointwise: faster at
-M=256, up to 1.5x slower at M=1), picked with the environment variable TRITON_DSL_CPU_ENGINE. Both multiply uint8 by int8 with VNNI; CPUs without it
-can saturate int16 pair sums, so there the float paths use an fp32 matmul on a cached
-dequantized weight instead (see fbgemm_exact).
+M=256, up to 1.5x slower at M=1), picked with the environment variable TRITON_DSL_CPU_ENGINE.
+Both multiply uint8 by int8 with VNNI; CPUs without it can saturate int16 pair sums, so there
+the float paths use an fp32 matmul on a cached dequantized weight instead (see fbgemm_exact).
 """
 from __future__ import annotations
 
