@@ -136,10 +136,9 @@ def _add(y, bias):
     return y if bias is None else y.add_(bias)
 
 
-def native_kind(k: int, activations: str) -> bool:
-    """Whether a weight with K inputs runs the native kernel on this machine (else PackedInt8)."""
-    return native.library() is not None and (activations == "dynamic" or
-                                            k <= native.MAX_K_FLOAT)
+def native_fits(k: int) -> bool:
+    """Whether a weight with K inputs can run the native kernel on this machine."""
+    return native.library() is not None and k <= native.MAX_K
 
 
 def native_int8() -> bool:

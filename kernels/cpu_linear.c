@@ -13,7 +13,8 @@
    shifted int8 activations of padding are 128, so its weights must be 0; ternary ones are
    arbitrary since its activations are 0).
 
-   Arithmetic, exact in integers: activations are quantized per token to int8 q.
+   Arithmetic, exact in integers (int32 sums: K <= 65536, checked by the caller): activations
+   are quantized per token to int8 q.
    ternary: u8 codes c = w + 1 times s8 q (VNNI dpbusd, or AVX2 maddubs, which cannot saturate
             because c <= 2): sum q w = sum q c - sum q.
    int8:    u8 q + 128 times s8 w (dpbusd): sum q w = sum (q + 128) w - 128 sum w.
@@ -262,7 +263,8 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
                 int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias,
                 int mode, float *y, int threads) {
     const int64_t kb = (k + 63) / 64, kp = kb * 64;
-    const int64_t tile_bytes = kb * NB * (kind == INT8 ? 64 : 16);
+    const int64_t stride = NB * (kind == INT8 ? 64 : 16); /* bytes per block of a tile */
+    const int64_t tile_bytes = kb * stride, w_bytes = (n + NB - 1) / NB * tile_bytes;
     const int per = mode == 0 ? 1 : 2; /* 8-bit rows per token */
     const int64_t rows = m * per;
     uint8_t *q = aligned_alloc(64, (size_t)(rows * kp));
@@ -300,9 +302,12 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
                             if (va) memset(va, 0, (size_t)(rows * NB * 64));
                             for (int64_t k0 = 0; k0 < kb; k0 += KCB_FEW) {
                                 const int64_t k1 = k0 + KCB_FEW < kb ? k0 + KCB_FEW : kb;
-                                const int more = k1 + PF_DIST * KCB_FEW <= kb || n0 + j0 + NB < n;
+                                /* block b of the chunk prefetches pf + b * stride, which must
+                                   stay inside the weight */
+                                const int more = (wt - w) + (PF_DIST * KCB_FEW + k1) * stride <=
+                                                 w_bytes;
                                 const uint8_t *pf = PREFETCH && more ?
-                                    wt + PF_DIST * KCB_FEW * (tile_bytes / kb) : NULL;
+                                    wt + PF_DIST * KCB_FEW * stride : NULL;
                                 for (int64_t i0 = 0; i0 < rows; i0 += MB)
                                     TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1][cols - 1](
                                         wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC, pf,

@@ -23,7 +23,7 @@ import torch
 SOURCE = Path(__file__).with_name("cpu_linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
-MAX_K_FLOAT = 65536  # the float path's int32 half-sums hold 255 * 127 * K
+MAX_K = 65536  # the kernel's int32 sums hold 255 * 127 * K
 TERNARY, INT8 = 0, 1
 
 

@@ -62,7 +62,7 @@ def cpu_matmul(prepacked, x, bias, activations):
 
 def cpu_kind(k: int, activations: str, ternary: bool) -> str | None:
     """The fast CPU form for a weight with K inputs: "native", "fbgemm" or None (fallback)."""
-    if cpu.native_kind(k, activations) and (ternary or cpu.native_int8()):
+    if cpu.native_fits(k) and (ternary or cpu.native_int8()):
         return "native"
     return "fbgemm" if activations == "dynamic" or cpu.fbgemm_exact() else None
 

@@ -51,7 +51,7 @@ def path(request, monkeypatch):
     if request.param == "cpu-native" and native.library() is None:
         pytest.skip(f"the native CPU kernel is unavailable: {native.error()}")
     if request.param == "cpu-int8-gemm":
-        monkeypatch.setattr(cpu, "native_kind", lambda k, activations: False)
+        monkeypatch.setattr(cpu, "native_fits", lambda k: False)
     return "cpu"
 
 

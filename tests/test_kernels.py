@@ -157,7 +157,7 @@ def test_cpu_fallback_without_vnni(monkeypatch):
     """Where fbgemm could saturate (and the native kernel is off), float paths use a cached
     dequantized weight: exact to fp32."""
     monkeypatch.setattr(cpu, "fbgemm_exact", lambda: False)
-    monkeypatch.setattr(cpu, "native_kind", lambda k, activations: False)
+    monkeypatch.setattr(cpu, "native_fits", lambda k: False)
     packed, scale = (t.cpu() for t in _ternary(24, 70))
     q, s = quantize_int8(torch.randn(24, 70))
     x, bias = torch.randn(3, 70), torch.randn(24)

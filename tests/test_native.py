@@ -151,3 +151,13 @@ def test_falls_back_when_disabled_or_uncompilable(tmp_path):
     # no compiler on PATH and an empty cache: the build fails, the op still works
     out = _run({"PATH": str(tmp_path), "CC": "", "TRITON_DSL_CACHE": str(tmp_path / "cache")})
     assert out.startswith("unavailable: no C compiler found") and out.endswith("True")
+
+
+def test_wide_layers_fall_back_to_fbgemm():
+    """Past MAX_K inputs the kernel's int32 sums could overflow: those layers take fbgemm."""
+    k = native.MAX_K + 64
+    assert cpu.native_fits(native.MAX_K) and not cpu.native_fits(k)
+    w, scale, _, x = _case(1, 3, k)
+    got = ternary_matmul(x, pack_ternary(w), scale, activations="dynamic", backend="cpu")
+    want = ternary_matmul(x, pack_ternary(w), scale, activations="dynamic", backend="ref")
+    assert torch.equal(got, want)
