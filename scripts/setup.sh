@@ -17,3 +17,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q -e ".[dev]"
   touch "$stamp"
 fi
+# Build the native CPU kernel now rather than on the first forward pass (cached in
+# ~/.cache/triton-dsl; without a C compiler the CPU paths fall back to torch's int8 GEMMs).
+python -c "from triton_dsl.kernels import native; print('CPU kernel:', native.describe())"
