@@ -55,6 +55,9 @@ def _float_x(x):
 def cpu_matmul(prepacked, x, bias, activations):
     """The CPU path on a cached cpu.PackedInt8 or cpu.PackedNative; dtype restored here."""
     k = x.shape[-1]
+    if k != prepacked.k:  # the native kernel would read past the row otherwise
+        raise ValueError(f"x must have {prepacked.k} features in its last dimension, got shape "
+                         f"{tuple(x.shape)}")
     x2 = x.reshape(-1, k)
     run = prepacked.dynamic_matmul if activations == "dynamic" else prepacked.float_matmul
     return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], -1)

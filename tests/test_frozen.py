@@ -127,3 +127,15 @@ def test_cpu_form_keeps_one_copy_and_round_trips(tmp_path, monkeypatch):
         frozen(x)
         frozen.to(torch.float32)
         assert torch.equal(getattr(frozen, name), before)
+
+
+def test_frozen_layers_reject_wrong_width():
+    """2-bit packing pads K, so a kernel cannot tell 599 inputs from 600: the layer checks."""
+    layer = rt.FrozenLinear(rt.Linear(600, 70, precision=rt.Ternary()))
+    layer(torch.randn(2, 600))
+    with pytest.raises(ValueError, match=r"600 features .* shape \(2, 599\)"):
+        layer(torch.randn(2, 599))
+    conv = rt.FrozenConv2d(rt.Conv2d(3, 8, 3, precision=rt.Ternary()))
+    conv(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"3 channels, got shape \(1, 2, 8, 8\)"):
+        conv(torch.randn(1, 2, 8, 8))

@@ -161,3 +161,4 @@ def test_wide_layers_fall_back_to_fbgemm():
     got = ternary_matmul(x, pack_ternary(w), scale, activations="dynamic", backend="cpu")
     want = ternary_matmul(x, pack_ternary(w), scale, activations="dynamic", backend="ref")
     assert torch.equal(got, want)
+

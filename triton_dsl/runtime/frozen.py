@@ -106,6 +106,9 @@ class FrozenLinear(nn.Module):
         self.mode = "ternary"
 
     def matmul(self, x):
+        if x.shape[-1] != self.in_features:  # 2-bit packing pads K: the kernels cannot tell
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, "
+                             f"got shape {tuple(x.shape)}")
         if self.act_quant is not None:
             x = self.act_quant(x)
         act = "dynamic" if self.activations == "dynamic" else "none"
@@ -243,8 +246,11 @@ class FrozenConv2d(nn.Module):
             w = lin.dequantized_weight().reshape(self.out_channels, -1, *self.kernel_size)
             return F.conv2d(x, w.to(x.dtype), lin.bias, self.stride, self.padding, self.dilation,
                             self.groups)
-        b, _, h, w = x.shape
+        b, c, h, w = x.shape
         kh, kw = self.kernel_size
+        if c * kh * kw != self.linear.in_features:
+            raise ValueError(f"x must have {self.linear.in_features // (kh * kw)} channels, got "
+                             f"shape {tuple(x.shape)}")
         ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
         wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
