@@ -24,7 +24,8 @@ def build(n, kind):
     if kind == "fp32":
         return torch.nn.Linear(n, n)
     prec = {"ternary": rt.Ternary(), "ternary_a8": rt.Ternary(activations="dynamic"),
-            "int8": rt.Int(), "int8_w8a8": rt.Int(activations="dynamic")}[kind]
+            "int8": rt.Int(), "int8_w8a8": rt.Int(activations="dynamic"),
+            "int4_g128": rt.Int(bits=4, group_size=128)}[kind]
     return rt.FrozenLinear(rt.Linear(n, n, precision=prec))
 nk, kind = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
@@ -46,7 +47,7 @@ def main():
     from triton_dsl.bench import environment
     print(" ".join(f"{k}={v}" for k, v in environment("cpu").items()))
     print(f"N=K={a.NK}: resident bytes of one layer after a forward pass (process RSS delta)")
-    for kind in ("fp32", "ternary", "ternary_a8", "int8", "int8_w8a8"):
+    for kind in ("fp32", "ternary", "ternary_a8", "int8", "int8_w8a8", "int4_g128"):
         out = subprocess.run([sys.executable, "-c", CASE, str(a.NK), kind], capture_output=True,
                              text=True, check=True).stdout.split()[-1]
         b = int(out)

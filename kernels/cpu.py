@@ -184,6 +184,38 @@ class PackedNative:
         return self._run(x, bias, 1)
 
 
+class PackedGrouped:
+    """Int8 weights [N, K] with per-group scales [N, K // G] in the native grouped layout (one
+    int8 per weight resident), float activations only (W8A16, W4A16)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
+        self.n, self.k = codes.shape
+        self.group = self.k // scale.shape[1]
+        self.lib = native.library()
+        if self.lib is None:
+            raise RuntimeError(f"the native CPU kernel is unavailable: {native.error()}")
+        self.weight, self.scale, self.w_sum = native.grouped_layout(codes, scale)
+
+    def codes(self) -> torch.Tensor:
+        return native.from_grouped_layout(self.weight, self.n, self.k)
+
+    def float_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        """16-bit fixed-point activations (half a step, max|x_row| / 65278, per input); exact
+        integer sums per group, scaled and added in fp32."""
+        x = x.float()
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        b = None if bias is None else bias.float().contiguous()
+        return self.lib.grouped_linear(x, self.weight, self.n, self.group, self.scale,
+                                       self.w_sum, b)
+
+
+def native_grouped(k: int, group: int) -> bool:
+    """Whether per-group int8 weights run the native grouped kernel (VNNI; group a multiple of
+    4 up to native.MAX_GROUP)."""
+    return native_int8() and group % 4 == 0 and group <= native.MAX_GROUP and k % group == 0
+
+
 _CACHE: dict = {}  # (id, id) -> (weakrefs, versions, value); tensors hash by identity here
 
 

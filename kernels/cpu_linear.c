@@ -355,3 +355,123 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
     free(xs);
     return failed ? -1 : 0;
 }
+
+/* ---- Grouped int8 weights (per-group scales: W8A16, W4A16) ----------------------------------
+   Per-group scales must be applied to each group's integer sum, so here the columns, not K, run
+   along the vector: a register holds 16 columns, and one dpbusd adds four inputs of a token
+   (broadcast) times four codes of each of 16 columns. Layout: tiles of 16 columns, for each
+   group of four inputs (a "quad") 64 bytes, byte 4 c + r = w[16 t + c, 4 quad + r]. Float
+   activations only (16-bit fixed point, as above); per group the exact int32 sum
+   256 (sum hi w) + sum lo w is scaled and added in fp32. int32 holds it for groups <= 256. */
+#define GT 2  /* tokens per tile (the macros below spell out two) */
+#define GNV 4 /* 16-column vectors per tile (likewise four) */
+
+static inline __attribute__((always_inline)) void gtile_body(
+    const uint8_t *w, int64_t vstride, const uint8_t *q, int64_t kp, const int tokens,
+    const int nv, int64_t kq, int64_t group_q, const float *scale, const int32_t *wsum,
+    int64_t np, float *out) {
+#if TDSL_ISA == 2
+#define GV(t) __m512 f##t##0 = _mm512_setzero_ps(), f##t##1 = f##t##0, f##t##2 = f##t##0, \
+    f##t##3 = f##t##0;
+    GV(0) GV(1)
+#define G_LOAD(v) (nv > v ? _mm512_loadu_si512((const void *)(w + v * vstride + qq * 64)) \
+                          : _mm512_setzero_si512())
+#define G_STEP(t) if (tokens > t) { \
+        int32_t bh, bl; \
+        memcpy(&bh, q + (2 * t) * kp + 4 * qq, 4); \
+        memcpy(&bl, q + (2 * t + 1) * kp + 4 * qq, 4); \
+        const __m512i xh = _mm512_set1_epi32(bh), xl = _mm512_set1_epi32(bl); \
+        h##t##0 = _mm512_dpbusd_epi32(h##t##0, xh, w0); l##t##0 = _mm512_dpbusd_epi32(l##t##0, xl, w0); \
+        if (nv > 1) { h##t##1 = _mm512_dpbusd_epi32(h##t##1, xh, w1); \
+                      l##t##1 = _mm512_dpbusd_epi32(l##t##1, xl, w1); } \
+        if (nv > 2) { h##t##2 = _mm512_dpbusd_epi32(h##t##2, xh, w2); \
+                      l##t##2 = _mm512_dpbusd_epi32(l##t##2, xl, w2); } \
+        if (nv > 3) { h##t##3 = _mm512_dpbusd_epi32(h##t##3, xh, w3); \
+                      l##t##3 = _mm512_dpbusd_epi32(l##t##3, xl, w3); } }
+/* undo the high half's +128, recombine the halves, scale, accumulate in fp32 */
+#define G_FOLD(t, v) if (tokens > t && nv > v) { \
+        const __m512i ws = _mm512_loadu_si512((const void *)(wsum + g * np + v * 16)); \
+        const __m512i iv = _mm512_add_epi32(_mm512_slli_epi32( \
+            _mm512_sub_epi32(h##t##v, _mm512_slli_epi32(ws, 7)), 8), l##t##v); \
+        f##t##v = _mm512_add_ps(f##t##v, _mm512_mul_ps(_mm512_cvtepi32_ps(iv), \
+                                _mm512_loadu_ps(scale + g * np + v * 16))); }
+    for (int64_t g0 = 0, g = 0; g0 < kq; g0 += group_q, g++) {
+        __m512i h00 = _mm512_setzero_si512(), h01 = h00, h02 = h00, h03 = h00, h10 = h00,
+                h11 = h00, h12 = h00, h13 = h00, l00 = h00, l01 = h00, l02 = h00, l03 = h00,
+                l10 = h00, l11 = h00, l12 = h00, l13 = h00;
+        for (int64_t qq = g0; qq < g0 + group_q; qq++) {
+            const __m512i w0 = G_LOAD(0), w1 = G_LOAD(1), w2 = G_LOAD(2), w3 = G_LOAD(3);
+            G_STEP(0) G_STEP(1)
+        }
+        G_FOLD(0, 0) G_FOLD(0, 1) G_FOLD(0, 2) G_FOLD(0, 3)
+        G_FOLD(1, 0) G_FOLD(1, 1) G_FOLD(1, 2) G_FOLD(1, 3)
+    }
+#define G_OUT(t, v) if (tokens > t && nv > v) _mm512_storeu_ps(out + t * GNV * 16 + v * 16, f##t##v);
+    G_OUT(0, 0) G_OUT(0, 1) G_OUT(0, 2) G_OUT(0, 3) G_OUT(1, 0) G_OUT(1, 1) G_OUT(1, 2) G_OUT(1, 3)
+#else
+    for (int t = 0; t < tokens; t++)
+        for (int c = 0; c < nv * 16; c++) {
+            const int8_t *col = (const int8_t *)w + (c / 16) * vstride + (c % 16) * 4;
+            float f = 0.0f;
+            for (int64_t g0 = 0, g = 0; g0 < kq; g0 += group_q, g++) {
+                int32_t h = 0, l = 0;
+                for (int64_t k = 4 * g0; k < 4 * (g0 + group_q); k++) {
+                    h += q[(2 * t) * kp + k] * col[(k / 4) * 64 + k % 4];
+                    l += q[(2 * t + 1) * kp + k] * col[(k / 4) * 64 + k % 4];
+                }
+                const int32_t iv = 256 * (h - 128 * wsum[g * np + c]) + l;
+                f = f + (float)iv * scale[g * np + c];
+            }
+            out[t * GNV * 16 + c] = f;
+        }
+#endif
+}
+
+#define GTILE(T, V) static void gtile_##T##_##V(const uint8_t *w, int64_t vstride, \
+    const uint8_t *q, int64_t kp, int64_t kq, int64_t group_q, const float *scale, \
+    const int32_t *wsum, int64_t np, float *out) { \
+    gtile_body(w, vstride, q, kp, T, V, kq, group_q, scale, wsum, np, out); }
+GTILE(1, 1) GTILE(1, 2) GTILE(1, 3) GTILE(1, 4) GTILE(2, 1) GTILE(2, 2) GTILE(2, 3) GTILE(2, 4)
+typedef void (*gtile_fn)(const uint8_t *, int64_t, const uint8_t *, int64_t, int64_t, int64_t,
+                         const float *, const int32_t *, int64_t, float *);
+static const gtile_fn GTILES[2][4] = {{gtile_1_1, gtile_1_2, gtile_1_3, gtile_1_4},
+                                      {gtile_2_1, gtile_2_2, gtile_2_3, gtile_2_4}};
+
+/* y [M, N] = x [M, K] times grouped int8 weights (layout above, N padded to np = 16 * tiles),
+   scale and wsum [K / group, np] (per-group scales and code sums), + bias (may be NULL).
+   Returns 0, or -1 when scratch memory cannot be allocated. */
+int tdsl_grouped_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
+                        int64_t n, int64_t group, const float *scale, const int32_t *wsum,
+                        const float *bias, float *y, int threads) {
+    const int64_t kp = (k + 63) / 64 * 64, kq = k / 4, np = (n + 15) / 16 * 16;
+    const int64_t vstride = kq * 64, tiles = (np / 16 + GNV - 1) / GNV;
+    uint8_t *q = aligned_alloc(64, (size_t)(2 * m * kp));
+    int32_t *rsum = malloc(sizeof(int32_t) * (size_t)(2 * m));
+    float *xs = malloc(sizeof(float) * (size_t)m);
+    int failed = !q || !rsum || !xs;
+    if (!failed) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (m >= 16)
+        for (int64_t i = 0; i < m; i++)
+            xs[i] = quantize_row(x + i * ldx, k, kp, INT8, 1, q + 2 * i * kp, rsum + 2 * i);
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t ct = 0; ct < tiles; ct++) {
+            const int64_t v0 = ct * GNV;
+            const int nv = np / 16 - v0 < GNV ? (int)(np / 16 - v0) : GNV;
+            float out[GT * GNV * 16];
+            for (int64_t t0 = 0; t0 < m; t0 += GT) {
+                const int tokens = m - t0 < GT ? (int)(m - t0) : GT;
+                GTILES[tokens - 1][nv - 1](w + v0 * vstride, vstride, q + 2 * t0 * kp, kp, kq,
+                                           group / 4, scale + v0 * 16, wsum + v0 * 16, np, out);
+                for (int t = 0; t < tokens; t++)
+                    for (int c = 0; c < nv * 16 && v0 * 16 + c < n; c++) {
+                        const float o = out[t * GNV * 16 + c] * xs[t0 + t];
+                        y[(t0 + t) * n + v0 * 16 + c] = bias ? o + bias[v0 * 16 + c] : o;
+                    }
+            }
+        }
+    }
+    free(q);
+    free(rsum);
+    free(xs);
+    return failed ? -1 : 0;
+}

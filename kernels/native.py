@@ -79,6 +79,8 @@ class Library:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.dll.tdsl_linear.argtypes = [i32, p, i64, i64, i64, p, i64, p, p, p, i32, p, i32]
         self.dll.tdsl_linear.restype = i32
+        self.dll.tdsl_grouped_linear.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, p, p, i32]
+        self.dll.tdsl_grouped_linear.restype = i32
         self.isa = ISAS[self.dll.tdsl_isa()]
         self.tile_rows = self.dll.tdsl_tile_rows()
 
@@ -98,6 +100,22 @@ class Library:
                 torch.get_num_threads())
             if rc != 0:
                 raise MemoryError("native linear: could not allocate scratch memory")
+        return y
+
+
+    def grouped_linear(self, x: torch.Tensor, w: torch.Tensor, n: int, group: int,
+                       scale: torch.Tensor, w_sum: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+        """Float activations x fp32 [M, K] times grouped int8 weights (grouped_layout)."""
+        m, k = x.shape
+        y = torch.empty(m, n)
+        if m and n:
+            rc = self.dll.tdsl_grouped_linear(
+                x.data_ptr(), m, k, x.stride(0), w.data_ptr(), n, group, scale.data_ptr(),
+                w_sum.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                torch.get_num_threads())
+            if rc != 0:
+                raise MemoryError("native grouped linear: could not allocate scratch memory")
         return y
 
 
@@ -171,3 +189,27 @@ def int8_rows(codes: torch.Tensor, nb: int) -> torch.Tensor:
 def from_int8_rows(tiles: torch.Tensor, n: int, k: int, nb: int) -> torch.Tensor:
     """The inverse of int8_rows."""
     return _untile(tiles, n, nb, 64).reshape(n, -1)[:, :k].contiguous()
+
+
+MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
+
+
+def grouped_layout(codes: torch.Tensor, scale: torch.Tensor):
+    """int8 codes [N, K] and per-group scales [N, K // G] -> (weight in tiles of 16 columns by
+    quads of 4 inputs, scales [K // G, NP] fp32, code sums [K // G, NP] int32), N padded to NP,
+    a multiple of 16 (see cpu_linear.c)."""
+    n, k = codes.shape
+    groups = scale.shape[1]
+    np_ = -(-n // 16) * 16
+    padded = torch.zeros(np_, k, dtype=torch.int8)
+    padded[:n] = codes
+    w = padded.view(np_ // 16, 16, k // 4, 4).transpose(1, 2).reshape(np_ // 16, -1)
+    s = torch.zeros(groups, np_)
+    s[:, :n] = scale.float().t()
+    sums = padded.view(np_, groups, -1).sum(dim=2, dtype=torch.int32).t().contiguous()
+    return w.contiguous(), s, sums
+
+
+def from_grouped_layout(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The codes back from grouped_layout's weight."""
+    return w.view(-1, k // 4, 16, 4).transpose(1, 2).reshape(-1, k)[:n].contiguous()

@@ -63,22 +63,27 @@ def cpu_matmul(prepacked, x, bias, activations):
     return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def cpu_kind(k: int, activations: str, ternary: bool) -> str | None:
-    """The fast CPU form for a weight with K inputs: "native", "fbgemm" or None (fallback)."""
+def cpu_kind(k: int, activations: str, ternary: bool, group: int | None = None) -> str | None:
+    """The fast CPU form for a weight with K inputs (int8 with per-group scales: group): "native",
+    "grouped", "fbgemm" or None (fallback)."""
+    if group is not None:
+        return "grouped" if activations == "none" and cpu.native_grouped(k, group) else None
     if cpu.native_fits(k) and (ternary or cpu.native_int8()):
         return "native"
     return "fbgemm" if activations == "dynamic" or cpu.fbgemm_exact() else None
 
 
-def cpu_fast(x, activations, ternary=False) -> bool:
+def cpu_fast(x, activations, ternary=False, group=None) -> bool:
     """Whether a CPU tensor x takes a fast CPU path (else Triton's interpreter or a fallback)."""
     return (not x.is_cuda and not use_triton(x) and
-            cpu_kind(x.shape[-1], activations, ternary) is not None)
+            cpu_kind(x.shape[-1], activations, ternary, group) is not None)
 
 
 def cpu_form(codes: torch.Tensor, scale: torch.Tensor, activations: str, ternary: bool):
     """The fastest CPU form of int8 codes [N, K] (ternary: values in {-1, 0, 1}) with
-    per-channel scales: the native kernel's, else fbgemm's."""
+    per-channel scales [N] or per-group scales [N, K // G]: the native kernel's, else fbgemm's."""
+    if scale.dim() == 2:
+        return cpu.PackedGrouped(codes, scale)
     if cpu_kind(codes.shape[1], activations, ternary) == "native":
         return cpu.PackedNative(codes, scale, ternary)
     return cpu.PackedInt8(codes, scale)
@@ -129,7 +134,7 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     grouped = scale.dim() == 2
     if be == "cpu":
         check_int8(x, w, scale, bias)
-        kind = None if grouped else cpu_kind(k, activations, ternary=False)
+        kind = cpu_kind(k, activations, False, k // scale.shape[1] if grouped else None)
         if kind is not None:
             prepacked = cpu.cached((w, scale), lambda c, s: cpu_form(c, s, activations, False),
                                    kind=kind)

@@ -108,7 +108,7 @@ def test_cpu_form_keeps_one_copy_and_round_trips(tmp_path, monkeypatch):
     from triton_dsl.runtime import frozen
     monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 0)  # the prepacked form
     torch.manual_seed(0)
-    for prec in (rt.Ternary(), rt.Int()):
+    for prec in (rt.Ternary(), rt.Int(), rt.Int(bits=4, group_size=16)):
         layer = rt.Linear(96, 40, precision=prec).eval()
         frozen = rt.FrozenLinear(layer)
         name = "packed" if isinstance(prec, rt.Ternary) else "codes"

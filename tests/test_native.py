@@ -3,6 +3,8 @@
 Each instruction-set path (AVX-512 VNNI, AVX2, portable C) is built separately, as far as this
 CPU runs it, and must be bit-exact with the W1.58A8 and W8A8 twins for int8 activations. Float
 activations carry 16-bit fixed point: each input errs by at most half a step, max|x_row| / 65278.
+The grouped kernel (per-group int8 scales) does the same operations in the same order on every
+path, so its paths must also agree bit for bit with each other.
 """
 import os
 import subprocess
@@ -162,3 +164,33 @@ def test_wide_layers_fall_back_to_fbgemm():
     want = ternary_matmul(x, pack_ternary(w), scale, activations="dynamic", backend="ref")
     assert torch.equal(got, want)
 
+
+
+GROUPED = [(1, 5, 32, 8), (3, 17, 64, 16), (17, 33, 256, 32), (64, 40, 512, 128),
+           (2, 20, 512, 256), (5, 16, 96, 32)]
+
+
+@pytest.mark.parametrize("m,n,k,group", GROUPED)
+def test_grouped_within_16bit_tolerance_and_same_on_every_path(lib, m, n, k, group):
+    g = torch.Generator().manual_seed(3)
+    q, s = quantize_int8(torch.randn(n, k, generator=g), group_size=group)
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    x[-1] *= 1e3
+    w, scales, sums = native.grouped_layout(q, s)
+    got = lib.grouped_linear(x, w, n, group, scales, sums, bias)
+    want = int8_weight_only_matmul_ref(x, q, s, bias)
+    bound = k * x.abs().amax(dim=1, keepdim=True) / 65278 * 127 * s.max()
+    assert ((got - want).abs() <= bound * 1.001 + 1e-5).all()
+    portable = native.Library(native.build(ISA_FLAGS["scalar"]))
+    assert torch.equal(got, portable.grouped_linear(x, w, n, group, scales, sums, bias))
+
+
+def test_grouped_layout_round_trips_and_odd_groups_fall_back():
+    q, s = quantize_int8(torch.randn(21, 96), group_size=32)
+    assert torch.equal(cpu.PackedGrouped(q, s).codes(), q)
+    assert cpu.native_grouped(96, 12) and not cpu.native_grouped(40, 10)  # quads of 4 inputs
+    assert not cpu.native_grouped(1024, 512)  # int32 group sums could overflow
+    q, s = quantize_int8(torch.randn(7, 40), group_size=10)  # served dequantized, exactly
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(int8_matmul(x, q, s, backend="cpu"),
+                               int8_matmul(x, q, s, backend="ref"), atol=1e-5, rtol=1e-5)

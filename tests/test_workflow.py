@@ -230,3 +230,26 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     res = json.loads(out.read_text())
     assert res["world"] == 2 and res["identical"]
     assert res["losses"][-1] < res["losses"][0]
+
+
+def test_bench_cli_table_and_json(tmp_path, run_cli, monkeypatch):
+    """`triton-dsl bench` on the CPU: every method, the baseline in the same run, records with
+    the fields the issue names, and weight bytes that match each storage format."""
+    import json
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU paths, not the interpreter
+    out_json = tmp_path / "b.json"
+    code, out, err = run_cli("bench", "--M", "1", "3", "--NK", "256", "--repeat", "2",
+                             "--json", str(out_json))
+    assert code == 0, err
+    recs = json.loads(out_json.read_text())["records"]
+    methods = {r["method"] for r in recs}
+    assert {"torch_fp32", "torch_dynamic_int8", "ternary", "ternary_a8", "int8_weight_only",
+            "int8_w8a8", "int4_weight_only_g128"} <= methods
+    for r in recs:
+        assert {"method", "M", "N", "K", "device", "median_ms", "weight_bytes"} <= set(r)
+        assert r["median_ms"] > 0 and r["baseline"] == "torch_fp32"
+        assert r["method"] in out
+    nbytes = {r["method"]: r["weight_bytes"] for r in recs}
+    assert nbytes["torch_fp32"] == 256 * 256 * 4
+    assert 256 * 256 // 4 <= nbytes["ternary"] <= 256 * 256 // 4 + 256 * 4 * 2  # 2 bits + scales
+    assert 256 * 256 <= nbytes["int8_w8a8"] <= 256 * 256 + 256 * 4 * 2

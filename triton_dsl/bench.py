@@ -71,7 +71,9 @@ def _methods(device):
         m["torch_dynamic_int8"] = dynamic_int8
     from .precision import Int, Ternary
     m.update({"ternary": frozen(Ternary()), "ternary_a8": frozen(Ternary(activations="dynamic")),
-              "int8_weight_only": frozen(Int()), "int8_w8a8": frozen(Int(activations="dynamic"))})
+              "int8_weight_only": frozen(Int()), "int8_w8a8": frozen(Int(activations="dynamic")),
+              # 4-bit codes with a scale per 128 inputs, held as int8 codes in memory
+              "int4_weight_only_g128": frozen(Int(bits=4, group_size=128))})
     return m
 
 

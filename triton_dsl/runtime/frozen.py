@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.cpu import PackedInt8, PackedNative, cached
+from ..kernels.cpu import PackedGrouped, PackedInt8, PackedNative, cached
 from ..kernels.ops import (cpu_fast, cpu_form, cpu_kind, cpu_matmul, int8_matmul,
                            quantize_per_token, ternary_matmul)
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
@@ -37,7 +37,7 @@ def dense_below(kind: str, act: str) -> int:
     fp32) in front of fbgemm, 2^14 in front of the native kernel, and none with int8 activations
     there. Measured on the 2-core EPYC: the native kernel wins from 256 x 256 up, and the dense
     path pays for fake-quantizing int8 activations."""
-    if kind == "native":
+    if kind in ("native", "grouped"):
         return 1 << 14 if act == "none" else 0
     return 1 << 18
 
@@ -113,8 +113,9 @@ class FrozenLinear(nn.Module):
             x = self.act_quant(x)
         act = "dynamic" if self.activations == "dynamic" else "none"
         ternary = self.mode == "ternary"
-        if self._compactable() and cpu_fast(x, act, ternary):
-            kind = cpu_kind(self.in_features, act, ternary)
+        group = self._group()
+        if self._stored() is not None and cpu_fast(x, act, ternary, group):
+            kind = cpu_kind(self.in_features, act, ternary, group)
             if self.in_features * self.out_features <= dense_below(kind, act):
                 return self._dense_matmul(x, act)
             return cpu_matmul(self._cpu_form(act), x, self.bias, act)
@@ -174,14 +175,17 @@ class FrozenLinear(nn.Module):
     def _stored(self) -> str | None:
         if self.mode == "ternary" and not hasattr(self, "scale_abs"):
             return "packed"
-        if self.mode == "int8" and self.scale.dim() == 1:
+        if self.mode == "int8":
             return "codes"
         return None
 
-    def _compactable(self) -> bool:
-        return self._stored() is not None
+    def _group(self) -> int | None:
+        """The group size of per-group int8 scales, else None."""
+        if self.mode == "int8" and self.scale.dim() == 2:
+            return self.in_features // self.scale.shape[1]
+        return None
 
-    def _cpu_form(self, act: str) -> PackedInt8 | PackedNative:
+    def _cpu_form(self, act: str) -> PackedInt8 | PackedNative | PackedGrouped:
         if self._prepacked is None:
             name = self._stored()
             buf = getattr(self, name)
