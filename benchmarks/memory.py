@@ -30,7 +30,7 @@ def build(n, kind):
 nk, kind = int(sys.argv[1]), sys.argv[2]
 torch.manual_seed(0)
 with torch.no_grad():
-    build(64, kind)(torch.randn(4, 64))  # warm-up: code pages, thread pools
+    build(128, kind)(torch.randn(4, 128))  # warm-up: code pages, thread pools
     x = torch.randn(4, nk)
     before = rss()
     layer = build(nk, kind)
