@@ -146,7 +146,8 @@ static inline __attribute__((always_inline)) void tile_body(
         tile_portable(kind, w, x, ldx, kb0, kb1, mb, nb, acc, ldc);
         return;
     }
-    const __m256i shift_lo = _mm256_set_epi64x(2, 2, 0, 0), shift_hi = _mm256_set_epi64x(6, 6, 4, 4);
+    const __m256i shift_lo = _mm256_set_epi64x(2, 2, 0, 0);
+    const __m256i shift_hi = _mm256_set_epi64x(6, 6, 4, 4);
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
     __m256i a[8][4];
     for (int i = 0; i < mb; i++)
@@ -381,7 +382,8 @@ static inline __attribute__((always_inline)) void gtile_body(
         memcpy(&bh, q + (2 * t) * kp + 4 * qq, 4); \
         memcpy(&bl, q + (2 * t + 1) * kp + 4 * qq, 4); \
         const __m512i xh = _mm512_set1_epi32(bh), xl = _mm512_set1_epi32(bl); \
-        h##t##0 = _mm512_dpbusd_epi32(h##t##0, xh, w0); l##t##0 = _mm512_dpbusd_epi32(l##t##0, xl, w0); \
+        h##t##0 = _mm512_dpbusd_epi32(h##t##0, xh, w0); \
+        l##t##0 = _mm512_dpbusd_epi32(l##t##0, xl, w0); \
         if (nv > 1) { h##t##1 = _mm512_dpbusd_epi32(h##t##1, xh, w1); \
                       l##t##1 = _mm512_dpbusd_epi32(l##t##1, xl, w1); } \
         if (nv > 2) { h##t##2 = _mm512_dpbusd_epi32(h##t##2, xh, w2); \
