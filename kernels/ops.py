@@ -53,7 +53,8 @@ def _float_x(x):
 
 
 def cpu_matmul(prepacked, x, bias, activations):
-    """The CPU path on a cached cpu.PackedInt8 or cpu.PackedNative; dtype restored here."""
+    """The CPU path on a cached cpu.PackedInt8, PackedNative or PackedGrouped; dtype restored
+    here."""
     k = x.shape[-1]
     if k != prepacked.k:  # the native kernel would read past the row otherwise
         raise ValueError(f"x must have {prepacked.k} features in its last dimension, got shape "

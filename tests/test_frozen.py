@@ -1,5 +1,5 @@
 """Frozen (deploy) layers match the trainable layers' fake-quantized forward, on the Triton path
-(interpreter), the native 2-bit CPU kernel, the fbgemm CPU path and the dense CPU path.
+(interpreter), the native CPU kernel, the fbgemm CPU path and the dense CPU path.
 
 Tolerance: the kernels sum in another order than F.linear (~1e-6 relative), and the CPU float
 paths carry 16-bit fixed-point activations: each input errs by at most half a step, max|x_row| /
@@ -32,8 +32,8 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # kernels are built at 
 def path(request, monkeypatch):
     """Run a test on the Triton kernels (on a GPU, or the interpreter when the process started
     with TRITON_INTERPRET=1), on the native CPU kernel, on fbgemm's int8 GEMM (the native
-    kernel switched off), and on the CPU dense path of small
-    layers. Returns the device the test should use."""
+    kernel switched off), and on the CPU dense path of small layers. Returns the device the
+    test should use."""
     from triton_dsl.kernels import cpu, native
     from triton_dsl.kernels.common import HAS_TRITON
     from triton_dsl.runtime import frozen

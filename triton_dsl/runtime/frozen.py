@@ -167,8 +167,8 @@ class FrozenLinear(nn.Module):
 
     # --- the CPU form: one resident copy of the weight -------------------------------------
     # On the CPU the weight is served from a prepacked form: the native kernel's (ternary at 2
-    # bits, 1/16 of fp32; int8 codes, 1/4) or, where that kernel is unavailable, fbgemm's int8
-    # form (1/4). Once it exists, the buffer it was built from is
+    # bits, 1/16 of fp32; int8 codes, per channel or per group, 1/4) or, where that kernel is
+    # unavailable, fbgemm's int8 form (1/4). Once it exists, the buffer it was built from is
     # released (the prepacked form holds the same codes), so a layer keeps one copy resident.
     # Saving, loading, copying or moving the layer rebuilds the buffer first.
 
