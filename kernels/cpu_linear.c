@@ -64,6 +64,9 @@
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1 /* to L2: L1 holds the chunks being multiplied */
 #endif
+#ifndef REDUCE4
+#define REDUCE4 1
+#endif
 #ifndef PREFETCH
 #define PREFETCH 1
 #endif
@@ -94,6 +97,24 @@ static inline __attribute__((always_inline)) void tile_portable(
             acc[i * ldc + j] += s;
         }
 }
+
+#if TDSL_ISA == 2
+/* The sums of four vectors' 16 lanes, [sum a0, sum a1, sum a2, sum a3]: about 3.5 instructions
+   a sum instead of 9 one at a time, which matters when each output is one tile's only result. */
+static inline __m128i reduce4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
+    const __m512i t0 = _mm512_add_epi32(_mm512_shuffle_i64x2(a0, a1, 0x44),
+                                        _mm512_shuffle_i64x2(a0, a1, 0xee));
+    const __m512i t1 = _mm512_add_epi32(_mm512_shuffle_i64x2(a2, a3, 0x44),
+                                        _mm512_shuffle_i64x2(a2, a3, 0xee));
+    /* 128-bit lane j now holds four partial sums of a_j */
+    __m512i u = _mm512_add_epi32(_mm512_shuffle_i64x2(t0, t1, 0x88),
+                                 _mm512_shuffle_i64x2(t0, t1, 0xdd));
+    u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, (_MM_PERM_ENUM)0x4e));
+    u = _mm512_add_epi32(u, _mm512_shuffle_epi32(u, (_MM_PERM_ENUM)0xb1));
+    const __m512i pick = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+    return _mm512_castsi512_si128(_mm512_permutexvar_epi32(pick, u));
+}
+#endif
 
 /* acc[i * ldc + j] += sum over blocks kb0..kb1 of x row i . weight row j, for a mb x nb tile.
    x holds s8 activations (ternary) or u8 shifted ones (int8). With AVX-512 and va != NULL the
@@ -137,7 +158,11 @@ static inline __attribute__((always_inline)) void tile_body(
 #define OUT(i, j, a) if (mb > i && nb > j) { \
         if (va) _mm512_store_si512(VA(i, j), a); \
         else acc[i * ldc + j] += _mm512_reduce_add_epi32(a); }
-#define ROW_OUT(i) OUT(i, 0, a##i##0) OUT(i, 1, a##i##1) OUT(i, 2, a##i##2) OUT(i, 3, a##i##3)
+#define ROW_OUT(i) if (REDUCE4 && mb > i && nb == 4 && !va) { \
+        __m128i *dst = (__m128i *)(acc + i * ldc); \
+        _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst), \
+                                            reduce4(a##i##0, a##i##1, a##i##2, a##i##3))); \
+    } else { OUT(i, 0, a##i##0) OUT(i, 1, a##i##1) OUT(i, 2, a##i##2) OUT(i, 3, a##i##3) }
     ROW_OUT(0) ROW_OUT(1) ROW_OUT(2) ROW_OUT(3) ROW_OUT(4) ROW_OUT(5) ROW_OUT(6) ROW_OUT(7)
 #elif TDSL_ISA == 1
     (void)pf;
@@ -187,12 +212,22 @@ static inline __attribute__((always_inline)) void tile_body(
 
 /* acc[i * ldc + j] += the sum of va's 16 partial sums, for rows i < mb and columns j < nb */
 static void flush(const int32_t *va, int64_t mb, int nb, int32_t *acc, int64_t ldc) {
-    for (int64_t i = 0; i < mb; i++)
+    for (int64_t i = 0; i < mb; i++) {
+#if TDSL_ISA == 2
+        if (REDUCE4 && nb == 4) {
+            const __m512i *v = (const __m512i *)(va + i * NB * 16);
+            __m128i *dst = (__m128i *)(acc + i * ldc);
+            _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst),
+                                                reduce4(v[0], v[1], v[2], v[3])));
+            continue;
+        }
+#endif
         for (int j = 0; j < nb; j++) {
             int32_t s = 0;
             for (int l = 0; l < 16; l++) s += va[(i * NB + j) * 16 + l];
             acc[i * ldc + j] += s;
         }
+    }
 }
 
 /* tile_body with kind, mb and nb as compile-time constants, so the accumulators live in
