@@ -41,7 +41,11 @@
 
 /* row tile, column tile, column block, K chunk (in blocks of 64) */
 #ifndef MB
+#if TDSL_ISA == 2
 #define MB 6
+#else
+#define MB 2 /* AVX2 has 16 registers */
+#endif
 #endif
 #ifndef NB
 #define NB 4
@@ -171,38 +175,41 @@ static inline __attribute__((always_inline)) void tile_body(
         tile_portable(kind, w, x, ldx, kb0, kb1, mb, nb, acc, ldc);
         return;
     }
-    const __m256i shift_lo = _mm256_set_epi64x(2, 2, 0, 0);
-    const __m256i shift_hi = _mm256_set_epi64x(6, 6, 4, 4);
+    /* Sixteen registers: two rows at a time, each block in two halves of 32 codes, named
+       accumulators (as above). maddubs pairs cannot saturate: codes are at most 2. */
     const __m256i three = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
-    __m256i a[8][4];
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) a[i][j] = _mm256_setzero_si256();
-    for (int64_t b = kb0; b < kb1; b++) {
-        __m256i c0[4], c1[4];
-        for (int j = 0; j < nb; j++) {
-            __m256i v = _mm256_broadcastsi128_si256(
-                _mm_loadu_si128((const __m128i *)WADDR(j, b)));
-            c0[j] = _mm256_and_si256(_mm256_srlv_epi64(v, shift_lo), three);
-            c1[j] = _mm256_and_si256(_mm256_srlv_epi64(v, shift_hi), three);
+    for (int r = 0; r < mb; r += 2) {
+        const int two = mb - r > 1;
+        const uint8_t *x0 = x + r * ldx, *x1 = x0 + ldx;
+        __m256i a00 = _mm256_setzero_si256(), a01 = a00, a02 = a00, a03 = a00, a10 = a00,
+                a11 = a00, a12 = a00, a13 = a00;
+#define CODES2(j, sh) (nb > j ? _mm256_and_si256(_mm256_srlv_epi64(_mm256_broadcastsi128_si256( \
+    _mm_loadu_si128((const __m128i *)WADDR(j, b))), sh), three) : three)
+#define DOT2(a, c, xv) a = _mm256_add_epi32(a, _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones))
+#define COL2(j, sh, a0, a1) if (nb > j) { \
+                const __m256i c = CODES2(j, sh); \
+                DOT2(a0, c, xa); \
+                if (two) DOT2(a1, c, xb); }
+#define HALF(h, sh) { /* one code vector live at a time: 8 sums + 2 rows + 1 codes fit */ \
+            const __m256i xa = _mm256_loadu_si256((const __m256i *)(x0 + b * 64 + 32 * h)); \
+            const __m256i xb = two ? _mm256_loadu_si256( \
+                (const __m256i *)(x1 + b * 64 + 32 * h)) : xa; \
+            COL2(0, sh, a00, a10) COL2(1, sh, a01, a11) COL2(2, sh, a02, a12) \
+            COL2(3, sh, a03, a13) }
+        for (int64_t b = kb0; b < kb1; b++) {
+            HALF(0, _mm256_set_epi64x(2, 2, 0, 0))
+            HALF(1, _mm256_set_epi64x(6, 6, 4, 4))
         }
-        for (int i = 0; i < mb; i++) {
-            __m256i x0 = _mm256_loadu_si256((const __m256i *)(x + i * ldx + b * 64));
-            __m256i x1 = _mm256_loadu_si256((const __m256i *)(x + i * ldx + b * 64 + 32));
+        const __m256i out[2][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
+        for (int i = 0; i < 1 + two; i++)
             for (int j = 0; j < nb; j++) {
-                __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(c0[j], x0),
-                                             _mm256_maddubs_epi16(c1[j], x1)); /* |p| <= 1020 */
-                a[i][j] = _mm256_add_epi32(a[i][j], _mm256_madd_epi16(p, ones));
+                __m128i t = _mm_add_epi32(_mm256_castsi256_si128(out[i][j]),
+                                          _mm256_extracti128_si256(out[i][j], 1));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4e));
+                t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1));
+                acc[(r + i) * ldc + j] += _mm_cvtsi128_si32(t);
             }
-        }
     }
-    for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) {
-            __m128i s = _mm_add_epi32(_mm256_castsi256_si128(a[i][j]),
-                                      _mm256_extracti128_si256(a[i][j], 1));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-            s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-            acc[i * ldc + j] += _mm_cvtsi128_si32(s);
-        }
 #else
     (void)pf;
     (void)va;
