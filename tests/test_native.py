@@ -194,3 +194,11 @@ def test_grouped_layout_round_trips_and_odd_groups_fall_back():
     x = torch.randn(3, 40)
     torch.testing.assert_close(int8_matmul(x, q, s, backend="cpu"),
                                int8_matmul(x, q, s, backend="ref"), atol=1e-5, rtol=1e-5)
+
+
+def test_portable_build_never_serves_layers(monkeypatch):
+    """The portable C build checks the layout in these tests; serving layers is for the SIMD
+    builds (it would be slower than torch's GEMMs)."""
+    portable = native.Library(native.build(ISA_FLAGS["scalar"]))
+    monkeypatch.setattr(native, "library", lambda: portable)
+    assert not cpu.native_fits(64) and not cpu.native_int8()
