@@ -16,8 +16,9 @@ The weight is prepacked once per tensor version and cached, never unpacked per c
 Engines: "fbgemm" (the static-input quantized linear; within ~10% of torch's dynamic int8 linear
 at M = 1..256 here) by default, or "onednn" (torch.ops.onednn.qlinear_pointwise: faster at
 M=256, up to 1.5x slower at M=1), picked with the environment variable TRITON_DSL_CPU_ENGINE.
-Both multiply uint8 by int8 with VNNI; CPUs without it can saturate int16 pair sums, so there
-the float paths use an fp32 matmul on a cached dequantized weight instead (see fbgemm_exact).
+Both multiply uint8 by int8 with VNNI; without it they sum pairs of products in int16, which
+saturates for int8 weights (not for ternary ones, |w| <= 1), so there int8 weights use an fp32
+matmul on a cached dequantized weight instead (see fbgemm_exact and ops.cpu_kind).
 """
 from __future__ import annotations
 

@@ -71,7 +71,10 @@ def cpu_kind(k: int, activations: str, ternary: bool, group: int | None = None) 
         return "grouped" if activations == "none" and cpu.native_grouped(k, group) else None
     if cpu.native_fits(k) and (ternary or cpu.native_int8()):
         return "native"
-    return "fbgemm" if activations == "dynamic" or cpu.fbgemm_exact() else None
+    # without VNNI fbgemm's u8 x s8 pair sums saturate at int16 unless the weights are small:
+    # ternary codes (|w| <= 1, pair sums <= 510) are safe, int8 codes are not
+    exact = cpu.fbgemm_exact() or (ternary and cpu.engine() is not None)
+    return "fbgemm" if exact else None
 
 
 def cpu_fast(x, activations, ternary=False, group=None) -> bool:
@@ -91,7 +94,7 @@ def cpu_form(codes: torch.Tensor, scale: torch.Tensor, activations: str, ternary
 
 
 def _cpu_dequantized(x, key, dequantize, bias):
-    """Without exact fbgemm: fp32 matmul on a weight dequantized once and cached (never per call)."""
+    """Without an exact int8 GEMM: fp32 matmul on a weight dequantized once and cached."""
     w = cpu.cached(key, dequantize, kind="dequantized")
     return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(
         x.dtype)
@@ -142,6 +145,10 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
             return cpu_matmul(prepacked, x, bias, activations)
         if activations == "none":
             return _cpu_dequantized(x, (w, scale), dequantize_int8, bias)
+        if not grouped:  # per-token int8 activations, fake-quantized, on the same fp32 matmul
+            codes, xs = quantize_per_token(x)
+            xq = (codes.float() * xs.unsqueeze(-1)).to(x.dtype)
+            return _cpu_dequantized(xq, (w, scale), dequantize_int8, bias)
     if activations == "dynamic":
         codes, xs = quantize_per_token(x.reshape(-1, k))
         run = int8_w8a8_matmul_triton if be == "triton" else int8_w8a8_matmul_ref

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from triton_dsl.kernels import cpu
+from triton_dsl.kernels import cpu, ops
 from triton_dsl.kernels.common import HAS_TRITON, interpreting
 from triton_dsl.kernels.int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
                                             int8_weight_only_matmul_ref,
@@ -154,16 +154,19 @@ def test_cpu_float_paths_within_16bit_tolerance(m, n, k, cpu_engine):
 
 
 def test_cpu_fallback_without_vnni(monkeypatch):
-    """Where fbgemm could saturate (and the native kernel is off), float paths use a cached
-    dequantized weight: exact to fp32."""
+    """Where fbgemm could saturate (and the native kernel is off), int8 weights use a cached
+    dequantized weight, with int8 activations fake-quantized: equal to the twins up to fp32
+    rounding. Ternary codes cannot saturate fbgemm's pair sums and keep it."""
     monkeypatch.setattr(cpu, "fbgemm_exact", lambda: False)
     monkeypatch.setattr(cpu, "native_fits", lambda k: False)
-    packed, scale = (t.cpu() for t in _ternary(24, 70))
     q, s = quantize_int8(torch.randn(24, 70))
     x, bias = torch.randn(3, 70), torch.randn(24)
-    for fn, args in ((ternary_matmul, (packed, scale)), (int8_matmul, (q, s))):
-        torch.testing.assert_close(fn(x, *args, bias, backend="cpu"),
-                                   fn(x, *args, bias, backend="ref"), atol=1e-5, rtol=1e-5)
+    for act in ("none", "dynamic"):
+        torch.testing.assert_close(int8_matmul(x, q, s, bias, activations=act, backend="cpu"),
+                                   int8_matmul(x, q, s, bias, activations=act, backend="ref"),
+                                   atol=1e-5, rtol=1e-5)
+        assert ops.cpu_kind(70, act, ternary=False) is None
+        assert ops.cpu_kind(70, act, ternary=True) == "fbgemm"
 
 
 def test_cpu_codes_read_back_from_either_engine(cpu_engine):
