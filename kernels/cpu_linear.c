@@ -405,20 +405,27 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
    (broadcast) times four codes of each of 16 columns. Layout: tiles of 16 columns, for each
    group of four inputs (a "quad") 64 bytes, byte 4 c + r = w[16 t + c, 4 quad + r]. Float
    activations only (16-bit fixed point, as above); per group the exact int32 sum
-   256 (sum hi w) + sum lo w is scaled and added in fp32. int32 holds it for groups <= 256. */
+   256 (sum hi w) + sum lo w is scaled and added in fp32. int32 holds it for groups <= 256.
+   Codes in [-8, 7] (4-bit weights) may instead be stored as nibbles, 32 bytes a quad: byte j
+   holds codes j and j + 32 of the 64, each plus 8, in its low and high half. */
 #define GT 2  /* tokens per tile (the macros below spell out two) */
 #define GNV 4 /* 16-column vectors per tile (likewise four) */
 
 static inline __attribute__((always_inline)) void gtile_body(
-    const uint8_t *w, int64_t vstride, const uint8_t *q, int64_t kp, const int tokens,
-    const int nv, int64_t kq, int64_t group_q, const float *scale, const int32_t *wsum,
-    int64_t np, float *out) {
+    const int nib, const uint8_t *w, int64_t vstride, const uint8_t *q, int64_t kp,
+    const int tokens, const int nv, int64_t kq, int64_t group_q, const float *scale,
+    const int32_t *wsum, int64_t np, float *out) {
 #if TDSL_ISA == 2
 #define GV(t) __m512 f##t##0 = _mm512_setzero_ps(), f##t##1 = f##t##0, f##t##2 = f##t##0, \
     f##t##3 = f##t##0;
     GV(0) GV(1)
-#define G_LOAD(v) (nv > v ? _mm512_loadu_si512((const void *)(w + v * vstride + qq * 64)) \
-                          : _mm512_setzero_si512())
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m512i eight = _mm512_set1_epi8(8);
+#define G_NIBBLES(p) _mm512_sub_epi8(_mm512_inserti64x4(_mm512_castsi256_si512( \
+        _mm256_and_si256(p, low4)), _mm256_and_si256(_mm256_srli_epi16(p, 4), low4), 1), eight)
+#define G_LOAD(v) (nv <= v ? _mm512_setzero_si512() : nib ? \
+    G_NIBBLES(_mm256_loadu_si256((const __m256i *)(w + v * vstride + qq * 32))) : \
+    _mm512_loadu_si512((const void *)(w + v * vstride + qq * 64)))
 #define G_STEP(t) if (tokens > t) { \
         int32_t bh, bl; \
         memcpy(&bh, q + (2 * t) * kp + 4 * qq, 4); \
@@ -455,13 +462,16 @@ static inline __attribute__((always_inline)) void gtile_body(
 #else
     for (int t = 0; t < tokens; t++)
         for (int c = 0; c < nv * 16; c++) {
-            const int8_t *col = (const int8_t *)w + (c / 16) * vstride + (c % 16) * 4;
+            const uint8_t *col = w + (c / 16) * vstride;
             float f = 0.0f;
             for (int64_t g0 = 0, g = 0; g0 < kq; g0 += group_q, g++) {
                 int32_t h = 0, l = 0;
                 for (int64_t k = 4 * g0; k < 4 * (g0 + group_q); k++) {
-                    h += q[(2 * t) * kp + k] * col[(k / 4) * 64 + k % 4];
-                    l += q[(2 * t + 1) * kp + k] * col[(k / 4) * 64 + k % 4];
+                    const int j = (c % 16) * 4 + (int)(k % 4); /* byte of the 64 in a quad */
+                    const int code = nib ? ((col[(k / 4) * 32 + j % 32] >> (j / 32 * 4)) & 15) - 8
+                                         : (int8_t)col[(k / 4) * 64 + j];
+                    h += q[(2 * t) * kp + k] * code;
+                    l += q[(2 * t + 1) * kp + k] * code;
                 }
                 const int32_t iv = 256 * (h - 128 * wsum[g * np + c]) + l;
                 f = f + (float)iv * scale[g * np + c];
@@ -471,24 +481,27 @@ static inline __attribute__((always_inline)) void gtile_body(
 #endif
 }
 
-#define GTILE(T, V) static void gtile_##T##_##V(const uint8_t *w, int64_t vstride, \
+#define GTILE(N, T, V) static void gtile_##N##_##T##_##V(const uint8_t *w, int64_t vstride, \
     const uint8_t *q, int64_t kp, int64_t kq, int64_t group_q, const float *scale, \
     const int32_t *wsum, int64_t np, float *out) { \
-    gtile_body(w, vstride, q, kp, T, V, kq, group_q, scale, wsum, np, out); }
-GTILE(1, 1) GTILE(1, 2) GTILE(1, 3) GTILE(1, 4) GTILE(2, 1) GTILE(2, 2) GTILE(2, 3) GTILE(2, 4)
+    gtile_body(N, w, vstride, q, kp, T, V, kq, group_q, scale, wsum, np, out); }
+#define GTILE_N(N) GTILE(N, 1, 1) GTILE(N, 1, 2) GTILE(N, 1, 3) GTILE(N, 1, 4) \
+    GTILE(N, 2, 1) GTILE(N, 2, 2) GTILE(N, 2, 3) GTILE(N, 2, 4)
+GTILE_N(0) GTILE_N(1)
 typedef void (*gtile_fn)(const uint8_t *, int64_t, const uint8_t *, int64_t, int64_t, int64_t,
                          const float *, const int32_t *, int64_t, float *);
-static const gtile_fn GTILES[2][4] = {{gtile_1_1, gtile_1_2, gtile_1_3, gtile_1_4},
-                                      {gtile_2_1, gtile_2_2, gtile_2_3, gtile_2_4}};
+#define GTILE_TABLE(N) {{gtile_##N##_1_1, gtile_##N##_1_2, gtile_##N##_1_3, gtile_##N##_1_4}, \
+                        {gtile_##N##_2_1, gtile_##N##_2_2, gtile_##N##_2_3, gtile_##N##_2_4}}
+static const gtile_fn GTILES[2][2][4] = {GTILE_TABLE(0), GTILE_TABLE(1)};
 
-/* y [M, N] = x [M, K] times grouped int8 weights (layout above, N padded to np = 16 * tiles),
-   scale and wsum [K / group, np] (per-group scales and code sums), + bias (may be NULL).
-   Returns 0, or -1 when scratch memory cannot be allocated. */
+/* y [M, N] = x [M, K] times grouped int8 weights (layout above, bytes or nibbles (nib), N
+   padded to np = 16 * tiles), scale and wsum [K / group, np] (per-group scales and code sums),
+   + bias (may be NULL). Returns 0, or -1 when scratch memory cannot be allocated. */
 int tdsl_grouped_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
-                        int64_t n, int64_t group, const float *scale, const int32_t *wsum,
-                        const float *bias, float *y, int threads) {
+                        int nib, int64_t n, int64_t group, const float *scale,
+                        const int32_t *wsum, const float *bias, float *y, int threads) {
     const int64_t kp = (k + 63) / 64 * 64, kq = k / 4, np = (n + 15) / 16 * 16;
-    const int64_t vstride = kq * 64, tiles = (np / 16 + GNV - 1) / GNV;
+    const int64_t vstride = kq * (nib ? 32 : 64), tiles = (np / 16 + GNV - 1) / GNV;
     uint8_t *q = aligned_alloc(64, (size_t)(2 * m * kp));
     int32_t *rsum = malloc(sizeof(int32_t) * (size_t)(2 * m));
     float *xs = malloc(sizeof(float) * (size_t)m);
@@ -504,7 +517,7 @@ int tdsl_grouped_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const
             float out[GT * GNV * 16];
             for (int64_t t0 = 0; t0 < m; t0 += GT) {
                 const int tokens = m - t0 < GT ? (int)(m - t0) : GT;
-                GTILES[tokens - 1][nv - 1](w + v0 * vstride, vstride, q + 2 * t0 * kp, kp, kq,
+                GTILES[nib != 0][tokens - 1][nv - 1](w + v0 * vstride, vstride, q + 2 * t0 * kp, kp, kq,
                                            group / 4, scale + v0 * 16, wsum + v0 * 16, np, out);
                 for (int t = 0; t < tokens; t++)
                     for (int c = 0; c < nv * 16 && v0 * 16 + c < n; c++) {

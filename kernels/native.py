@@ -79,7 +79,8 @@ class Library:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self.dll.tdsl_linear.argtypes = [i32, p, i64, i64, i64, p, i64, p, p, p, i32, p, i32]
         self.dll.tdsl_linear.restype = i32
-        self.dll.tdsl_grouped_linear.argtypes = [p, i64, i64, i64, p, i64, i64, p, p, p, p, i32]
+        self.dll.tdsl_grouped_linear.argtypes = [p, i64, i64, i64, p, i32, i64, i64, p, p, p, p,
+                                                 i32]
         self.dll.tdsl_grouped_linear.restype = i32
         self.isa = ISAS[self.dll.tdsl_isa()]
         self.tile_rows = self.dll.tdsl_tile_rows()
@@ -106,12 +107,14 @@ class Library:
     def grouped_linear(self, x: torch.Tensor, w: torch.Tensor, n: int, group: int,
                        scale: torch.Tensor, w_sum: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
-        """Float activations x fp32 [M, K] times grouped int8 weights (grouped_layout)."""
+        """Float activations x fp32 [M, K] times grouped int8 weights (grouped_layout; uint8
+        means nibbles)."""
         m, k = x.shape
         y = torch.empty(m, n)
         if m and n:
             rc = self.dll.tdsl_grouped_linear(
-                x.data_ptr(), m, k, x.stride(0), w.data_ptr(), n, group, scale.data_ptr(),
+                x.data_ptr(), m, k, x.stride(0), w.data_ptr(), int(w.dtype == torch.uint8), n,
+                group, scale.data_ptr(),
                 w_sum.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                 torch.get_num_threads())
             if rc != 0:
@@ -197,19 +200,26 @@ MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * grou
 def grouped_layout(codes: torch.Tensor, scale: torch.Tensor):
     """int8 codes [N, K] and per-group scales [N, K // G] -> (weight in tiles of 16 columns by
     quads of 4 inputs, scales [K // G, NP] fp32, code sums [K // G, NP] int32), N padded to NP,
-    a multiple of 16 (see cpu_linear.c)."""
+    a multiple of 16 (see cpu_linear.c). Codes in [-8, 7] are stored as nibbles (uint8, half
+    the bytes), others as int8."""
     n, k = codes.shape
     groups = scale.shape[1]
     np_ = -(-n // 16) * 16
     padded = torch.zeros(np_, k, dtype=torch.int8)
     padded[:n] = codes
-    w = padded.view(np_ // 16, 16, k // 4, 4).transpose(1, 2).reshape(np_ // 16, -1)
+    w = padded.view(np_ // 16, 16, k // 4, 4).transpose(1, 2).reshape(np_ // 16, -1, 64)
+    if codes.numel() and codes.min() >= -8 and codes.max() <= 7:
+        u = (w.to(torch.int16) + 8).to(torch.uint8)
+        w = u[..., :32] | (u[..., 32:] << 4)
     s = torch.zeros(groups, np_)
     s[:, :n] = scale.float().t()
     sums = padded.view(np_, groups, -1).sum(dim=2, dtype=torch.int32).t().contiguous()
-    return w.contiguous(), s, sums
+    return w.reshape(np_ // 16, -1).contiguous(), s, sums
 
 
 def from_grouped_layout(w: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The codes back from grouped_layout's weight."""
-    return w.view(-1, k // 4, 16, 4).transpose(1, 2).reshape(-1, k)[:n].contiguous()
+    if w.dtype == torch.uint8:  # nibbles
+        b = w.view(w.shape[0], -1, 32)
+        w = (torch.cat([b & 15, b >> 4], dim=2).to(torch.int16) - 8).to(torch.int8)
+    return w.reshape(-1, k // 4, 16, 4).transpose(1, 2).reshape(-1, k)[:n].contiguous()

@@ -170,13 +170,17 @@ GROUPED = [(1, 5, 32, 8), (3, 17, 64, 16), (17, 33, 256, 32), (64, 40, 512, 128)
            (2, 20, 512, 256), (5, 16, 96, 32)]
 
 
+@pytest.mark.parametrize("bits", [8, 4], ids=["bytes", "nibbles"])
 @pytest.mark.parametrize("m,n,k,group", GROUPED)
-def test_grouped_within_16bit_tolerance_and_same_on_every_path(lib, m, n, k, group):
+def test_grouped_within_16bit_tolerance_and_same_on_every_path(lib, m, n, k, group, bits):
     g = torch.Generator().manual_seed(3)
     q, s = quantize_int8(torch.randn(n, k, generator=g), group_size=group)
+    if bits == 4:  # 4-bit codes: stored as nibbles
+        q = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
     x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
     x[-1] *= 1e3
     w, scales, sums = native.grouped_layout(q, s)
+    assert w.dtype == (torch.uint8 if bits == 4 else torch.int8)
     got = lib.grouped_linear(x, w, n, group, scales, sums, bias)
     want = int8_weight_only_matmul_ref(x, q, s, bias)
     bound = k * x.abs().amax(dim=1, keepdim=True) / 65278 * 127 * s.max()
@@ -188,6 +192,9 @@ def test_grouped_within_16bit_tolerance_and_same_on_every_path(lib, m, n, k, gro
 def test_grouped_layout_round_trips_and_odd_groups_fall_back():
     q, s = quantize_int8(torch.randn(21, 96), group_size=32)
     assert torch.equal(cpu.PackedGrouped(q, s).codes(), q)
+    q4 = torch.randint(-8, 8, (21, 96), dtype=torch.int8)
+    packed = cpu.PackedGrouped(q4, s)
+    assert packed.weight.numel() == 32 * 96 // 2 and torch.equal(packed.codes(), q4)
     assert cpu.native_grouped(96, 12) and not cpu.native_grouped(40, 10)  # quads of 4 inputs
     assert not cpu.native_grouped(1024, 512)  # int32 group sums could overflow
     q, s = quantize_int8(torch.randn(7, 40), group_size=10)  # served dequantized, exactly
