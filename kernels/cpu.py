@@ -189,8 +189,8 @@ class PackedNative:
 
 
 class PackedGrouped:
-    """Int8 weights [N, K] with per-group scales [N, K // G] in the native grouped layout (one
-    int8 per weight resident), float activations only (W8A16, W4A16)."""
+    """Int8 weights [N, K] with per-group scales [N, K // G] in the native grouped layout (a
+    byte per weight, or a nibble for codes in [-8, 7]), float activations only (W8A16, W4A16)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
         self.n, self.k = codes.shape
