@@ -62,17 +62,14 @@
 #if NC % NB
 #error "NC must be a multiple of NB"
 #endif
+#if MB > 6 || NB > 4
+#error "the tiles spell out at most 6 rows and 4 columns"
+#endif
 #ifndef PF_DIST
 #define PF_DIST 8 /* chunks ahead */
 #endif
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1 /* to L2: L1 holds the chunks being multiplied */
-#endif
-#ifndef REDUCE4
-#define REDUCE4 1
-#endif
-#ifndef PREFETCH
-#define PREFETCH 1
 #endif
 #ifndef SMALL_ROWS
 #define SMALL_ROWS 48 /* up to this many 8-bit activation rows, loop over weight tiles outside */
@@ -137,7 +134,7 @@ static inline __attribute__((always_inline)) void tile_body(
 #define START(i, j) (va && mb > i && nb > j ? _mm512_load_si512(VA(i, j)) : _mm512_setzero_si512())
 #define ROW_VARS(i) __m512i a##i##0 = START(i, 0), a##i##1 = START(i, 1), \
     a##i##2 = START(i, 2), a##i##3 = START(i, 3);
-    ROW_VARS(0) ROW_VARS(1) ROW_VARS(2) ROW_VARS(3) ROW_VARS(4) ROW_VARS(5) ROW_VARS(6) ROW_VARS(7)
+    ROW_VARS(0) ROW_VARS(1) ROW_VARS(2) ROW_VARS(3) ROW_VARS(4) ROW_VARS(5)
 #define CODES(j) (nb <= j ? three : kind == INT8 ? \
     _mm512_loadu_si512((const void *)WADDR(j, b)) : \
     _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4( \
@@ -157,17 +154,17 @@ static inline __attribute__((always_inline)) void tile_body(
                              PF_HINT);
         const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
         ROW_STEP(0) ROW_STEP(1) ROW_STEP(2) ROW_STEP(3)
-        ROW_STEP(4) ROW_STEP(5) ROW_STEP(6) ROW_STEP(7)
+        ROW_STEP(4) ROW_STEP(5)
     }
 #define OUT(i, j, a) if (mb > i && nb > j) { \
         if (va) _mm512_store_si512(VA(i, j), a); \
         else acc[i * ldc + j] += _mm512_reduce_add_epi32(a); }
-#define ROW_OUT(i) if (REDUCE4 && mb > i && nb == 4 && !va) { \
+#define ROW_OUT(i) if (mb > i && nb == 4 && !va) { \
         __m128i *dst = (__m128i *)(acc + i * ldc); \
         _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst), \
                                             reduce4(a##i##0, a##i##1, a##i##2, a##i##3))); \
     } else { OUT(i, 0, a##i##0) OUT(i, 1, a##i##1) OUT(i, 2, a##i##2) OUT(i, 3, a##i##3) }
-    ROW_OUT(0) ROW_OUT(1) ROW_OUT(2) ROW_OUT(3) ROW_OUT(4) ROW_OUT(5) ROW_OUT(6) ROW_OUT(7)
+    ROW_OUT(0) ROW_OUT(1) ROW_OUT(2) ROW_OUT(3) ROW_OUT(4) ROW_OUT(5)
 #elif TDSL_ISA == 1
     (void)pf;
     (void)va;
@@ -221,7 +218,7 @@ static inline __attribute__((always_inline)) void tile_body(
 static void flush(const int32_t *va, int64_t mb, int nb, int32_t *acc, int64_t ldc) {
     for (int64_t i = 0; i < mb; i++) {
 #if TDSL_ISA == 2
-        if (REDUCE4 && nb == 4) {
+        if (nb == 4) {
             const __m512i *v = (const __m512i *)(va + i * NB * 16);
             __m128i *dst = (__m128i *)(acc + i * ldc);
             _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst),
@@ -245,15 +242,15 @@ static void flush(const int32_t *va, int64_t mb, int nb, int32_t *acc, int64_t l
     tile_body(K, w, x, ldx, kb0, kb1, I, J, acc, ldc, pf, va); }
 #define TILE_ROW(K, I) TILE(K, I, 1) TILE(K, I, 2) TILE(K, I, 3) TILE(K, I, 4)
 #define TILE_KIND(K) TILE_ROW(K, 1) TILE_ROW(K, 2) TILE_ROW(K, 3) TILE_ROW(K, 4) \
-    TILE_ROW(K, 5) TILE_ROW(K, 6) TILE_ROW(K, 7) TILE_ROW(K, 8)
+    TILE_ROW(K, 5) TILE_ROW(K, 6)
 TILE_KIND(0) TILE_KIND(1)
 typedef void (*tile_fn)(const uint8_t *, const uint8_t *, int64_t, int64_t, int64_t, int32_t *,
                         int64_t, const uint8_t *, int32_t *);
 #define TILE_FNS(K, I) {tile_##K##_##I##_1, tile_##K##_##I##_2, tile_##K##_##I##_3, \
     tile_##K##_##I##_4}
 #define TILE_TABLE(K) {TILE_FNS(K, 1), TILE_FNS(K, 2), TILE_FNS(K, 3), TILE_FNS(K, 4), \
-    TILE_FNS(K, 5), TILE_FNS(K, 6), TILE_FNS(K, 7), TILE_FNS(K, 8)}
-static const tile_fn TILES[2][8][4] = {TILE_TABLE(0), TILE_TABLE(1)};
+    TILE_FNS(K, 5), TILE_FNS(K, 6)}
+static const tile_fn TILES[2][6][4] = {TILE_TABLE(0), TILE_TABLE(1)};
 
 /* Quantize one token x [k] into kp-byte row(s) of q, zero-padded (int8 kind: shifted by 128);
    rsum gets each row's sum of signed codes (used by the ternary correction). Returns the scale. */
@@ -349,7 +346,7 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
                                    stay inside the weight */
                                 const int more = (wt - w) + (PF_DIST * KCB_FEW + k1) * stride <=
                                                  w_bytes;
-                                const uint8_t *pf = PREFETCH && more ?
+                                const uint8_t *pf = more ?
                                     wt + PF_DIST * KCB_FEW * stride : NULL;
                                 for (int64_t i0 = 0; i0 < rows; i0 += MB)
                                     TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1][cols - 1](
@@ -367,7 +364,7 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
                             for (int64_t i0 = 0; i0 < rows; i0 += MB)
                                 for (int64_t j0 = 0; j0 < nc; j0 += NB) {
                                     const uint8_t *wt = w + (n0 + j0) / NB * tile_bytes;
-                                    const int fetch = PREFETCH && i0 == MB && n0 + NC + j0 < n;
+                                    const int fetch = i0 == MB && n0 + NC + j0 < n;
                                     TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1]
                                          [(nc - j0 < NB ? nc - j0 : NB) - 1](
                                         wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC,
