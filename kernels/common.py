@@ -67,6 +67,17 @@ def ieee_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> str:
+    """/proc/cpuinfo, read once ("" where there is none): the CPU paths pick their kernels by
+    its flags, the native build keys its cache on it, the benchmark names the CPU from it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

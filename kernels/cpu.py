@@ -30,6 +30,7 @@ import weakref
 import torch
 
 from . import native
+from .common import cpu_info
 
 
 def _op(namespace, name):
@@ -56,11 +57,7 @@ def engine() -> str | None:
 def fbgemm_exact() -> bool:
     """True when the int8 GEMM multiplies u8 x s8 without saturation (VNNI), so the paths are
     exact, and an engine exists."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
+    flags = cpu_info()
     return engine() is not None and ("avx512_vnni" in flags or "avx_vnni" in flags)
 
 
@@ -137,6 +134,16 @@ def _add(y, bias):
     return y if bias is None else y.add_(bias)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the native kernel reads it: fp32, unit stride along K."""
+    x = x.float()
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().contiguous()
+
+
 def native_fits(k: int) -> bool:
     """Whether a weight with K inputs can run the native kernel here: an AVX-512 VNNI or AVX2
     build (the portable C build serves the tests, too slow to serve layers), K within the int32
@@ -172,11 +179,8 @@ class PackedNative:
         return unpack(self.weight, self.n, self.k, self.lib.tile_rows)
 
     def _run(self, x, bias, mode):
-        x = x.float()
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        b = None if bias is None else bias.float().contiguous()
-        return self.lib.linear(self.kind, x, self.weight, self.scale, self.w_sum, b, mode)
+        return self.lib.linear(self.kind, _rows(x), self.weight, self.scale, self.w_sum,
+                               _vector(bias), mode)
 
     def dynamic_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         """Bit-exact with ops.quantize_per_token then the W1.58A8 / W8A8 reference twin."""
@@ -206,12 +210,8 @@ class PackedGrouped:
     def float_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         """16-bit fixed-point activations (half a step, max|x_row| / 65278, per input); exact
         integer sums per group, scaled and added in fp32."""
-        x = x.float()
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        b = None if bias is None else bias.float().contiguous()
-        return self.lib.grouped_linear(x, self.weight, self.n, self.group, self.scale,
-                                       self.w_sum, b)
+        return self.lib.grouped_linear(_rows(x), self.weight, self.n, self.group, self.scale,
+                                       self.w_sum, _vector(bias))
 
 
 def native_grouped(k: int, group: int) -> bool:

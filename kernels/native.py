@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .common import cpu_info
+
 SOURCE = Path(__file__).with_name("cpu_linear.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -28,12 +30,7 @@ TERNARY, INT8 = 0, 1
 
 
 def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return ""
-    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    keep = [line for line in cpu_info().splitlines() if line.startswith(("model name", "flags"))]
     return "\n".join(sorted(set(keep)))
 
 
@@ -102,7 +99,6 @@ class Library:
             if rc != 0:
                 raise MemoryError("native linear: could not allocate scratch memory")
         return y
-
 
     def grouped_linear(self, x: torch.Tensor, w: torch.Tensor, n: int, group: int,
                        scale: torch.Tensor, w_sum: torch.Tensor,

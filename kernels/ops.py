@@ -35,6 +35,13 @@ def quantize_per_token(x: torch.Tensor):
     return codes, scale.squeeze(-1)
 
 
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """x on its per-token int8 grid (codes * scale), in x's dtype: what an int8-activation
+    kernel multiplies, for the paths that run it in floating point."""
+    codes, scale = quantize_per_token(x)
+    return (codes.float() * scale.unsqueeze(-1)).to(x.dtype)
+
+
 def _backend(x, backend):
     if backend not in ("auto", "triton", "cpu", "ref"):
         raise ValueError(f"backend must be auto, triton, cpu or ref, got {backend!r}")
@@ -77,18 +84,17 @@ def cpu_kind(k: int, activations: str, ternary: bool, group: int | None = None) 
     return "fbgemm" if exact else None
 
 
-def cpu_fast(x, activations, ternary=False, group=None) -> bool:
-    """Whether a CPU tensor x takes a fast CPU path (else Triton's interpreter or a fallback)."""
-    return (not x.is_cuda and not use_triton(x) and
-            cpu_kind(x.shape[-1], activations, ternary, group) is not None)
+def on_cpu_paths(x) -> bool:
+    """Whether x runs the CPU paths: a CPU tensor outside Triton's interpreter."""
+    return not x.is_cuda and not use_triton(x)
 
 
-def cpu_form(codes: torch.Tensor, scale: torch.Tensor, activations: str, ternary: bool):
-    """The fastest CPU form of int8 codes [N, K] (ternary: values in {-1, 0, 1}) with
-    per-channel scales [N] or per-group scales [N, K // G]: the native kernel's, else fbgemm's."""
-    if scale.dim() == 2:
+def cpu_form(codes: torch.Tensor, scale: torch.Tensor, kind: str, ternary: bool):
+    """The CPU form cpu_kind chose for int8 codes [N, K] (ternary: values in {-1, 0, 1}) with
+    per-channel scales [N] or per-group scales [N, K // G]."""
+    if kind == "grouped":
         return cpu.PackedGrouped(codes, scale)
-    if cpu_kind(codes.shape[1], activations, ternary) == "native":
+    if kind == "native":
         return cpu.PackedNative(codes, scale, ternary)
     return cpu.PackedInt8(codes, scale)
 
@@ -117,7 +123,7 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
         if kind is not None:
             prepacked = cpu.cached(
                 (packed, scale),
-                lambda p, s: cpu_form(unpack_ternary(p, k), s, activations, True), kind=kind)
+                lambda p, s: cpu_form(unpack_ternary(p, k), s, kind, True), kind=kind)
             return cpu_matmul(prepacked, x, bias, activations)
         return _cpu_dequantized(x, (packed, scale), lambda p, s: unpack_ternary(p, k).float()
                                 * s.float().reshape(-1, 1), bias)
@@ -140,15 +146,13 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
         check_int8(x, w, scale, bias)
         kind = cpu_kind(k, activations, False, k // scale.shape[1] if grouped else None)
         if kind is not None:
-            prepacked = cpu.cached((w, scale), lambda c, s: cpu_form(c, s, activations, False),
+            prepacked = cpu.cached((w, scale), lambda c, s: cpu_form(c, s, kind, False),
                                    kind=kind)
             return cpu_matmul(prepacked, x, bias, activations)
         if activations == "none":
             return _cpu_dequantized(x, (w, scale), dequantize_int8, bias)
         if not grouped:  # per-token int8 activations, fake-quantized, on the same fp32 matmul
-            codes, xs = quantize_per_token(x)
-            xq = (codes.float() * xs.unsqueeze(-1)).to(x.dtype)
-            return _cpu_dequantized(xq, (w, scale), dequantize_int8, bias)
+            return _cpu_dequantized(fake_quantize_per_token(x), (w, scale), dequantize_int8, bias)
     if activations == "dynamic":
         codes, xs = quantize_per_token(x.reshape(-1, k))
         run = int8_w8a8_matmul_triton if be == "triton" else int8_w8a8_matmul_ref
@@ -158,5 +162,6 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     return int8_weight_only_matmul_ref(x, w, scale, bias)
 
 
-__all__ = ["ternary_matmul", "int8_matmul", "quantize_per_token", "ternary_matmul_ref",
+__all__ = ["ternary_matmul", "int8_matmul", "quantize_per_token", "fake_quantize_per_token",
+           "ternary_matmul_ref",
            "ternary_a8_matmul_ref", "int8_weight_only_matmul_ref", "int8_w8a8_matmul_ref"]

@@ -196,13 +196,12 @@ def environment(device):
         env["gpu"] = torch.cuda.get_device_name()
     else:
         from .kernels import cpu, native
+        from .kernels.common import cpu_info
         env["cpu_kernels"] = (f"ternary: {native.describe()}; int8: "
                               f"{native.describe() if cpu.native_int8() else cpu.engine()}")
-        try:
-            with open("/proc/cpuinfo") as f:
-                env["cpu"] = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)
-        except Exception:
-            env["cpu"] = platform.processor()
+        names = [l.split(":", 1)[1].strip() for l in cpu_info().splitlines()
+                 if l.startswith("model name")]
+        env["cpu"] = names[0] if names else platform.processor()
     return env
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.cpu import PackedGrouped, PackedInt8, PackedNative, cached
-from ..kernels.ops import (cpu_fast, cpu_form, cpu_kind, cpu_matmul, int8_matmul,
-                           quantize_per_token, ternary_matmul)
+from ..kernels.ops import (cpu_form, cpu_kind, cpu_matmul, fake_quantize_per_token,
+                           int8_matmul, on_cpu_paths, ternary_matmul)
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
 from ..precision import Binary, Float, Int, Ternary
 from . import quant as Q
@@ -112,13 +112,13 @@ class FrozenLinear(nn.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         act = "dynamic" if self.activations == "dynamic" else "none"
-        ternary = self.mode == "ternary"
-        group = self._group()
-        if self._stored() is not None and cpu_fast(x, act, ternary, group):
-            kind = cpu_kind(self.in_features, act, ternary, group)
+        kind = None
+        if self._stored() is not None and on_cpu_paths(x):
+            kind = cpu_kind(self.in_features, act, self.mode == "ternary", self._group())
+        if kind is not None:
             if self.in_features * self.out_features <= dense_below(kind, act):
                 return self._dense_matmul(x, act)
-            return cpu_matmul(self._cpu_form(act), x, self.bias, act)
+            return cpu_matmul(self._cpu_form(kind), x, self.bias, act)
         self._restore()
         if self.mode == "ternary":
             y = ternary_matmul(x, self.packed, self.scale, self.bias, activations=act)
@@ -139,12 +139,11 @@ class FrozenLinear(nn.Module):
 
     def _dense_matmul(self, x, act):
         """Small layers on the CPU: fp32 matmul on the weight dequantized once (per-token int8
-        activations are fake-quantized first). Per call this beats an int8 GEMM's fixed costs
-        below ~1 MiB of fp32 weights, and the extra resident copy stays under that size."""
+        activations are fake-quantized first). Below dense_below() weights this beats the
+        kernels' fixed costs per call, and the extra resident copy stays small."""
         w = self.dequantized_weight()
         if act == "dynamic":
-            codes, scale = quantize_per_token(x)
-            x = (codes.float() * scale.unsqueeze(-1)).to(x.dtype)
+            x = fake_quantize_per_token(x)
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -185,13 +184,13 @@ class FrozenLinear(nn.Module):
             return self.in_features // self.scale.shape[1]
         return None
 
-    def _cpu_form(self, act: str) -> PackedInt8 | PackedNative | PackedGrouped:
+    def _cpu_form(self, kind: str) -> PackedInt8 | PackedNative | PackedGrouped:
         if self._prepacked is None:
             name = self._stored()
             buf = getattr(self, name)
             ternary = name == "packed"
             codes = unpack_ternary(buf, self.in_features) if ternary else buf
-            self._prepacked = cpu_form(codes, self.scale, act, ternary)
+            self._prepacked = cpu_form(codes, self.scale, kind, ternary)
             setattr(self, name, torch.empty(0, dtype=buf.dtype))  # released: see above
         return self._prepacked
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..kernels.ops import fake_quantize_per_token as _fake_per_token
 from ..kernels.ops import quantize_per_token as _per_token
 
 
@@ -92,8 +93,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
-    codes, scale = quantize_per_token(x)
-    return ste(x, (codes.float() * scale).to(x.dtype))
+    return ste(x, _fake_per_token(x.detach()))
 
 
 # --- ternary -------------------------------------------------------------------------------------
