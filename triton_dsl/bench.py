@@ -206,22 +206,15 @@ def environment(device):
 
 
 def main(argv=None) -> int:
+    from .cli_workflow import bench_arguments
     ap = argparse.ArgumentParser(prog="triton-dsl bench", description=__doc__.split("\n")[0])
-    add_arguments(ap)
+    bench_arguments(ap)
     return run_cli(ap.parse_args(argv))
 
 
-def add_arguments(ap):
-    ap.add_argument("--M", type=int, nargs="+", default=[1, 16, 256], metavar="M")
-    ap.add_argument("--NK", type=int, nargs="+", default=[4096, 8192], metavar="N")
-    ap.add_argument("--device", choices=["cpu", "cuda"],
-                    default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--repeat", type=int, default=10)
-    ap.add_argument("--methods", nargs="+", metavar="METHOD")
-    ap.add_argument("--json", metavar="PATH", help="write the records and the environment here")
-
-
 def run_cli(a) -> int:
+    if a.device is None:
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(a.device)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(HEADER)

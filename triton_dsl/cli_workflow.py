@@ -10,24 +10,25 @@ import sys
 from .cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE
 
 
+def bench_arguments(ap):
+    """The options of `triton-dsl bench` and benchmarks/bench.py (no torch needed to list them)."""
+    ap.add_argument("--M", type=int, nargs="+", default=[1, 16, 256], metavar="M")
+    ap.add_argument("--NK", type=int, nargs="+", default=[4096, 8192], metavar="N")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: cuda when available")
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--methods", nargs="+", metavar="METHOD")
+    ap.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
+
+
 def _add_bench(sub):
     s = sub.add_parser("bench", help="time quantized matmuls against torch and the peers")
-    s.add_argument("--M", type=int, nargs="+", default=[1, 16, 256], metavar="M")
-    s.add_argument("--NK", type=int, nargs="+", default=[4096, 8192], metavar="N")
-    s.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda when available")
-    s.add_argument("--repeat", type=int, default=10)
-    s.add_argument("--methods", nargs="+", metavar="METHOD")
-    s.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
+    bench_arguments(s)
     s.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args) -> int:
-    import torch
-
     from . import bench
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         return bench.run_cli(args)
     except ValueError as e:
@@ -175,8 +176,6 @@ def _add_workflow(sub):
     s.add_argument("-o", "--output", required=True, metavar="DIR")
     s.add_argument("--bench", metavar="JSON", help="a `bench --json` file to plot as well")
     s.set_defaults(func=cmd_report)
-
-
 
 
 def add_commands(sub):

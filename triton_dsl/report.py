@@ -9,6 +9,7 @@ import torch
 from . import checkpoint as ck
 from . import plots
 from .compiler import check_source
+from .files import write_atomic
 from .summary import render, summarize
 
 
@@ -88,6 +89,5 @@ def write_report(path: str, out_dir: str, bench: str | None = None) -> str:
     for title, img in images:
         lines += [f"## {title}", "", f"![{title}]({img})", ""]
     page = os.path.join(out_dir, "report.md")
-    with open(page, "w") as f:
-        f.write("\n".join(lines))
+    write_atomic(page, "\n".join(lines))
     return page

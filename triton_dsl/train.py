@@ -73,8 +73,8 @@ def train(model: nn.Module, data: Dataset, epochs: int = 10, lr: float = 1e-3,
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * -(-len(data.x_train) // (batch_size * world))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    per_epoch = -(-len(data.x_train) // (batch_size * world))  # batches per rank and epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * per_epoch, 1))
     history = []
     for epoch in range(1, epochs + 1):
         t0 = time.perf_counter()
@@ -82,8 +82,7 @@ def train(model: nn.Module, data: Dataset, epochs: int = 10, lr: float = 1e-3,
         stats = torch.zeros(3)  # loss sum, correct, count
         batches = data.batches("train", batch_size, shuffle=True, seed=seed * 1000 + epoch,
                                rank=rank, world=world)
-        bar = _bar(batches, -(-len(data.x_train) // (batch_size * world)),
-                   f"epoch {epoch}/{epochs}", progress and rank == 0)
+        bar = _bar(batches, per_epoch, f"epoch {epoch}/{epochs}", progress and rank == 0)
         for x, y in bar:
             opt.zero_grad(set_to_none=True)
             out = net(x)
