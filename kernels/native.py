@@ -127,8 +127,8 @@ def library() -> Library | None:
     if os.environ.get("TRITON_DSL_CPU_NATIVE", "1") == "0":
         _ERROR.append("disabled by TRITON_DSL_CPU_NATIVE=0")
         return None
-    try:
-        return Library(build())
+    try:  # TRITON_DSL_CPU_FLAGS adds compiler flags, e.g. -mno-avx512f to time the AVX2 path
+        return Library(build(tuple(os.environ.get("TRITON_DSL_CPU_FLAGS", "").split())))
     except (RuntimeError, OSError) as e:
         _ERROR.append(str(e))
         return None
