@@ -153,6 +153,8 @@ def test_falls_back_when_disabled_or_uncompilable(tmp_path):
     # no compiler on PATH and an empty cache: the build fails, the op still works
     out = _run({"PATH": str(tmp_path), "CC": "", "TRITON_DSL_CACHE": str(tmp_path / "cache")})
     assert out.startswith("unavailable: no C compiler found") and out.endswith("True")
+    # extra compiler flags reach the build: here the portable one, which never serves layers
+    assert _run({"TRITON_DSL_CPU_FLAGS": "-mno-avx2 -mno-avx512f"}) == "native (scalar) True"
 
 
 def test_wide_layers_fall_back_to_fbgemm():
