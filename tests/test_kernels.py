@@ -227,7 +227,6 @@ with torch.no_grad():
 assert torch.allclose(got, want, atol=1e-3), (got - want).abs().max()
 print("ok")
 """
-    import os
     import subprocess
     import sys
     env = dict(os.environ)

@@ -13,7 +13,7 @@ from . import ast, ir
 from .diagnostics import Diagnostic, suggest
 from .expand import Expander, bind, value_of
 from .kinds import KINDS, QUANTIZABLE
-from .precision import FP32, REGISTRY, Float, Ternary
+from .precision import FP32, REGISTRY, Ternary
 
 _RANK = {"layer_exact": 3, "layer_pattern": 2, "kind": 1, "default": 0}
 

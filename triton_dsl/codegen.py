@@ -132,7 +132,7 @@ def generate(models: list[ir.Model], path: str, source: str, fp32: bool = False)
                 f'{", ".join(map(str, m.output_shape))}]."""',
                 "",
                 f"    input_shape = {m.input_shape!r}",
-                f"    tdsl_source = TDSL_SOURCE",
+                "    tdsl_source = TDSL_SOURCE",
                 f"    tdsl_model = {m.name!r}"]
         if fp32:
             out.append("    tdsl_fp32 = True  # every layer fp32, whatever the precision rules say")

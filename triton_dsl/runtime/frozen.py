@@ -26,7 +26,7 @@ from ..kernels.ops import (cpu_form, cpu_kind, cpu_matmul, fake_quantize_per_tok
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
 from ..precision import Binary, Float, Int, Ternary
 from . import quant as Q
-from .layers import Conv2d, Linear
+from .layers import Conv2d, Linear, im2col_conv
 
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -249,16 +249,11 @@ class FrozenConv2d(nn.Module):
             w = lin.dequantized_weight().reshape(self.out_channels, -1, *self.kernel_size)
             return F.conv2d(x, w.to(x.dtype), lin.bias, self.stride, self.padding, self.dilation,
                             self.groups)
-        b, c, h, w = x.shape
         kh, kw = self.kernel_size
-        if c * kh * kw != self.linear.in_features:
+        if x.shape[1] * kh * kw != self.linear.in_features:
             raise ValueError(f"x must have {self.linear.in_features // (kh * kw)} channels, got "
                              f"shape {tuple(x.shape)}")
-        ho = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
-        wo = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        y = self.linear(cols.transpose(1, 2))  # [B, L, out]
-        return y.transpose(1, 2).reshape(b, self.out_channels, ho, wo)
+        return im2col_conv(x, self, self.linear)
 
 
 def _as_linear(conv: Conv2d) -> Linear:

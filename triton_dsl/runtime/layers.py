@@ -61,15 +61,22 @@ class Conv2d(_QuantMixin, nn.Conv2d):
         """Dynamic int8 activations quantize per token, and a convolution's tokens are its
         im2col patches: the same rows the deployed kernel quantizes (the checker admits this
         only for groups=1 and numeric padding)."""
-        b, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
-                                                  self.dilation)
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-        y = F.linear(self.act_quant(cols.transpose(1, 2)),
-                     self.quantized_weight().reshape(self.out_channels, -1), self.bias)
-        return y.transpose(1, 2).reshape(b, self.out_channels, ho, wo)
+        w = self.quantized_weight().reshape(self.out_channels, -1)
+        return im2col_conv(x, self, lambda cols: F.linear(self.act_quant(cols), w, self.bias))
 
 
-__all__ = ["Linear", "Conv2d", "Float"]
+def im2col_conv(x: torch.Tensor, conv, matmul) -> torch.Tensor:
+    """A groups=1 convolution as ``matmul`` over its im2col patches: x [B, C, H, W] -> patches
+    [B, L, C*kh*kw] -> matmul -> [B, out, H', W']. ``conv`` supplies kernel_size, stride,
+    padding (numeric), dilation and out_channels."""
+    b, _, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (conv.kernel_size, conv.stride, conv.padding,
+                                              conv.dilation)
+    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+    y = matmul(cols.transpose(1, 2))  # [B, L, out]
+    return y.transpose(1, 2).reshape(b, conv.out_channels, ho, wo)
+
+
+__all__ = ["Linear", "Conv2d", "Float", "im2col_conv"]

@@ -90,8 +90,7 @@ class TernaryQuantizer(nn.Module):
 
     def _reference(self, w):
         """The magnitude stochastic rounding rounds to: the TWN scale."""
-        twn = (w.detach().abs() > Q.ternary_threshold(w, "twn", self.config.granularity))
-        return Q.ternary_scale(w, twn.to(w.dtype), "twn", self.config.granularity)
+        return Q.ternary_quantize(w, "twn", "twn", self.config.granularity).scale
 
     def quantize(self, w) -> Q.TernaryResult:
         """Codes and scales as they would be frozen (no gradient)."""
