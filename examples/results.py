@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from triton_dsl import checkpoint as ck  # noqa: E402
 from triton_dsl.data import load as load_data  # noqa: E402
+from triton_dsl.files import write_atomic  # noqa: E402
 from triton_dsl.runtime import freeze  # noqa: E402
 from triton_dsl.train import evaluate, latency, train  # noqa: E402
 from triton_dsl.workflow import build, load_float_weights  # noqa: E402
@@ -42,17 +43,13 @@ def _row(name, method, path, ds, base_acc, fp32_bytes):
 
 def _ptq_copy(tdsl, float_net):
     """The file's quantized model with the fp32 network's current weights."""
-    net = build(tdsl)
-    with tempfile.TemporaryDirectory() as d:
-        p = os.path.join(d, "f.pt")
-        torch.save(float_net.state_dict(), p)
-        return load_float_weights(net, p)
+    return load_float_weights(build(tdsl), float_net.state_dict())
 
 
-def run(data: str, epochs: int, seed: int, out_dir: str, log=print):
+def run(data: str, epochs: int, seed: int, work: str, log=print):
+    """Train, quantize and measure; the checkpoints go to the folder ``work``."""
     ex = lambda f: os.path.join(HERE, f)  # noqa: E731
     tern, int8, mixed = ex("mnist_ternary.tdsl"), ex("mnist_int8.tdsl"), ex("mixed_precision.tdsl")
-    work = tempfile.mkdtemp()
     p = lambda n: os.path.join(work, n)  # noqa: E731
     rows, curves = [], {}
     quiet = dict(progress=False, log=lambda s: None)
@@ -76,7 +73,7 @@ def run(data: str, epochs: int, seed: int, out_dir: str, log=print):
 
     # int8 PTQ: the same network (same seed, same data) declared with int8 weights
     i32, _, _ = fit(int8, True)
-    q = freeze(load_float_weights(build(int8), _save(i32, p("i8float.safetensors"))))
+    q = freeze(load_float_weights(build(int8), i32.state_dict()))
     ck.save(q, p("int8_ptq.safetensors"), data=ds)
     rows.append(_row("MLP 784-256-128-10", "int8 PTQ", p("int8_ptq.safetensors"), ds, base,
                      fp32_bytes))
@@ -108,11 +105,6 @@ def run(data: str, epochs: int, seed: int, out_dir: str, log=print):
     return rows, curves, {"data": data, "epochs": epochs, "seed": seed,
                           "train": len(ds.x_train), "test": len(ds.x_test),
                           "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def _save(net, path):
-    ck.save(net, path)
-    return path
 
 
 def markdown(rows, info) -> str:
@@ -152,15 +144,14 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--no-readme", action="store_true", help="do not update examples/README.md")
     a = ap.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
-    rows, curves, info = run(a.data, a.epochs, a.seed, a.out)
+    with tempfile.TemporaryDirectory() as work:
+        rows, curves, info = run(a.data, a.epochs, a.seed, work)
     os.makedirs(a.out, exist_ok=True)
     tag = a.data.split(":")[0]
     md = markdown(rows, info)
-    with open(os.path.join(a.out, f"{tag}.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
-        json.dump({"info": info, "rows": rows, "curves": curves}, f, indent=1)
+    write_atomic(os.path.join(a.out, f"{tag}.md"), md)
+    write_atomic(os.path.join(a.out, f"{tag}.json"),
+                 json.dumps({"info": info, "rows": rows, "curves": curves}, indent=1))
     plot(curves, os.path.join(a.out, f"{tag}-curves.png"), a.data)
     print(md)
     if not a.no_readme and a.out == os.path.join(HERE, "results"):
@@ -176,8 +167,7 @@ def _update_readme(tag, md):
         text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text += ("\n" if text else "") + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    write_atomic(path, text)
 
 
 if __name__ == "__main__":

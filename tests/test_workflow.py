@@ -123,6 +123,12 @@ def test_checkpoint_errors(trained, tmp_path):
     torch.save({"fc1.weight": torch.zeros(3, 3)}, tmp_path / "sd.pt")
     with pytest.raises(ck.CheckpointError, match="shape mismatch"):
         ptq(TERNARY, str(tmp_path / "sd.pt"), str(tmp_path / "m.safetensors"))
+    from triton_dsl.workflow import build, load_float_weights  # a state dict in memory too
+    with pytest.raises(ck.CheckpointError, match="the state dict does not fit .* shape mismatch"):
+        load_float_weights(build(TERNARY), {"fc1.weight": torch.zeros(3, 3)})
+    float_net = ck.load(str(d / "fp32.safetensors"))
+    net = load_float_weights(build(TERNARY), float_net.state_dict())
+    assert torch.equal(net.fc1.weight, float_net.fc1.weight)
 
 
 def test_failed_save_keeps_the_old_file(trained, tmp_path, monkeypatch):

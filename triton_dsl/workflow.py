@@ -50,10 +50,12 @@ def train_model(tdsl: str, data: str, out: str, epochs: int = 10, seed: int = 0,
     return {"history": hist, "test_acc": evaluate(net, ds), "bytes": size}
 
 
-def load_float_weights(net, weights: str):
+def load_float_weights(net, weights):
     """Float weights into a (quantized) model of the same file: a triton-dsl checkpoint, a
-    safetensors state dict, or a torch .pt state dict."""
-    if weights.endswith(".safetensors"):
+    safetensors state dict, a torch .pt state dict, or a state dict already in memory."""
+    if isinstance(weights, dict):
+        tensors, weights = weights, "the state dict"
+    elif weights.endswith(".safetensors"):
         try:
             tensors, meta = ck.read(weights)
         except ck.CheckpointError as e:
