@@ -1,9 +1,11 @@
 """How long `check` takes on a generated 200-layer file (target: well under 0.5 s).
 
-    python benchmarks/check_speed.py [--layers 200]
+    python benchmarks/check_speed.py [--layers 200] > benchmarks/results/check-speed-epyc-2core.txt
 """
 import argparse
+import datetime
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,8 @@ def main():
     ap.add_argument("--layers", type=int, default=200)
     ap.add_argument("--runs", type=int, default=5)
     a = ap.parse_args()
+    print(f"date={datetime.date.today()} python={platform.python_version()} "
+          f"machine={platform.machine()} cpus={os.cpu_count()}")
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "deep.tdsl")
         with open(path, "w") as f:

@@ -12,6 +12,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path, dpi=100):
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _grid(n, width=3.2, height=2.6):
     plt = _plt()
     cols = min(n, 4)
@@ -34,9 +40,7 @@ def histograms(layers, path):
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6)
     fig.suptitle("weights before and after quantization", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def errors(layers, path):
@@ -46,9 +50,7 @@ def errors(layers, path):
         ax.hist((before - after).abs().flatten().numpy(), bins=60, color="tab:red")
         ax.set_title(f"{name}: quantization error", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def ternary_counts(counts, path):
@@ -59,9 +61,7 @@ def ternary_counts(counts, path):
         ax.bar(["-1", "0", "+1"], [neg, zero, pos], color=["tab:blue", "gray", "tab:orange"])
         ax.set_title(f"{name}: {100 * zero / total:.1f}% zeros", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def curves(history, path, title="training"):
@@ -82,9 +82,7 @@ def curves(history, path, title="training"):
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def bench_bars(data, path):
@@ -105,6 +103,4 @@ def bench_bars(data, path):
     where = env.get("gpu") or env.get("cpu", "")
     fig.suptitle(f"{where}, {env.get('threads')} threads, torch {env.get('torch')}, "
                  f"{env.get('date')}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
