@@ -91,6 +91,7 @@ class PackedInt8:
         # for the float path: 128 * rowsum(codes) * scale undoes the low half's -128 offset
         self.offset = 128 * codes.sum(dim=1, dtype=torch.int64).float() * self.scale
         self.k = k
+        self.nbytes = n * k + 8 * n  # the engine's packing is opaque: its codes and two vectors
 
     def codes(self) -> torch.Tensor:
         """The int8 codes back from the packed form (rows with a zero scale read as 0)."""
@@ -140,6 +141,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _nbytes(*tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.float().contiguous()
 
@@ -161,7 +166,9 @@ def native_int8() -> bool:
 
 class PackedNative:
     """A weight [N, K] in the native kernel's layout: ternary at 2 bits (N * K / 4 bytes
-    resident) or int8 codes, with per-channel fp32 scales. Same interface as PackedInt8."""
+    resident) or int8 codes, with per-channel fp32 scales. Same interface as PackedInt8
+    (codes, dynamic_matmul, float_matmul, k, nbytes: the bytes it holds beyond the tensors
+    it was given)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, ternary: bool):
         self.n, self.k = codes.shape
@@ -173,6 +180,8 @@ class PackedNative:
         self.weight = pack(codes, self.lib.tile_rows)
         self.w_sum = None if ternary else codes.sum(dim=1, dtype=torch.int32)
         self.scale = scale.float().reshape(-1).expand(self.n).contiguous()
+        own_scale = self.scale.data_ptr() != scale.data_ptr()  # else the caller's tensor
+        self.nbytes = _nbytes(self.weight, self.w_sum, self.scale if own_scale else None)
 
     def codes(self) -> torch.Tensor:
         unpack = native.from_blocks if self.kind == native.TERNARY else native.from_int8_rows
@@ -203,6 +212,7 @@ class PackedGrouped:
         if self.lib is None:
             raise RuntimeError(f"the native CPU kernel is unavailable: {native.error()}")
         self.weight, self.scale, self.w_sum = native.grouped_layout(codes, scale)
+        self.nbytes = _nbytes(self.weight, self.w_sum, self.scale)
 
     def codes(self) -> torch.Tensor:
         return native.from_grouped_layout(self.weight, self.n, self.k)

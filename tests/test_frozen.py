@@ -139,3 +139,26 @@ def test_frozen_layers_reject_wrong_width():
     conv(torch.randn(1, 3, 8, 8))
     with pytest.raises(ValueError, match=r"3 channels, got shape \(1, 2, 8, 8\)"):
         conv(torch.randn(1, 2, 8, 8))
+
+
+def test_weight_bytes_follow_the_cpu_form(monkeypatch):
+    """weight_bytes counts what the layer holds: the packed buffer before a CPU call, the CPU
+    form after it (ternary 2 bits, 4-bit grouped codes as nibbles with the native kernel)."""
+    from triton_dsl.kernels import native
+    from triton_dsl.runtime import frozen
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 0)
+    lib = native.library()
+    if lib is None or lib.isa != "avx512-vnni":
+        pytest.skip("the native forms, grouped included, need the native library with VNNI")
+    n, k = 64, 512
+    t = rt.FrozenLinear(rt.Linear(k, n, precision=rt.Ternary()))
+    assert t.weight_bytes() == n * k // 4 + 4 * n  # 2-bit codes and a scale per channel
+    t(torch.randn(2, k))
+    assert t.weight_bytes() == n * k // 4 + 4 * n  # the same bytes, now in the CPU form
+    g = rt.FrozenLinear(rt.Linear(k, n, precision=rt.Int(bits=4, group_size=128)))
+    assert g.weight_bytes() >= n * k  # int8 codes while stored
+    g(torch.randn(2, k))
+    groups = k // 128
+    # nibbles, plus per-group scales (the layer's and the kernel's copy) and code sums
+    assert g.weight_bytes() == n * k // 2 + 3 * 4 * n * groups

@@ -46,8 +46,9 @@ def _methods(device):
             layer = Linear(w.shape[1], w.shape[0], bias=False, precision=precision)
             layer.weight.data.copy_(w.cpu())
             mod = FrozenLinear(layer).to(device)
-            nbytes = sum(b.numel() * b.element_size() for b in mod.buffers())
-            return mod, nbytes
+            with torch.no_grad():  # on the CPU this builds the form the kernel reads
+                mod(torch.zeros(1, w.shape[1], device=device))
+            return mod, mod.weight_bytes()
         return make
 
     def torchao(cfg_name):

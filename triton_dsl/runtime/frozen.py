@@ -171,6 +171,13 @@ class FrozenLinear(nn.Module):
     # released (the prepacked form holds the same codes), so a layer keeps one copy resident.
     # Saving, loading, copying or moving the layer rebuilds the buffer first.
 
+    def weight_bytes(self) -> int:
+        """Bytes of the weight as the layer holds it now: its buffers (bias excluded) plus the
+        CPU form, once a CPU call has built it (the buffer it replaced is then empty). A small
+        layer's dense fp32 copy (see dense_below) is not counted."""
+        held = sum(b.numel() * b.element_size() for b in self.buffers())
+        return held + (self._prepacked.nbytes if self._prepacked is not None else 0)
+
     def _stored(self) -> str | None:
         if self.mode == "ternary" and not hasattr(self, "scale_abs"):
             return "packed"
