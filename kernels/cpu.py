@@ -245,3 +245,16 @@ def cached(tensors: tuple, build, kind: str = "fbgemm"):
     refs = tuple(weakref.ref(t, lambda _, k=key: _CACHE.pop(k, None)) for t in tensors)
     _CACHE[key] = (refs, versions, value)
     return value
+
+
+def cached_bytes(tensors) -> int:
+    """Bytes of the live cached forms built only from ``tensors`` (a layer's buffers): tensors
+    count their storage, CPU forms their nbytes."""
+    mine = {id(t) for t in tensors}
+    total = 0
+    for refs, _, value in list(_CACHE.values()):
+        alive = [r() for r in refs]
+        if all(t is not None and id(t) in mine for t in alive):
+            total += (value.numel() * value.element_size() if isinstance(value, torch.Tensor)
+                      else getattr(value, "nbytes", 0))
+    return total

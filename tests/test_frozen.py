@@ -162,3 +162,9 @@ def test_weight_bytes_follow_the_cpu_form(monkeypatch):
     groups = k // 128
     # nibbles, plus per-group scales (the layer's and the kernel's copy) and code sums
     assert g.weight_bytes() == n * k // 2 + 3 * 4 * n * groups
+    # a layer served from a dequantized fp32 copy counts that copy too
+    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 1 << 30)
+    d = rt.FrozenLinear(rt.Linear(k, n, precision=rt.Int()))
+    before = d.weight_bytes()
+    d(torch.randn(2, k))
+    assert d.weight_bytes() == before + 4 * n * k

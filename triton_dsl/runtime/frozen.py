@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.cpu import PackedGrouped, PackedInt8, PackedNative, cached
+from ..kernels.cpu import PackedGrouped, PackedInt8, PackedNative, cached, cached_bytes
 from ..kernels.ops import (cpu_form, cpu_kind, cpu_matmul, fake_quantize_per_token,
                            int8_matmul, on_cpu_paths, ternary_matmul)
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
@@ -172,10 +172,12 @@ class FrozenLinear(nn.Module):
     # Saving, loading, copying or moving the layer rebuilds the buffer first.
 
     def weight_bytes(self) -> int:
-        """Bytes of the weight as the layer holds it now: its buffers (bias excluded) plus the
-        CPU form, once a CPU call has built it (the buffer it replaced is then empty). A small
-        layer's dense fp32 copy (see dense_below) is not counted."""
-        held = sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the weight as the layer holds it now: its buffers (bias excluded), the CPU
+        form once a CPU call has built it (the buffer it replaced is then empty), and the forms
+        cached from its buffers (a dequantized fp32 copy where a fallback or the dense path of
+        a small layer runs)."""
+        bufs = list(self.buffers())
+        held = sum(b.numel() * b.element_size() for b in bufs) + cached_bytes(bufs)
         return held + (self._prepacked.nbytes if self._prepacked is not None else 0)
 
     def _stored(self) -> str | None:
