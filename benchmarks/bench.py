@@ -4,7 +4,7 @@
 """
 import sys
 
-from triton_dsl.bench import main
+from triton_dsl.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

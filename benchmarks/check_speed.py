@@ -32,7 +32,7 @@ def main():
         path = os.path.join(d, "deep.tdsl")
         with open(path, "w") as f:
             f.write(make(a.layers))
-        from triton_dsl.compiler import check_file
+        from triton_dsl.lang.frontend import check_file
         check_file(path)  # builds the parser once, as a long-lived process would
         ts = []
         for _ in range(a.runs):

@@ -44,7 +44,7 @@ def main():
     ap.add_argument("--NK", type=int, default=4096)
     a = ap.parse_args()
     fp32 = None
-    from triton_dsl.bench import environment
+    from triton_dsl.workflow.bench import environment
     print(" ".join(f"{k}={v}" for k, v in environment("cpu").items()))
     print(f"N=K={a.NK}: resident bytes of one layer after a forward pass (process RSS delta)")
     for kind in ("fp32", "ternary", "ternary_a8", "int8", "int8_w8a8", "int4_g128"):

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from triton_dsl.plots import bench_bars
+from triton_dsl.workflow.plots import bench_bars
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()

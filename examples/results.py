@@ -23,10 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from triton_dsl import checkpoint as ck  # noqa: E402
-from triton_dsl.data import load as load_data  # noqa: E402
+from triton_dsl.workflow.data import load as load_data  # noqa: E402
 from triton_dsl.files import write_atomic  # noqa: E402
 from triton_dsl.runtime import freeze  # noqa: E402
-from triton_dsl.train import evaluate, latency, train  # noqa: E402
+from triton_dsl.workflow.train import evaluate, latency, train  # noqa: E402
 from triton_dsl.workflow import build, load_float_weights  # noqa: E402
 
 

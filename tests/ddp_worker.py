@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 
 import triton_dsl
-from triton_dsl.data import load
-from triton_dsl.train import train
+from triton_dsl.workflow.data import load
+from triton_dsl.workflow.train import train
 
 
 def main(out_path):

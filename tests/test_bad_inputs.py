@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from triton_dsl.compiler import check_file, check_source
-from triton_dsl.diagnostics import render_all
+from triton_dsl.lang.frontend import check_file, check_source
+from triton_dsl.lang.diagnostics import render_all
 
 HEAD = "model M:\n    input [1, 8, 8]\n    flatten\n"  # lines 1-3; a body line below is line 4
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from triton_dsl.format import format_file
-from triton_dsl.parser import parse
+from triton_dsl.lang.format import format_file
+from triton_dsl.lang.parser import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.tdsl")))

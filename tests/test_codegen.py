@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import triton_dsl
-from triton_dsl.compiler import check_file
-from triton_dsl.codegen import generate
+from triton_dsl.lang.frontend import check_file
+from triton_dsl.lang.codegen import generate
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 SOURCES = sorted(glob.glob(os.path.join(GOLDEN, "*.tdsl")))

@@ -1,8 +1,8 @@
 """Summary byte counts against sizes computed by hand."""
 import json
 
-from triton_dsl.compiler import check_source
-from triton_dsl.summary import summarize
+from triton_dsl.lang.frontend import check_source
+from triton_dsl.lang.summary import summarize
 
 NET = """model Net:
     input [100]

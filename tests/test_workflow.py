@@ -12,10 +12,10 @@ import torch
 
 import triton_dsl
 from triton_dsl import checkpoint as ck
-from triton_dsl.data import DataError, load, read_idx
-from triton_dsl.summary import summarize
-from triton_dsl.compiler import check_file
-from triton_dsl.train import evaluate
+from triton_dsl.workflow.data import DataError, load, read_idx
+from triton_dsl.lang.summary import summarize
+from triton_dsl.lang.frontend import check_file
+from triton_dsl.workflow.train import evaluate
 from triton_dsl.workflow import (evaluate_checkpoint, freeze_checkpoint, ptq, train_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,7 +137,7 @@ def test_failed_save_keeps_the_old_file(trained, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt  # an interrupted run
-    monkeypatch.setattr("triton_dsl.train.evaluate", boom)
+    monkeypatch.setattr("triton_dsl.workflow.train.evaluate", boom)
     with pytest.raises(KeyboardInterrupt):
         train_model(TERNARY, "digits", str(out), epochs=1, **QUIET)
     assert out.read_bytes() == b"precious"

@@ -3,12 +3,25 @@
     Net = triton_dsl.load("model.tdsl")     # the nn.Module class, compiled in memory
     source = triton_dsl.compile("model.tdsl")  # the generated Python source
 
+The package is layered, and imports flow one way (tests/test_layers.py enforces it):
+    lang/      .tdsl text -> AST -> checked IR -> Python source, summary, fmt (no torch)
+    runtime/   QAT layers, quantizers, frozen deploy forms; builds modules from .tdsl
+    workflow/  data, training, checkpoints, reports, benchmarks
+    cli/       the `triton-dsl` command
+    kernels/   Triton kernels, their reference twins, the native CPU kernel (no triton_dsl imports)
+
 Importing this package imports neither torch nor triton; the runtime does, when a model is built.
 """
-__version__ = "0.1.0"
-
-from .api import check, compile, load, load_module, load_source  # noqa: E402
-from .diagnostics import Diagnostic, TdslError  # noqa: E402
+from .version import __version__
+from .api import Diagnostic, TdslError, check, compile, load, load_module, load_source
 
 __all__ = ["load", "load_source", "load_module", "compile", "check", "TdslError", "Diagnostic",
            "__version__"]
+
+
+def __getattr__(name):
+    # `from triton_dsl import checkpoint` (documented) without importing torch up front.
+    if name == "checkpoint":
+        from .workflow import checkpoint
+        return checkpoint
+    raise AttributeError(f"module 'triton_dsl' has no attribute {name!r}")

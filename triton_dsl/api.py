@@ -1,14 +1,21 @@
-"""The Python API: what the CLI does, in memory."""
+"""The public facade: what the CLI does, in memory. Every name here is re-exported by the package.
+
+    Net = triton_dsl.load("model.tdsl")        # the nn.Module class, compiled in memory
+    source = triton_dsl.compile("model.tdsl")  # the generated Python source
+    result = triton_dsl.check("model.tdsl")    # .models, .diagnostics, .ok
+
+The loaders import torch (through the runtime) only when they are called.
+"""
 from __future__ import annotations
 
-import builtins
-import hashlib
-import os
-import sys
 import types
 
-from .codegen import generate
-from .compiler import Result, check_file, check_source
+from .lang.codegen import generate
+from .lang.diagnostics import Diagnostic, TdslError
+from .lang.frontend import Result, check_file
+
+__all__ = ["check", "compile", "load", "load_source", "load_module", "Result", "Diagnostic",
+           "TdslError"]
 
 
 def check(path: str) -> Result:
@@ -23,10 +30,10 @@ def compile(path: str) -> str:  # noqa: A001 - mirrors the CLI verb
     return generate(r.models, r.path, r.text)
 
 
-def load_source(text: str, path: str = "<string>", model: str | None = None,
-                fp32: bool = False):
+def load_source(text: str, path: str = "<string>", model: str | None = None, fp32: bool = False):
     """Compile .tdsl text and return the model class (``model`` picks one of several)."""
-    return _load(check_source(text, path, fp32), model)
+    from .runtime.build import load_source as _load_source
+    return _load_source(text, path, model, fp32)
 
 
 def load(path: str, model: str | None = None, fp32: bool = False):
@@ -38,37 +45,11 @@ def load(path: str, model: str | None = None, fp32: bool = False):
     fp32=True builds every layer in fp32 (the float model post-training quantization starts
     from); its state dict loads into the quantized model of the same file.
     """
-    return _load(check_file(path, fp32), model)
+    from .runtime.build import load as _load
+    return _load(path, model, fp32)
 
 
 def load_module(path: str) -> types.ModuleType:
     """The whole generated module (every model of the file) without writing it to disk."""
-    return _module(check_file(path))
-
-
-def _module(r: Result) -> types.ModuleType:
-    r.raise_for_errors()
-    code = generate(r.models, r.path, r.text, r.all_fp32)
-    stem = os.path.splitext(os.path.basename(r.path))[0]
-    digest = hashlib.sha256(code.encode()).hexdigest()[:12]
-    name = f"triton_dsl._generated.{''.join(c if c.isalnum() else '_' for c in stem)}_{digest}"
-    if name in sys.modules:
-        return sys.modules[name]
-    mod = types.ModuleType(name)
-    mod.__file__ = f"<triton-dsl:{r.path}>"
-    exec(builtins.compile(code, mod.__file__, "exec"), mod.__dict__)
-    sys.modules[name] = mod  # so classes pickle and reload within this process
-    return mod
-
-
-def _load(r: Result, model: str | None):
-    mod = _module(r)
-    names = mod.__all__
-    if model is None:
-        if len(names) > 1:
-            raise ValueError(f"{r.path} declares {len(names)} models ({', '.join(names)}); "
-                             "pass model=NAME")
-        model = names[0]
-    if model not in names:
-        raise ValueError(f"{r.path} has no model {model!r}; it declares {', '.join(names)}")
-    return getattr(mod, model)
+    from .runtime.build import load_module as _load_module
+    return _load_module(path)

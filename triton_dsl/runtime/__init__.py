@@ -1,5 +1,5 @@
 """Runtime used by generated modules: trainable layers, quantizers, containers."""
-from ..precision import FP32, Binary, Float, Int, Ternary
+from ..lang.precision import FP32, Binary, Float, Int, Ternary
 from .layers import Conv2d, Linear
 from .frozen import FrozenConv2d, FrozenLinear, freeze
 from .model import CompiledModel, Group, ternary_act

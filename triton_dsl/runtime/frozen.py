@@ -24,7 +24,7 @@ from ..kernels.cpu import PackedGrouped, PackedInt8, PackedNative, cached, cache
 from ..kernels.ops import (cpu_form, cpu_kind, cpu_matmul, fake_quantize_per_token,
                            int8_matmul, on_cpu_paths, ternary_matmul)
 from ..kernels.packing import abs_packed, dequantize_int8, pack_ternary, unpack_ternary
-from ..precision import Binary, Float, Int, Ternary
+from ..lang.precision import Binary, Float, Int, Ternary
 from . import quant as Q
 from .layers import Conv2d, Linear, im2col_conv
 

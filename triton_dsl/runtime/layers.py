@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..precision import FP32, Float
+from ..lang.precision import FP32, Float
 from .quantizers import make_act_quantizer, make_weight_quantizer
 
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}

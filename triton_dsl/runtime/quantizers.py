@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..precision import Binary, Float, Int, Ternary
+from ..lang.precision import Binary, Float, Int, Ternary
 from . import quant as Q
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -8,17 +8,17 @@ import torch
 
 from . import checkpoint as ck
 from . import plots
-from .compiler import check_source
-from .files import write_atomic
-from .summary import render, summarize
+from ..lang.frontend import check_source
+from ..files import write_atomic
+from ..lang.summary import render, summarize
 
 
 def _layers(model):
     """[(name, float weight or None, quantized weight, ternary codes or None)] per layer that
     has a precision: trainable layers have both weights, frozen ones only the quantized."""
-    from .precision import Binary, Ternary
-    from .runtime import Conv2d, FrozenConv2d, FrozenLinear, Linear
-    from .kernels.packing import unpack_ternary
+    from ..lang.precision import Binary, Ternary
+    from ..runtime import Conv2d, FrozenConv2d, FrozenLinear, Linear
+    from ..kernels.packing import unpack_ternary
     out = []
     for name, m in model.named_modules():
         with torch.no_grad():

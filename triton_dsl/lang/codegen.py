@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import os
 
-from . import __version__, ir
+from . import ir
+from ..version import __version__
 
 _ELEMENTWISE = {"relu": "F.relu({x})", "gelu": "F.gelu({x})", "silu": "F.silu({x})",
                 "tanh": "torch.tanh({x})", "sigmoid": "torch.sigmoid({x})"}

@@ -8,7 +8,6 @@ beside the kernel time.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import platform
@@ -42,7 +41,7 @@ def _methods(device):
     def frozen(precision):
         """Our deploy path: a trainable layer holding w, frozen (packed weights + kernels)."""
         def make(w):
-            from .runtime import FrozenLinear, Linear
+            from ..runtime import FrozenLinear, Linear
             layer = Linear(w.shape[1], w.shape[0], bias=False, precision=precision)
             layer.weight.data.copy_(w.cpu())
             mod = FrozenLinear(layer).to(device)
@@ -70,7 +69,7 @@ def _methods(device):
         m["torchao_int8_dynamic"] = torchao("torchao_int8_dynamic")
     else:
         m["torch_dynamic_int8"] = dynamic_int8
-    from .precision import Int, Ternary
+    from ..lang.precision import Int, Ternary
     m.update({"ternary": frozen(Ternary()), "ternary_a8": frozen(Ternary(activations="dynamic")),
               "int8_weight_only": frozen(Int()), "int8_w8a8": frozen(Int(activations="dynamic")),
               # 4-bit codes with a scale per 128 inputs, held as int8 codes in memory
@@ -196,21 +195,14 @@ def environment(device):
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
     else:
-        from .kernels import cpu, native
-        from .kernels.common import cpu_info
+        from ..kernels import cpu, native
+        from ..kernels.common import cpu_info
         env["cpu_kernels"] = (f"ternary: {native.describe()}; int8: "
                               f"{native.describe() if cpu.native_int8() else cpu.engine()}")
         names = [l.split(":", 1)[1].strip() for l in cpu_info().splitlines()
                  if l.startswith("model name")]
         env["cpu"] = names[0] if names else platform.processor()
     return env
-
-
-def main(argv=None) -> int:
-    from .cli_workflow import bench_arguments
-    ap = argparse.ArgumentParser(prog="triton-dsl bench", description=__doc__.split("\n")[0])
-    bench_arguments(ap)
-    return run_cli(ap.parse_args(argv))
 
 
 def run_cli(a) -> int:
@@ -221,7 +213,7 @@ def run_cli(a) -> int:
     print(HEADER)
     recs = run(a.M, a.NK, a.device, a.repeat, a.methods)
     if a.json:
-        from .files import write_atomic
+        from ..files import write_atomic
         write_atomic(a.json, json.dumps({"environment": env, "records": recs}, indent=1) + "\n")
         print(f"wrote {a.json}")
     return 0

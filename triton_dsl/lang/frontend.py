@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 
 from . import ir
 from .checker import check
-from .codegen import generate
 from .diagnostics import Diagnostic, TdslError
 from .parser import parse
 from .source import read_source
@@ -42,9 +41,3 @@ def check_file(path: str, all_fp32: bool = False) -> Result:
         return Result(path, None, [], diags)
     return check_source(text, path, all_fp32)
 
-
-def compile_source(text: str, path: str = "<string>") -> str:
-    """.tdsl text -> Python module source; raises TdslError listing every error."""
-    r = check_source(text, path)
-    r.raise_for_errors()
-    return generate(r.models, path, text)

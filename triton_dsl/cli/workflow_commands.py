@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE
+from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE
 
 
 def bench_arguments(ap):
@@ -28,7 +28,7 @@ def _add_bench(sub):
 
 
 def cmd_bench(args) -> int:
-    from . import bench
+    from ..workflow import bench
     try:
         return bench.run_cli(args)
     except ValueError as e:
@@ -39,9 +39,9 @@ def cmd_bench(args) -> int:
 def _workflow_errors(fn):
     """Bad data, checkpoints and .tdsl files become a message and exit 1, not a traceback."""
     def run(args):
-        from .checkpoint import CheckpointError
-        from .data import DataError
-        from .diagnostics import TdslError
+        from ..workflow.checkpoint import CheckpointError
+        from ..workflow.data import DataError
+        from ..lang.diagnostics import TdslError
         try:
             return fn(args)
         except TdslError as e:
@@ -78,7 +78,7 @@ def _end_distributed():
 
 @_workflow_errors
 def cmd_train(args) -> int:
-    from .workflow import train_model
+    from ..workflow.pipeline import train_model
     _check_output(args.output)
     _init_distributed()
     try:
@@ -93,13 +93,13 @@ def cmd_train(args) -> int:
 
 @_workflow_errors
 def cmd_ptq(args) -> int:
-    from .train import evaluate
-    from .workflow import ptq
+    from ..workflow.train import evaluate
+    from ..workflow.pipeline import ptq
     _check_output(args.output)
     r = ptq(args.file, args.weights, args.output, args.calib, args.calib_batches, args.model)
     msg = f"wrote {args.output} ({r['bytes']:,} bytes)"
     if args.calib:
-        from .data import load
+        from ..workflow.data import load
         msg += f": test accuracy {evaluate(r['model'], load(args.calib, r['model'].input_shape)):.2f}%"
     print(msg)
     return EXIT_OK
@@ -107,7 +107,7 @@ def cmd_ptq(args) -> int:
 
 @_workflow_errors
 def cmd_freeze(args) -> int:
-    from .workflow import freeze_checkpoint
+    from ..workflow.pipeline import freeze_checkpoint
     _check_output(args.output)
     size = freeze_checkpoint(args.checkpoint, args.output)
     print(f"wrote {args.output} ({size:,} bytes, {os.path.getsize(args.checkpoint) / size:.1f}x "
@@ -119,7 +119,7 @@ def cmd_freeze(args) -> int:
 def cmd_eval(args) -> int:
     import json
 
-    from .workflow import evaluate_checkpoint
+    from ..workflow.pipeline import evaluate_checkpoint
     r = evaluate_checkpoint(args.checkpoint, args.data)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -132,7 +132,7 @@ def cmd_eval(args) -> int:
 
 @_workflow_errors
 def cmd_report(args) -> int:
-    from .report import write_report
+    from ..workflow.report import write_report
     page = write_report(args.checkpoint, args.output, args.bench)
     print(f"wrote {page}")
     return EXIT_OK

@@ -14,7 +14,7 @@ import torch
 
 from . import checkpoint as ck
 from . import data as D
-from .api import load as load_class
+from ..runtime.build import load as load_class
 from .train import evaluate, latency, rank_and_world, train
 
 # parameters a float checkpoint lacks: the quantizers' own, and calibration statistics
@@ -42,7 +42,7 @@ def train_model(tdsl: str, data: str, out: str, epochs: int = 10, seed: int = 0,
     if rank_and_world()[0] != 0:
         return {"history": hist}
     if freeze_output:
-        from .runtime import freeze
+        from ..runtime import freeze
         freeze(net)
     size = ck.save(net, out, history=hist, data=ds, extra={"trained": {
         "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "data": data,
@@ -122,7 +122,7 @@ def calibrate(net, ds: D.Dataset, batches: int = 8, batch_size: int = 64):
 def ptq(tdsl: str, weights: str, out: str, calib: str | None = None, calib_batches: int = 8,
         model: str | None = None) -> dict:
     """Post-training quantization: float weights -> the file's precisions -> frozen checkpoint."""
-    from .runtime import freeze
+    from ..runtime import freeze
     net = load_float_weights(build(tdsl, model), weights)
     ds = None
     if needs_calibration(net):
@@ -140,7 +140,7 @@ def ptq(tdsl: str, weights: str, out: str, calib: str | None = None, calib_batch
 
 
 def freeze_checkpoint(src: str, out: str) -> int:
-    from .runtime import freeze
+    from ..runtime import freeze
     if _same_path(src, out):
         raise ck.CheckpointError(f"{out} is the input checkpoint; write the frozen one elsewhere")
     net = ck.load(src)

@@ -203,5 +203,4 @@ def _dedent_line(text: str, message: str) -> int:
     return 0
 
 
-KEYWORDS = ("model", "block", "input", "layer", "residual", "precision", "default", "kind")
-__all__ = ["parse", "KEYWORDS", "suggest"]
+__all__ = ["parse"]

@@ -1,39 +1,19 @@
-"""The `triton-dsl` command. main(argv) -> exit code: 0 success, 1 problems in the input, 2 usage.
-
-check, compile, summary and fmt import neither torch nor triton, so they start instantly.
-"""
+"""The language commands: check, compile, summary, fmt. None of them imports torch or triton."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from . import __version__
-from .compiler import Result, check_file
-from .diagnostics import render_all
-
-EXIT_OK, EXIT_INPUT, EXIT_USAGE = 0, 1, 2
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse exits 2 itself; keep its message short and plain
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
-
-
-def _report(r: Result) -> bool:
-    """Print a file's diagnostics to stderr; True when it has no errors."""
-    if r.diagnostics:
-        print(render_all(r.path, r.text, r.diagnostics), file=sys.stderr)
-    return r.ok
+from ..lang.diagnostics import render_all
+from ..lang.frontend import check_file
+from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, report
 
 
 def cmd_check(args) -> int:
     failed = 0
     for path in args.files:
         r = check_file(path)
-        if _report(r):
+        if report(r):
             names = ", ".join(m.name for m in r.models)
             print(f"{path}: ok ({len(r.models)} model{'s' * (len(r.models) != 1)}: {names})")
         else:
@@ -42,11 +22,11 @@ def cmd_check(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .codegen import generate
-    from .files import write_atomic
+    from ..lang.codegen import generate
+    from ..files import write_atomic
 
     r = check_file(args.file)
-    if not _report(r):
+    if not report(r):
         return EXIT_INPUT
     out = args.output or os.path.splitext(args.file)[0] + ".py"
     if os.path.abspath(out) == os.path.abspath(args.file):
@@ -70,10 +50,10 @@ def cmd_compile(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    from .summary import render, summarize, to_json
+    from ..lang.summary import render, summarize, to_json
 
     r = check_file(args.file)
-    if not _report(r):
+    if not report(r):
         return EXIT_INPUT
     models = r.models
     if args.model:
@@ -88,10 +68,10 @@ def cmd_summary(args) -> int:
 
 
 def cmd_fmt(args) -> int:
-    from .files import write_atomic
-    from .format import format_file
-    from .parser import parse
-    from .source import read_source
+    from ..files import write_atomic
+    from ..lang.format import format_file
+    from ..lang.parser import parse
+    from ..lang.source import read_source
 
     status = EXIT_OK
     for path in args.files:
@@ -117,11 +97,7 @@ def cmd_fmt(args) -> int:
     return status
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="triton-dsl", description="Declare quantized networks; compile them to "
-                "PyTorch modules with Triton kernels.")
-    p.add_argument("--version", action="version", version=f"triton-dsl {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def add_commands(sub):
     s = sub.add_parser("check", help="check .tdsl files and report every problem")
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(func=cmd_check)
@@ -142,33 +118,3 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-w", "--write", action="store_true", help="rewrite the files in place")
     g.add_argument("--check", action="store_true", help="exit 1 if a file is not formatted")
     s.set_defaults(func=cmd_fmt)
-    for extra in _EXTRA:
-        extra(sub)
-    return p
-
-
-def _extra_commands(sub):
-    """The commands that need torch (bench, train, ptq, freeze, eval, report): their module
-    imports it only when one of them runs."""
-    from .cli_workflow import add_commands
-    add_commands(sub)
-
-
-_EXTRA: list = [_extra_commands]  # commands that need torch; they import it only when run
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help(sys.stderr)
-            return EXIT_USAGE
-        return args.func(args)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return EXIT_OK

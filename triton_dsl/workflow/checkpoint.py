@@ -16,9 +16,9 @@ import os
 
 import torch
 
-from . import __version__
-from .files import write_atomic
-from .kernels.packing import pack_bits, pack_ternary, unpack_bits, unpack_ternary
+from ..version import __version__
+from ..files import write_atomic
+from ..kernels.packing import pack_bits, pack_ternary, unpack_bits, unpack_ternary
 
 FORMAT = "triton-dsl-checkpoint/1"
 
@@ -29,8 +29,8 @@ class CheckpointError(Exception):
 
 def _encodings(model) -> dict:
     """{state key: how it is stored narrower than its in-memory dtype}."""
-    from .precision import Binary, Int
-    from .runtime.frozen import FrozenLinear
+    from ..lang.precision import Binary, Int
+    from ..runtime.frozen import FrozenLinear
     out = {}
     for name, mod in model.named_modules():
         if not isinstance(mod, FrozenLinear):
@@ -71,7 +71,7 @@ def _digest(source: str, tensors: dict) -> str:
 
 
 def is_frozen(model) -> bool:
-    from .runtime.frozen import FrozenConv2d, FrozenLinear
+    from ..runtime.frozen import FrozenConv2d, FrozenLinear
     return any(isinstance(m, (FrozenLinear, FrozenConv2d)) for m in model.modules())
 
 
@@ -128,8 +128,8 @@ def read(path: str) -> tuple[dict, dict]:
 
 def load(path: str, expect_model: str | None = None):
     """Rebuild the model stored in ``path`` (trainable or frozen) from its embedded source."""
-    from .api import load_source
-    from .runtime.frozen import freeze
+    from ..runtime.build import load_source
+    from ..runtime.frozen import freeze
     tensors, meta = read(path)
     if expect_model is not None and meta["model"] != expect_model:
         raise CheckpointError(f"{path} holds model {meta['model']!r}, not {expect_model!r}")
