@@ -19,27 +19,12 @@ from .int8_matmul import check_args as check_int8
 from .int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
                           int8_weight_only_matmul_ref, int8_weight_only_matmul_triton)
 from .packing import dequantize_int8, unpack_ternary
+from .per_token import fake_quantize_per_token, quantize_per_token
 from .ternary_matmul import check_args as check_ternary
 from .ternary_matmul import (ternary_a8_matmul_ref, ternary_a8_matmul_triton, ternary_matmul_ref,
                              ternary_matmul_triton)
 
 _ACTS = ("none", "dynamic")
-
-
-def quantize_per_token(x: torch.Tensor):
-    """int8 codes [..., K] and fp32 scales [...] with x ~= codes * scale[..., None]."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    codes = torch.clamp(torch.round(xf / scale), -127, 127).to(torch.int8)
-    return codes, scale.squeeze(-1)
-
-
-def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
-    """x on its per-token int8 grid (codes * scale), in x's dtype: what an int8-activation
-    kernel multiplies, for the paths that run it in floating point."""
-    codes, scale = quantize_per_token(x)
-    return (codes.float() * scale.unsqueeze(-1)).to(x.dtype)
 
 
 def _backend(x, backend):

@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels.ops import fake_quantize_per_token as _fake_per_token
-from ..kernels.ops import quantize_per_token as _per_token
+from ..kernels.per_token import fake_quantize_per_token as _fake_per_token
+from ..kernels.per_token import quantize_per_token as _per_token
 
 
 class QuantResult(NamedTuple):
