@@ -72,7 +72,12 @@ class PackedInt8:
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
         n, k = codes.shape
-        scale = scale.float().reshape(-1).expand(n).contiguous()
+        scale = scale.float().reshape(-1).expand(n)
+        # the engines take positive scales: a negative one (TTQ's |T| term, a TTQ row whose
+        # negative scale outweighs its positive one) moves its sign into the codes
+        self.flipped = scale < 0
+        codes = torch.where(self.flipped[:, None], -codes, codes)
+        scale = scale.abs()
         live = scale > 0  # a zero scale (all-zero row) would break requantization
         codes = torch.where(live[:, None], codes, torch.zeros_like(codes)).contiguous()
         self.scale = torch.where(live, scale, torch.ones_like(scale))
@@ -96,8 +101,10 @@ class PackedInt8:
     def codes(self) -> torch.Tensor:
         """The int8 codes back from the packed form (rows with a zero scale read as 0)."""
         if self.engine == "onednn":
-            return self.packed.to_dense().t().contiguous()  # oneDNN keeps [K, N]
-        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+            codes = self.packed.to_dense().t().contiguous()  # oneDNN keeps [K, N]
+        else:
+            codes = torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+        return torch.where(self.flipped[:, None], -codes, codes)
 
     def _gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """float(rows @ W^T) * w_scale for float rows holding integers in [-128, 127]."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from . import cpu
+from . import cpu, cpu_paths
 from .common import HAS_TRITON, use_triton
 from .int8_matmul import check_args as check_int8
 from .int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
@@ -56,32 +56,18 @@ def cpu_matmul(prepacked, x, bias, activations):
     return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], -1)
 
 
-def cpu_kind(k: int, activations: str, ternary: bool, group: int | None = None) -> str | None:
-    """The fast CPU form for a weight with K inputs (int8 with per-group scales: group): "native",
-    "grouped", "fbgemm" or None (fallback)."""
-    if group is not None:
-        return "grouped" if activations == "none" and cpu.native_grouped(k, group) else None
-    if cpu.native_fits(k) and (ternary or cpu.native_int8()):
-        return "native"
-    # without VNNI fbgemm's u8 x s8 pair sums saturate at int16 unless the weights are small:
-    # ternary codes (|w| <= 1, pair sums <= 510) are safe, int8 codes are not
-    exact = cpu.fbgemm_exact() or (ternary and cpu.engine() is not None)
-    return "fbgemm" if exact else None
-
-
 def on_cpu_paths(x) -> bool:
     """Whether x runs the CPU paths: a CPU tensor outside Triton's interpreter."""
     return not x.is_cuda and not use_triton(x)
 
 
-def cpu_form(codes: torch.Tensor, scale: torch.Tensor, kind: str, ternary: bool):
-    """The CPU form cpu_kind chose for int8 codes [N, K] (ternary: values in {-1, 0, 1}) with
-    per-channel scales [N] or per-group scales [N, K // G]."""
-    if kind == "grouped":
-        return cpu.PackedGrouped(codes, scale)
-    if kind == "native":
-        return cpu.PackedNative(codes, scale, ternary)
-    return cpu.PackedInt8(codes, scale)
+def _cpu_form(tensors, spec, activations, unpack):
+    """The prepacked CPU form cpu_paths.choose picks, cached on the weight tensors (the
+    functional API's cache; frozen layers keep their own, see runtime/dispatch.py)."""
+    path = cpu_paths.choose(spec, activations)
+    if path is None:
+        return None
+    return cpu.cached(tensors, lambda w, s: path.build(unpack(w), s, spec), kind=path.name)
 
 
 def _cpu_dequantized(x, key, dequantize, bias):
@@ -104,11 +90,9 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
     k = x.shape[-1]
     if be == "cpu":
         check_ternary(x, packed, scale, bias)
-        kind = cpu_kind(k, activations, ternary=True)
-        if kind is not None:
-            prepacked = cpu.cached(
-                (packed, scale),
-                lambda p, s: cpu_form(unpack_ternary(p, k), s, kind, True), kind=kind)
+        spec = cpu_paths.WeightSpec(packed.shape[0], k, ternary=True)
+        prepacked = _cpu_form((packed, scale), spec, activations, lambda p: unpack_ternary(p, k))
+        if prepacked is not None:
             return cpu_matmul(prepacked, x, bias, activations)
         return _cpu_dequantized(x, (packed, scale), lambda p, s: unpack_ternary(p, k).float()
                                 * s.float().reshape(-1, 1), bias)
@@ -129,10 +113,9 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     grouped = scale.dim() == 2
     if be == "cpu":
         check_int8(x, w, scale, bias)
-        kind = cpu_kind(k, activations, False, k // scale.shape[1] if grouped else None)
-        if kind is not None:
-            prepacked = cpu.cached((w, scale), lambda c, s: cpu_form(c, s, kind, False),
-                                   kind=kind)
+        spec = cpu_paths.WeightSpec(w.shape[0], k, False, k // scale.shape[1] if grouped else None)
+        prepacked = _cpu_form((w, scale), spec, activations, lambda c: c)
+        if prepacked is not None:
             return cpu_matmul(prepacked, x, bias, activations)
         if activations == "none":
             return _cpu_dequantized(x, (w, scale), dequantize_int8, bias)

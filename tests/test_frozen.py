@@ -36,7 +36,7 @@ def path(request, monkeypatch):
     test should use."""
     from triton_dsl.kernels import cpu, native
     from triton_dsl.kernels.common import HAS_TRITON
-    from triton_dsl.runtime import frozen
+    from triton_dsl.runtime import dispatch
     if request.param == "triton":
         if not HAS_TRITON:
             pytest.skip("triton is not installed")
@@ -47,7 +47,7 @@ def path(request, monkeypatch):
         return "cpu"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     size = 1 << 30 if request.param == "cpu-dense" else 0
-    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: size)
+    monkeypatch.setattr(dispatch, "dense_below", lambda kind, act: size)
     if request.param == "cpu-native" and native.library() is None:
         pytest.skip(f"the native CPU kernel is unavailable: {native.error()}")
     if request.param == "cpu-int8-gemm":
@@ -77,9 +77,9 @@ def test_frozen_linear_matches_fake_quant(prec, path):
     "mnist_ternary.tdsl", "small_cnn.tdsl", "resnet_ternary.tdsl")], ids=os.path.basename)
 @pytest.mark.parametrize("dense", [False, True], ids=["prepacked", "dense"])
 def test_frozen_examples_match(example, dense, monkeypatch):
-    from triton_dsl.runtime import frozen
+    from triton_dsl.runtime import dispatch
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # whole networks: the CPU paths
-    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 1 << 30 if dense else 0)
+    monkeypatch.setattr(dispatch, "dense_below", lambda kind, act: 1 << 30 if dense else 0)
     torch.manual_seed(0)
     net = triton_dsl.load(example)()
     x = torch.randn(2, *net.input_shape)
@@ -105,8 +105,8 @@ def test_frozen_ternary_is_packed():
 def test_cpu_form_keeps_one_copy_and_round_trips(tmp_path, monkeypatch):
     """After a CPU call the stored buffer is released (the CPU form holds the codes);
     state_dict, save/load, deepcopy and .to() all see the original packed weight."""
-    from triton_dsl.runtime import frozen
-    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 0)  # the prepacked form
+    from triton_dsl.runtime import dispatch
+    monkeypatch.setattr(dispatch, "dense_below", lambda kind, act: 0)  # the prepacked form
     torch.manual_seed(0)
     for prec in (rt.Ternary(), rt.Int(), rt.Int(bits=4, group_size=16)):
         layer = rt.Linear(96, 40, precision=prec).eval()
@@ -145,9 +145,9 @@ def test_weight_bytes_follow_the_cpu_form(monkeypatch):
     """weight_bytes counts what the layer holds: the packed buffer before a CPU call, the CPU
     form after it (ternary 2 bits, 4-bit grouped codes as nibbles with the native kernel)."""
     from triton_dsl.kernels import native
-    from triton_dsl.runtime import frozen
+    from triton_dsl.runtime import dispatch
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 0)
+    monkeypatch.setattr(dispatch, "dense_below", lambda kind, act: 0)
     lib = native.library()
     if lib is None or lib.isa != "avx512-vnni":
         pytest.skip("the native forms, grouped included, need the native library with VNNI")
@@ -163,8 +163,71 @@ def test_weight_bytes_follow_the_cpu_form(monkeypatch):
     # nibbles, plus per-group scales (the layer's and the kernel's copy) and code sums
     assert g.weight_bytes() == n * k // 2 + 3 * 4 * n * groups
     # a layer served from a dequantized fp32 copy counts that copy too
-    monkeypatch.setattr(frozen, "dense_below", lambda kind, act: 1 << 30)
+    monkeypatch.setattr(dispatch, "dense_below", lambda kind, act: 1 << 30)
     d = rt.FrozenLinear(rt.Linear(k, n, precision=rt.Int()))
     before = d.weight_bytes()
     d(torch.randn(2, k))
     assert d.weight_bytes() == before + 4 * n * k
+
+
+@pytest.mark.parametrize("prec", PRECISIONS, ids=lambda p: p.to_source())
+def test_frozen_conv_matches_fake_quant(prec, path):
+    """Every precision option on conv2d, on every path. A learned threshold is one per output
+    channel, [out, 1, 1, 1]: the frozen layer quantizes the 4-D weight, as training does."""
+    torch.manual_seed(0)
+    layer = rt.Conv2d(16, 8, 3, padding=1, precision=prec).eval()
+    x = torch.randn(2, 16, 5, 5)
+    with torch.no_grad():
+        want = layer(x)
+        atol = _bound(x, layer.quantized_weight(), 16 * 9)
+        if isinstance(prec, rt.Float):
+            atol += float(layer.bias.abs().max()) * 2 ** -7
+        frozen = rt.FrozenConv2d(layer).to(path)
+        got = frozen(x.to(path)).cpu()
+        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+    stored = sum(b.numel() * b.element_size() for b in frozen.buffers())
+    assert stored <= layer.weight.numel() * 4  # never larger than the fp32 weight
+
+
+def _ttq_layer(cls, *shape):
+    """A TTQ layer after training: positive and negative scales apart, one row whose negative
+    scale outweighs its positive one, one whose combined scale is negative."""
+    torch.manual_seed(1)
+    layer = cls(*shape, precision=rt.Ternary(scale="learned")).eval()
+    q = layer.weight_quant
+    with torch.no_grad():
+        q.pos_scale.mul_(torch.linspace(0.5, 1.5, q.pos_scale.numel()).reshape(q.pos_scale.shape))
+        q.neg_scale.mul_(torch.linspace(1.5, 0.5, q.neg_scale.numel()).reshape(q.neg_scale.shape))
+        q.pos_scale.view(-1)[0] = -0.5
+        q.neg_scale.view(-1)[0] = 0.1
+    return layer
+
+
+def test_frozen_ttq_matches_and_reloads(path):
+    """TTQ rows with a negative combined scale are not zeroed (the int8 GEMM engines take
+    positive scales only), and an untrained model's frozen form loads a trained one's state."""
+    layer = _ttq_layer(rt.Linear, 64, 24)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        want = layer(x)
+        frozen = rt.FrozenLinear(layer).to(path)
+        got = frozen(x.to(path)).cpu()
+        torch.testing.assert_close(got, want, atol=_bound(x, layer.quantized_weight(), 64),
+                                   rtol=1e-4)
+        fresh = rt.FrozenLinear(rt.Linear(64, 24, precision=rt.Ternary(scale="learned")))
+        fresh.load_state_dict(frozen.state_dict())
+        torch.testing.assert_close(fresh.to(path)(x.to(path)).cpu(), got)
+
+
+def test_freeze_prepares_before_the_first_forward(monkeypatch):
+    """freeze() builds the CPU forms (and the native library) itself: the first forward pass
+    finds them ready."""
+    from triton_dsl.runtime import dispatch
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(dispatch, "dense_below", lambda path, act: 0)
+    net = torch.nn.Sequential(rt.Linear(256, 128, precision=rt.Ternary()))
+    rt.freeze(net)
+    built = net[0].prepared
+    assert built is not None and net[0].packed.numel() in (0, 128 * 64)
+    net(torch.randn(1, 256))
+    assert net[0].prepared is built

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from triton_dsl.kernels import cpu, ops
+from triton_dsl.kernels import cpu, cpu_paths, ops
 from triton_dsl.kernels.common import HAS_TRITON, interpreting
 from triton_dsl.kernels.int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
                                             int8_weight_only_matmul_ref,
@@ -165,8 +165,8 @@ def test_cpu_fallback_without_vnni(monkeypatch):
         torch.testing.assert_close(int8_matmul(x, q, s, bias, activations=act, backend="cpu"),
                                    int8_matmul(x, q, s, bias, activations=act, backend="ref"),
                                    atol=1e-5, rtol=1e-5)
-        assert ops.cpu_kind(70, act, ternary=False) is None
-        assert ops.cpu_kind(70, act, ternary=True) == "fbgemm"
+        assert cpu_paths.choose(cpu_paths.WeightSpec(24, 70, ternary=False), act) is None
+        assert cpu_paths.choose(cpu_paths.WeightSpec(24, 70, ternary=True), act).name == "int8-gemm"
 
 
 def test_cpu_codes_read_back_from_either_engine(cpu_engine):

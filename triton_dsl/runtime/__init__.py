@@ -1,8 +1,8 @@
 """Runtime used by generated modules: trainable layers, quantizers, containers."""
 from ..lang.precision import FP32, Binary, Float, Int, Ternary
 from .layers import Conv2d, Linear
-from .frozen import FrozenConv2d, FrozenLinear, freeze
+from .frozen import FrozenConv2d, FrozenLinear, freeze, prepare
 from .model import CompiledModel, Group, ternary_act
 
-__all__ = ["Linear", "Conv2d", "freeze", "FrozenLinear", "FrozenConv2d", "CompiledModel", "Group", "ternary_act", "Float", "Int",
-           "Ternary", "Binary", "FP32"]
+__all__ = ["Linear", "Conv2d", "freeze", "prepare", "FrozenLinear", "FrozenConv2d",
+           "CompiledModel", "Group", "ternary_act", "Float", "Int", "Ternary", "Binary", "FP32"]

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lang.precision import FP32, Float
+from .quant import TORCH_DTYPES
 from .quantizers import make_act_quantizer, make_weight_quantizer
 
-_CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class _QuantMixin:
@@ -26,7 +26,7 @@ class _QuantMixin:
         return self.weight_quant(self.weight)
 
     def _input(self, x):
-        dt = _CAST.get(getattr(self.precision, "dtype", None))
+        dt = TORCH_DTYPES.get(getattr(self.precision, "dtype", None))
         if dt is not None:  # emulate a 16-bit layer: its input is rounded too
             return x + (x.detach().to(dt).to(x.dtype) - x.detach())
         return self.act_quant(x)

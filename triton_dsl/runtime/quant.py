@@ -14,6 +14,10 @@ from ..kernels.per_token import fake_quantize_per_token as _fake_per_token
 from ..kernels.per_token import quantize_per_token as _per_token
 
 
+# the 16-bit precisions' torch dtypes, by their .tdsl names
+TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class QuantResult(NamedTuple):
     dequantized: torch.Tensor  # same shape and dtype as the input
     codes: torch.Tensor  # integer codes (int32: asymmetric 8-bit codes reach 255)

@@ -11,8 +11,8 @@ from torch import nn
 
 from ..lang.precision import Binary, Float, Int, Ternary
 from . import quant as Q
+from .quant import TORCH_DTYPES
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def _stat_shape(w: torch.Tensor, granularity: str) -> tuple:
@@ -27,7 +27,7 @@ class FloatQuantizer(nn.Module):
         self.config = config
 
     def forward(self, w):
-        dt = _DTYPES.get(self.config.dtype)
+        dt = TORCH_DTYPES.get(self.config.dtype)
         return w if dt is None else Q.ste(w, w.detach().to(dt).to(w.dtype))
 
 

@@ -36,7 +36,7 @@ def _layers(model):
                 lin = m.linear if isinstance(m, FrozenConv2d) else m
                 codes = None
                 if isinstance(lin.precision, (Ternary, Binary)):
-                    lin._restore()
+                    lin.restore_buffers()
                     codes = unpack_ternary(lin.packed, lin.in_features)
                 out.append((name, None, lin.dequantized_weight(), codes))
     return out
