@@ -63,24 +63,42 @@ def all_configs(int8: bool, x_dtype: str = "fp16"):
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # bytes of shared memory a block may use
 
 
-def _extremes(table):
-    """The largest tiles (likeliest to break a layout or the shared-memory budget) and the
-    smallest."""
-    def area(c):
-        return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages
-    return [max(table, key=area), min(table, key=area)]
+def _area(c):
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * c.num_stages
 
 
-def check_all(arch: int = 90, log=print, quick: bool = False) -> tuple[int, int]:
-    """Compile every variant with every autotune config it can be launched with (quick: only
-    the largest and smallest); returns (compiled, over the shared-memory limit). Failing
-    compiles raise. Run it without TRITON_INTERPRET: interpreted kernels do not compile."""
+PICKS = {
+    "all": lambda table: table,
+    # the largest tiles: likeliest to break a layout or the shared-memory budget
+    "largest": lambda table: [max(table, key=_area)],
+    "extremes": lambda table: [max(table, key=_area), min(table, key=_area)],
+}
+
+
+def representative():
+    """One variant per kernel and kind of arithmetic (int8 or float activations, grouped
+    scales or not): each distinct code path of the kernels, at a fraction of the compile time
+    (about 8 s of CPU per variant)."""
+    seen = set()
+    for kernel, dt, flags in variants():
+        key = (kernel, flags["A8"], bool(flags.get("GROUP")))
+        if key not in seen:
+            seen.add(key)
+            yield kernel, dt, flags
+
+
+def check_all(arch: int = 90, log=print, pick: str = "all", some: bool = False
+              ) -> tuple[int, int]:
+    """Compile every variant (some: representative() ones) with the autotune configs ``pick``
+    takes from its table (all, largest, or extremes: largest and smallest); returns (compiled,
+    over the shared-memory limit). Failing compiles raise. Run it without TRITON_INTERPRET:
+    interpreted kernels do not compile."""
     if not HAS_TRITON:
         raise RuntimeError("needs triton")
     n = over = 0
-    for kernel, dt, flags in variants():
+    for kernel, dt, flags in representative() if some else variants():
         table = all_configs(flags["A8"], dt)
-        for cfg in _extremes(table) if quick else table:
+        for cfg in PICKS[pick](table):
             k = compile_variant(kernel, dt, flags, cfg, arch)
             if k is None:
                 continue
@@ -93,8 +111,15 @@ def check_all(arch: int = 90, log=print, quick: bool = False) -> tuple[int, int]
 
 
 if __name__ == "__main__":
+    import argparse
     import sys
-    args = [a for a in sys.argv[1:] if a != "--quick"]
-    n, over = check_all(int(args[0]) if args else 90, quick="--quick" in sys.argv)
+    ap = argparse.ArgumentParser(prog="python -m triton_dsl.kernels.aot")
+    ap.add_argument("arch", type=int, nargs="?", default=90, help="CUDA arch (90: H100/H200)")
+    ap.add_argument("--pick", choices=sorted(PICKS), default="all",
+                    help="which autotune configs of each variant to compile")
+    ap.add_argument("--some", action="store_true",
+                    help="only one variant per kernel and kind of arithmetic")
+    a = ap.parse_args()
+    n, over = check_all(a.arch, pick=a.pick, some=a.some)
     print(f"compiled {n} kernel variants; {over} over the shared-memory limit")
     sys.exit(1 if over else 0)

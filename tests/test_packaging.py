@@ -35,6 +35,17 @@ def test_wheel_contents_and_cli(tmp_path):
     assert r.stdout.startswith(str(tmp_path / "site"))
 
 
-def test_editable_install_finds_grammar():
-    from importlib import resources
+def test_editable_install_maps_into_this_checkout():
+    """scripts/setup.sh installs with `pip install -e`: the installed package's grammar and
+    kernels are this checkout's grammar/ and kernels/ folders (package-dir mapping), so an edit
+    here is what runs."""
+    import json
+    from importlib import metadata, resources
+    urls = [json.loads(d.read_text("direct_url.json") or "{}")  # (skips the checkout's egg-info)
+            for d in metadata.distributions(name="triton-dsl")]
+    if not any(u.get("dir_info", {}).get("editable") for u in urls):
+        pytest.skip("triton-dsl is not installed in editable mode here")
+    for pkg, folder in (("triton_dsl.grammar", "grammar"), ("triton_dsl.kernels", "kernels")):
+        where = os.path.realpath(str(resources.files(pkg)))
+        assert where == os.path.realpath(os.path.join(ROOT, folder)), (pkg, where)
     assert "model" in resources.files("triton_dsl.grammar").joinpath("tdsl.lark").read_text()
