@@ -137,3 +137,13 @@ def test_input_shape_error_names_argument():
                                        "examples", "mnist_ternary.tdsl"))
     with pytest.raises(ValueError, match=r"expects x of shape \[batch, 1, 28, 28\], got x of shape \[2, 784\]"):
         Net()(torch.randn(2, 784))
+
+
+def test_ternary_rule_registries_cover_the_language():
+    """Every threshold and scale word the language accepts has a runtime rule, and no runtime
+    rule is unreachable from the language."""
+    from triton_dsl.lang.precision import Ternary
+    from triton_dsl.runtime import quantizers
+    words = {o.name: set(o.words) for o in Ternary.options}
+    assert words["threshold"] == set(Q.THRESHOLD_FACTORS) | set(quantizers.THRESHOLD_RULES)
+    assert words["scale"] == set(Q.SCALE_RULES) | set(quantizers.SCALE_RULES)

@@ -106,33 +106,42 @@ TWN_FACTOR = 0.7  # Li & Liu, Ternary Weight Networks: Delta = 0.7 * mean|W|
 ABSMEAN_FACTOR = 0.5  # BitNet b1.58: RoundClip(W / mean|W|) is nonzero where |W| > 0.5 * mean|W|
 
 
+# the fixed threshold rules: Delta = factor * mean|W| (a number is an absolute Delta)
+THRESHOLD_FACTORS = {"twn": TWN_FACTOR, "absmean": ABSMEAN_FACTOR}
+
+
 def ternary_threshold(w: torch.Tensor, rule, granularity: str = "per_channel") -> torch.Tensor:
-    """Delta for the fixed rules: 'twn', 'absmean', or an absolute number."""
+    """Delta for the fixed rules: a name of THRESHOLD_FACTORS, or an absolute number."""
     if isinstance(rule, (int, float)) and not isinstance(rule, bool):
         return torch.full((1,) * w.dim(), float(rule), device=w.device)
+    if rule not in THRESHOLD_FACTORS:
+        raise ValueError(f"threshold rule must be {', '.join(THRESHOLD_FACTORS)} or a number, "
+                         f"got {rule!r}")
     mean = w.detach().abs().mean(dim=_stat_dims(w, granularity), keepdim=True)
-    if rule == "twn":
-        return TWN_FACTOR * mean
-    if rule == "absmean":
-        return ABSMEAN_FACTOR * mean
-    raise ValueError(f"threshold rule must be twn, absmean or a number, got {rule!r}")
+    return THRESHOLD_FACTORS[rule] * mean
+
+
+def _twn_scale(a: torch.Tensor, mask: torch.Tensor, dims) -> torch.Tensor:
+    """mean |W| where the mask is set; an all-zero layer keeps scale 0 rather than 0/0."""
+    count = mask.sum(dim=dims, keepdim=True)
+    total = (a * mask).sum(dim=dims, keepdim=True)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
+
+
+# the fixed scale rules, alpha from |W| and the mask of nonzero codes
+SCALE_RULES = {
+    "twn": _twn_scale,
+    "absmean": lambda a, mask, dims: a.mean(dim=dims, keepdim=True),
+    "none": lambda a, mask, dims: torch.ones((1,) * a.dim(), device=a.device),
+}
 
 
 def ternary_scale(w: torch.Tensor, mask: torch.Tensor, rule: str,
                   granularity: str = "per_channel") -> torch.Tensor:
     """alpha: 'twn' = mean |W| where the mask is set; 'absmean' = mean |W|; 'none' = 1."""
-    dims = _stat_dims(w, granularity)
-    a = w.detach().abs()
-    if rule == "twn":
-        count = mask.sum(dim=dims, keepdim=True)
-        total = (a * mask).sum(dim=dims, keepdim=True)
-        # an all-zero layer keeps scale 0 rather than 0/0
-        return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))
-    if rule == "absmean":
-        return a.mean(dim=dims, keepdim=True)
-    if rule == "none":
-        return torch.ones((1,) * w.dim(), device=w.device)
-    raise ValueError(f"scale rule must be twn, absmean or none, got {rule!r}")
+    if rule not in SCALE_RULES:
+        raise ValueError(f"scale rule must be {', '.join(SCALE_RULES)}, got {rule!r}")
+    return SCALE_RULES[rule](w.detach().abs(), mask, _stat_dims(w, granularity))
 
 
 def ternary_quantize(w: torch.Tensor, threshold="twn", scale: str = "twn",

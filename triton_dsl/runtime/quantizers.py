@@ -44,76 +44,125 @@ class IntQuantizer(nn.Module):
         return Q.ste(w, self.quantize(w).dequantized)
 
 
+class FixedThreshold:
+    """Delta from a fixed rule (twn, absmean, a number): codes = sign(w) where |w| > Delta."""
+
+    def __init__(self, q, shape):
+        self.rule, self.granularity = q.config.threshold, q.config.granularity
+
+    def codes(self, q, w):
+        delta = Q.ternary_threshold(w, self.rule, self.granularity)
+        hard = (w.detach().abs() > delta).to(w.dtype)
+        return torch.sign(w.detach()) * hard, hard
+
+
+class LearnedThreshold:
+    """Delta = sigmoid(t) * mean|W| with t trained (one per channel, or one), starting as TWN:
+    sigmoid(t) = 0.7."""
+
+    def __init__(self, q, shape):
+        q.threshold_logit = nn.Parameter(torch.full(shape, Q.logit(Q.TWN_FACTOR)))
+
+    @staticmethod
+    def reset(q, weight):
+        q.threshold_logit.fill_(Q.logit(Q.TWN_FACTOR))
+
+    def codes(self, q, w):
+        codes, hard, _ = Q.learned_threshold_ternary(w, q.threshold_logit, q.config.granularity)
+        return codes, hard
+
+
+class StochasticThreshold:
+    """Random rounding to {-ref, 0, ref} (ref: the TWN scale) while training; the nearest of
+    the three in eval."""
+
+    def __init__(self, q, shape):
+        pass
+
+    def codes(self, q, w):
+        ref = Q.ternary_quantize(w, "twn", "twn", q.config.granularity).scale
+        if q.training:
+            codes = Q.stochastic_ternary(w, ref)
+            return codes, codes.abs()
+        hard = (w.detach().abs() > 0.5 * ref).to(w.dtype)
+        return torch.sign(w.detach()) * hard, hard
+
+
+class FixedScale:
+    """alpha from a fixed rule (twn, absmean, none); one magnitude for both signs."""
+
+    def __init__(self, q, shape):
+        self.rule, self.granularity = q.config.scale, q.config.granularity
+
+    def scales(self, q, w, hard):
+        a = Q.ternary_scale(w, hard, self.rule, self.granularity)
+        return a, a
+
+
+class LearnedScales:
+    """TTQ (Zhu et al.): separate positive and negative scales, trained, starting at the TWN
+    scale."""
+
+    def __init__(self, q, shape):
+        q.pos_scale = nn.Parameter(torch.empty(shape))
+        q.neg_scale = nn.Parameter(torch.empty(shape))
+
+    @staticmethod
+    def reset(q, weight):
+        mask = q.threshold.codes(q, weight.detach())[1]
+        alpha = Q.ternary_scale(weight, mask, "twn", q.config.granularity)
+        q.pos_scale.copy_(alpha.expand_as(q.pos_scale))
+        q.neg_scale.copy_(alpha.expand_as(q.neg_scale))
+
+    def scales(self, q, w, hard):
+        return q.pos_scale, q.neg_scale
+
+
+# the ternary rules by their .tdsl names (lang/precision.py lists the same names; a test
+# checks); threshold numbers and other fixed names take the Fixed* rule
+THRESHOLD_RULES = {"learned": LearnedThreshold, "stochastic": StochasticThreshold}
+SCALE_RULES = {"learned": LearnedScales}
+
+
 class TernaryQuantizer(nn.Module):
-    """The threshold rule picks which weights are zero; the scale rule sets their magnitude."""
+    """The threshold rule picks which weights are zero; the scale rule sets their magnitude.
+    Learned rules train parameters of their own (threshold_logit; pos_scale and neg_scale)."""
 
     def __init__(self, config: Ternary, weight: torch.Tensor):
         super().__init__()
         self.config = config
         shape = _stat_shape(weight, config.granularity)
-        if config.threshold == "learned":
-            # starts as TWN: sigmoid(t) * mean|W| = 0.7 * mean|W|
-            self.threshold_logit = nn.Parameter(torch.full(shape, Q.logit(Q.TWN_FACTOR)))
-        if config.scale == "learned":
-            # TTQ (Zhu et al.): separate positive and negative scales, initialised to the TWN scale
-            self.pos_scale = nn.Parameter(torch.empty(shape))
-            self.neg_scale = nn.Parameter(torch.empty(shape))
-            self.init_from(weight)
+        rule = config.threshold if isinstance(config.threshold, str) else None
+        self.threshold = THRESHOLD_RULES.get(rule, FixedThreshold)(self, shape)
+        self.scale = SCALE_RULES.get(config.scale, FixedScale)(self, shape)
+        self.init_from(weight)
 
     @torch.no_grad()
     def init_from(self, weight: torch.Tensor):
         """Re-derive the learned parameters from ``weight`` (after loading float weights)."""
-        if self.config.threshold == "learned":
-            self.threshold_logit.fill_(Q.logit(Q.TWN_FACTOR))
-        if self.config.scale == "learned":
-            mask = self._codes(weight.detach())[1]
-            alpha = Q.ternary_scale(weight, mask, "twn", self.config.granularity)
-            self.pos_scale.copy_(alpha.expand_as(self.pos_scale))
-            self.neg_scale.copy_(alpha.expand_as(self.neg_scale))
+        for rule in (self.threshold, self.scale):
+            if hasattr(rule, "reset"):
+                rule.reset(self, weight)
 
     def _codes(self, w):
         """(codes in {-1,0,1} carrying any threshold gradient, hard mask)."""
-        c = self.config
-        if c.threshold == "learned":
-            codes, hard, _ = Q.learned_threshold_ternary(w, self.threshold_logit, c.granularity)
-            return codes, hard
-        if c.threshold == "stochastic":
-            ref = self._reference(w)
-            if self.training:
-                codes = Q.stochastic_ternary(w, ref)
-                return codes, codes.abs()
-            hard = (w.detach().abs() > 0.5 * ref).to(w.dtype)  # nearest of {-ref, 0, ref}
-            return torch.sign(w.detach()) * hard, hard
-        delta = Q.ternary_threshold(w, c.threshold, c.granularity)
-        hard = (w.detach().abs() > delta).to(w.dtype)
-        return torch.sign(w.detach()) * hard, hard
-
-    def _reference(self, w):
-        """The magnitude stochastic rounding rounds to: the TWN scale."""
-        return Q.ternary_quantize(w, "twn", "twn", self.config.granularity).scale
+        return self.threshold.codes(self, w)
 
     def quantize(self, w) -> Q.TernaryResult:
         """Codes and scales as they would be frozen (no gradient)."""
         with torch.no_grad():
             codes, hard = self._codes(w)
-            pos, neg = self._scales(w, hard)
+            pos, neg = self.scale.scales(self, w, hard)
             deq = torch.where(codes > 0, pos * codes, neg * codes)
             pos, neg = torch.broadcast_tensors(pos, neg)
             return Q.TernaryResult(deq, codes.to(torch.int8), pos.clone(), neg.clone(),
                                    torch.zeros(()))
 
-    def _scales(self, w, hard):
-        c = self.config
-        if c.scale == "learned":
-            return self.pos_scale, self.neg_scale
-        a = Q.ternary_scale(w, hard, c.scale, c.granularity)
-        return a, a
-
     def forward(self, w):
         codes, hard = self._codes(w)
-        pos, neg = self._scales(w, hard)
+        pos, neg = self.scale.scales(self, w, hard)
         q = torch.where(codes.detach() > 0, pos * codes, neg * codes)
-        if self.config.threshold == "learned" or self.config.scale == "learned":
+        if isinstance(self.threshold, LearnedThreshold) or isinstance(self.scale, LearnedScales):
             return q + (w - w.detach())  # STE to w; q keeps its own graph to t and the scales
         return Q.ste(w, q)
 
