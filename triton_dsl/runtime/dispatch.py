@@ -1,17 +1,20 @@
 """The one place that chooses how a frozen layer runs, and the one cache of what it prepared.
 
 On CUDA tensors, and on the CPU under TRITON_INTERPRET=1, a layer runs its form's generic path
-(the Triton kernels). On the CPU it runs one of:
+(the Triton kernels). On the CPU the exact ways to run it are:
 
-* a prepacked CPU form (kernels/cpu_paths.py: the native kernel at 2 bits or int8, its grouped
-  variant, or torch's int8 GEMM), built once from the stored codes; the stored buffer is then
-  released, so the layer keeps one resident copy of its weight;
-* an fp32 matmul on the weight dequantized once ("dense"): for small layers, where the kernels'
-  fixed costs per call outweigh their few weights, and wherever no CPU form fits;
-* the form's generic path, for forms no CPU kernel takes (16-bit weights).
+* "prepacked": a CPU kernel from kernels/cpu_paths.py (the native kernel at 2 bits or int8, its
+  grouped variant, or torch's int8 GEMM), built once from the stored codes; the stored buffer
+  is then released, so the layer keeps one resident copy of its weight;
+* "dense": an fp32 matmul on the weight dequantized once (codes times scales are exact in
+  fp32); a candidate only for weights of at most DENSE_MAX elements, so a large layer never
+  holds an fp32 copy;
+* "generic": the form's own path, for forms no CPU kernel takes (16-bit weights).
 
-The choice and what it built live in the layer's ``prepared`` slot, keyed by (device, activation
-mode); moving, loading or copying the layer empties the slot (see FrozenLinear.restore_buffers).
+Which one runs is chosen per batch bucket: by measurement (runtime/tuning.py) when more than
+one is a candidate, else, with TRITON_DSL_TUNE=0, by the size rule of dense_below. The choices
+and the runners they need live in the layer's ``prepared`` slot, keyed by (device, activation
+mode); moving, loading or copying the layer empties it (FrozenLinear.restore_buffers).
 """
 from __future__ import annotations
 
@@ -19,15 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu_paths
-from ..kernels.common import HAS_TRITON, interpreting
+from ..kernels.common import HAS_TRITON, interpreting, m_bucket
 from ..kernels.per_token import fake_quantize_per_token
+from . import tuning
+
+DENSE_MAX = 1 << 20  # weights (4 MiB in fp32): above this no dense copy is ever made
 
 
 def dense_below(path: str, act: str) -> int:
-    """CPU layers with at most this many weights run dense: 2^18 (1 MiB in fp32) in front of the
-    int8 GEMM, 2^14 in front of the native kernels, and none with int8 activations there.
-    Measured on the 2-core EPYC: the native kernel wins from 256 x 256 up, and the dense path
-    pays for fake-quantizing int8 activations."""
+    """Without measuring: CPU layers with at most this many weights run dense. 2^18 (1 MiB in
+    fp32) in front of the int8 GEMM, 2^14 in front of the native kernels, and none with int8
+    activations there (measured on the 2-core EPYC: the native kernel wins from 256 x 256 up,
+    and the dense path pays for fake-quantizing int8 activations)."""
     if path in ("native", "grouped"):
         return 1 << 14 if act == "none" else 0
     return 1 << 18
@@ -40,7 +46,6 @@ def on_cpu_paths(device: torch.device) -> bool:
 
 class Generic:
     """The form's own path: Triton kernels or reference twins (ops.py decides)."""
-    name = "generic"
     nbytes = 0
 
     def __init__(self, mod):
@@ -52,10 +57,9 @@ class Generic:
 
 class Dense:
     """fp32 matmul on the weight dequantized once; int8 activations fake-quantized first."""
-    name = "dense"
 
     def __init__(self, mod):
-        self.weight = mod.form.dense(mod)
+        self.weight = stored(mod, lambda: mod.form.dense(mod))
         self.nbytes = self.weight.numel() * self.weight.element_size()
 
     def __call__(self, mod, x, act):
@@ -69,7 +73,6 @@ class Prepacked:
     """One prepacked CPU form per part of the weight (TTQ has two: T and |T|), summed."""
 
     def __init__(self, mod, path, parts):
-        self.name = path.name
         self.forms = [path.build(codes, scale, spec) for codes, scale, spec in parts]
         self.nbytes = sum(f.nbytes for f in self.forms)
         self.k = parts[0][2].k
@@ -87,30 +90,110 @@ class Prepacked:
         return self.forms[0].codes()
 
 
-def select(mod, device: torch.device, act: str):
-    """How ``mod`` (a FrozenLinear) runs on ``device`` with activations ``act`` ("none" or
-    "dynamic"), built now: a Generic, Dense or Prepacked runner."""
+class Prepared:
+    """A layer's runners by name and its choice per batch bucket, for one (device, act)."""
+
+    def __init__(self, key):
+        self.key, self.runners, self.picks = key, {}, {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.runners.values())
+
+    def prepacked(self):
+        return self.runners.get("prepacked")
+
+
+def stored(mod, fn):
+    """fn() with the layer's stored buffer in place, put back from the prepacked form if that
+    released it (a dense copy built after the prepacked form, say)."""
+    pre = mod.prepared.prepacked() if mod.prepared is not None else None
+    if pre is None or mod.form.stored is None:
+        return fn()
+    mod.form.rebuild(mod, pre.codes())
+    try:
+        return fn()
+    finally:
+        buf = getattr(mod, mod.form.stored)
+        setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
+
+
+def candidates(mod, device: torch.device, act: str) -> dict:
+    """{name: how to build the runner} for the exact ways ``mod`` can run here."""
     if not on_cpu_paths(device):
-        return Generic(mod)
-    parts = mod.form.cpu_parts(mod)
-    if parts is None:
-        return Generic(mod)
-    path = cpu_paths.choose(parts[0][2], act)
-    if path is None or mod.in_features * mod.out_features <= dense_below(path.name, act):
-        return Dense(mod)
-    return Prepacked(mod, path, parts)
+        return {"generic": Generic}
+    spec = mod.form.cpu_spec(mod)
+    if spec is None:
+        return {"generic": Generic}
+    out = {}
+    path = cpu_paths.choose(spec, act)
+    if path is not None:
+        out["prepacked"] = lambda m: Prepacked(m, path, stored(m, lambda: m.form.cpu_parts(m)))
+    if path is None or mod.in_features * mod.out_features <= DENSE_MAX:
+        out["dense"] = Dense
+    return out
 
 
-def runner(mod, device: torch.device, act: str):
-    """The layer's runner for (device, act), from its ``prepared`` slot or built and kept there.
-    A prepacked form replaces the stored buffer it was built from."""
+def _heuristic(mod, names, act) -> str:
+    if "prepacked" not in names:
+        return next(iter(names))
+    path = cpu_paths.choose(mod.form.cpu_spec(mod), act)
+    small = mod.in_features * mod.out_features <= dense_below(path.name, act)
+    return "dense" if small and "dense" in names else "prepacked"
+
+
+def _build(mod, prep: Prepared, name: str, make):
+    if name not in prep.runners:
+        prep.runners[name] = run = make(mod)
+        if isinstance(run, Prepacked):  # the prepacked form now holds the codes: release
+            buf = getattr(mod, mod.form.stored)
+            setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
+    return prep.runners[name]
+
+
+def prepare(mod, device: torch.device, act: str) -> Prepared:
+    """The layer's Prepared slot for (device, act), emptied and rebuilt when that changed."""
     key = (device, act, on_cpu_paths(device))
-    if mod.prepared is not None and mod.prepared[0] == key:
-        return mod.prepared[1]
-    mod.restore_buffers()
-    run = select(mod, device, act)
-    if isinstance(run, Prepacked):
-        stored = getattr(mod, mod.form.stored)
-        setattr(mod, mod.form.stored, torch.empty(0, dtype=stored.dtype))
-    mod.prepared = (key, run)
-    return run
+    if mod.prepared is None or mod.prepared.key != key:
+        mod.restore_buffers()
+        mod.prepared = Prepared(key)
+    return mod.prepared
+
+
+def runner(mod, x: torch.Tensor, act: str):
+    """How ``mod`` (a FrozenLinear) runs ``x``: chosen once per batch bucket, built once."""
+    prep = prepare(mod, x.device, act)
+    rows = x.numel() // max(x.shape[-1], 1)
+    bucket = m_bucket(rows)
+    name = prep.picks.get(bucket)
+    if name is None:
+        makers = candidates(mod, x.device, act)
+        if tuning.enabled() and len(makers) > 1:
+            trials = {n: (lambda n=n, m=m: _build(mod, prep, n, m)(mod, x, act))
+                      for n, m in sorted(makers.items(), key=lambda kv: kv[0] != "dense")}
+            key = (f"linear|{mod.out_features}x{mod.in_features}|{mod.form.name}|{act}"
+                   f"|rows={bucket}")
+            name = tuning.choose(key, trials)
+        else:
+            name = _heuristic(mod, makers, act)
+        prep.picks[bucket] = name
+        _build(mod, prep, name, makers[name])
+        if "dense" not in prep.picks.values():  # a dense copy that lost: free its memory
+            prep.runners.pop("dense", None)
+    return prep.runners[name]
+
+
+def build_default(mod, device: torch.device, act: str):
+    """At freeze and load: the prepacked form where one fits (the native library build and
+    the layout conversion happen now, not in the first forward pass)."""
+    prep = prepare(mod, device, act)
+    make = candidates(mod, device, act).get("prepacked")
+    if make is not None:
+        _build(mod, prep, "prepacked", make)
+
+
+def dense_weight(mod) -> torch.Tensor:
+    """The fp32 weight kept in the layer's slot (for convolutions that run F.conv2d)."""
+    prep = mod.prepared or prepare(mod, next(mod.buffers()).device, "none")
+    prep.picks["dense-weight"] = "dense"  # keep it
+    return _build(mod, prep, "dense", Dense).weight

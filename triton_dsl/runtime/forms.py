@@ -1,8 +1,8 @@
 """How a frozen layer stores its weight: one class per stored form, found through a registry.
 
 A form registers the layer's buffers from the trained weight (``store``), says which integer
-codes the CPU kernels can serve (``cpu_parts``), gives the fp32 weight (``dense``), and runs the
-generic path (``matmul``: Triton kernels on CUDA or under the interpreter, else the reference
+codes the CPU kernels can serve (``cpu_spec``, ``cpu_parts``), gives the fp32 weight
+(``dense``), and runs the generic path (``matmul``: Triton kernels on CUDA or under the interpreter, else the reference
 twins). Which of these runs is runtime/dispatch.py's choice, not the form's. A new precision is
 one new class added to FORMS.
 
@@ -56,9 +56,13 @@ class TernaryForm:
             out.append((True, mod.scale_abs))
         return out
 
+    def cpu_spec(self, mod) -> WeightSpec:
+        return WeightSpec(mod.out_features, mod.in_features, ternary=True)
+
     def cpu_parts(self, mod):
+        """[(int8 codes, scale, spec)] for the CPU kernels, one per matmul summed."""
         codes = unpack_ternary(mod.packed, mod.in_features)
-        spec = WeightSpec(mod.out_features, mod.in_features, ternary=True)
+        spec = self.cpu_spec(mod)
         return [(codes.abs() if a else codes, s, spec) for a, s in self.parts(mod)]
 
     def rebuild(self, mod, codes: torch.Tensor):
@@ -115,9 +119,11 @@ class IntForm:
     def group(self, mod) -> int | None:
         return mod.in_features // mod.scale.shape[1] if mod.scale.dim() == 2 else None
 
+    def cpu_spec(self, mod) -> WeightSpec:
+        return WeightSpec(mod.out_features, mod.in_features, False, self.group(mod))
+
     def cpu_parts(self, mod):
-        spec = WeightSpec(mod.out_features, mod.in_features, False, self.group(mod))
-        return [(mod.codes, mod.scale, spec)]
+        return [(mod.codes, mod.scale, self.cpu_spec(mod))]
 
     def rebuild(self, mod, codes: torch.Tensor):
         mod.codes = codes
@@ -139,7 +145,7 @@ class WideIntForm(IntForm):
     def accepts(p) -> bool:
         return isinstance(p, Int)
 
-    def cpu_parts(self, mod):
+    def cpu_spec(self, mod):
         return None
 
     def matmul(self, mod, x, act):
@@ -163,7 +169,7 @@ class HalfForm:
         if mod.bias is not None:
             mod.bias.data = mod.bias.data.to(dt)
 
-    def cpu_parts(self, mod):
+    def cpu_spec(self, mod):
         return None
 
     def dense(self, mod) -> torch.Tensor:

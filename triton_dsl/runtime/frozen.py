@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dispatch
+from ..kernels.common import m_bucket
+from . import dispatch, tuning
 from .forms import form_for
 from .layers import Conv2d, Linear, im2col_conv
 
@@ -40,7 +41,7 @@ class FrozenLinear(nn.Module):
         self.act_quant = layer.act_quant if self.activations == "static" else None
         self.form = form_for(self.precision)
         self.mode = self.form.name  # ternary, int8, int16 or float16: what the checkpoint stores
-        self.prepared = None  # (key, runner): see dispatch.runner
+        self.prepared = None  # a dispatch.Prepared: the runners and their choice per batch
         self.dense_only = False  # a grouped convolution's weight: F.conv2d on the fp32 weight
         with torch.no_grad():
             self.form.store(self, layer)
@@ -55,25 +56,21 @@ class FrozenLinear(nn.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         act = self._act()
-        return dispatch.runner(self, x.device, act)(self, x, act)
+        return dispatch.runner(self, x, act)(self, x, act)
 
     def prepare(self):
-        """Choose and build how the layer runs on the device of its buffers now (at freeze and
-        load), rather than in the first forward pass."""
+        """Build how the layer runs on the device of its buffers now (at freeze and load),
+        rather than in the first forward pass."""
+        device = next(self.buffers()).device
         if self.dense_only:
-            self.dense_weight()
+            dispatch.dense_weight(self)
         else:
-            dispatch.runner(self, next(self.buffers()).device, self._act())
+            dispatch.build_default(self, device, self._act())
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight as fp32 [out, in], kept in the prepared slot (for grouped convolutions,
-        which run F.conv2d on it)."""
-        if self.prepared is not None and isinstance(self.prepared[1], dispatch.Dense):
-            return self.prepared[1].weight
-        self.restore_buffers()
-        run = dispatch.Dense(self)
-        self.prepared = (("dense",), run)
-        return run.weight
+        """The weight as fp32 [out, in], kept in the prepared slot (for convolutions that run
+        F.conv2d on it)."""
+        return dispatch.dense_weight(self)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as fp32 [out, in], computed from the stored buffers (nothing kept)."""
@@ -82,25 +79,25 @@ class FrozenLinear(nn.Module):
 
     def weight_bytes(self) -> int:
         """Bytes of the weight as the layer holds it now: its buffers (bias excluded; a stored
-        buffer a prepacked form replaced is empty) and what its runner prepared (a prepacked
-        CPU form, or a dequantized fp32 copy)."""
+        buffer a prepacked form replaced is empty) and what its runners prepared (a prepacked
+        CPU form, a dequantized fp32 copy where that is measured faster)."""
         held = sum(b.numel() * b.element_size() for b in self.buffers())
-        return held + (self.prepared[1].nbytes if self.prepared is not None else 0)
+        return held + (self.prepared.nbytes if self.prepared is not None else 0)
 
     def restore_buffers(self):
-        """Put back a stored buffer a prepacked CPU form replaced, and drop the runner."""
+        """Put back a stored buffer a prepacked CPU form replaced, and drop the runners."""
         if self.prepared is not None:
-            run = self.prepared[1]
+            pre = self.prepared.prepacked()
             self.prepared = None
-            if isinstance(run, dispatch.Prepacked):
-                self.form.rebuild(self, run.codes())
+            if pre is not None:
+                self.form.rebuild(self, pre.codes())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        run = self.prepared[1] if self.prepared is not None else None
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if isinstance(run, dispatch.Prepacked):
+        pre = self.prepared.prepacked() if self.prepared is not None else None
+        if pre is not None:
             tmp = getattr(self, self.form.stored)
-            self.form.rebuild(self, run.codes())
+            self.form.rebuild(self, pre.codes())
             destination[prefix + self.form.stored] = getattr(self, self.form.stored)
             setattr(self, self.form.stored, tmp)
 
@@ -125,9 +122,12 @@ class FrozenLinear(nn.Module):
 
 
 class FrozenConv2d(nn.Module):
-    """A convolution whose weight is stored as a FrozenLinear [out, C/groups*kh*kw]. With
-    groups=1 and numeric padding it runs as unfold + the frozen matmul (im2col, the kernels);
-    otherwise as F.conv2d on the weight dequantized once."""
+    """A convolution whose weight is stored as a FrozenLinear [out, C/groups*kh*kw]. It runs as
+    unfold + the frozen matmul ("im2col": the kernels; the only way for per-token int8
+    activations, whose tokens are the patches) or as F.conv2d on the weight dequantized once
+    ("conv": oneDNN's direct convolution, exact for float activations). Grouped convolutions and
+    'same' padding always take "conv"; otherwise the faster of the two is measured per batch
+    bucket and input shape (runtime/tuning.py), or "im2col" with TRITON_DSL_TUNE=0."""
 
     def __init__(self, layer: Conv2d):
         super().__init__()
@@ -139,18 +139,47 @@ class FrozenConv2d(nn.Module):
         self.linear.dense_only = not self.im2col
 
     def forward(self, x):
-        if not self.im2col:
-            lin = self.linear
-            if lin.act_quant is not None:
-                x = lin.act_quant(x)
-            w = lin.dense_weight().reshape(self.out_channels, -1, *self.kernel_size)
-            return F.conv2d(x, w.to(x.dtype), lin.bias, self.stride, self.padding, self.dilation,
-                            self.groups)
+        lin = self.linear
         kh, kw = self.kernel_size
-        if x.shape[1] * kh * kw != self.linear.in_features:
-            raise ValueError(f"x must have {self.linear.in_features // (kh * kw)} channels, got "
-                             f"shape {tuple(x.shape)}")
-        return im2col_conv(x, self, self.linear)
+        if x.dim() != 4 or x.shape[1] * kh * kw != lin.in_features * self.groups:
+            raise ValueError(f"x must be [batch, {lin.in_features * self.groups // (kh * kw)}, "
+                             f"height, width], got shape {tuple(x.shape)}")
+        if self._way(x) == "im2col":
+            return im2col_conv(x, self, lin)
+        return self.forward_conv(x)
+
+    def forward_conv(self, x):
+        lin = self.linear
+        if lin.act_quant is not None:
+            x = lin.act_quant(x)
+        w = lin.dense_weight().reshape(self.out_channels, -1, *self.kernel_size)
+        bias = None if lin.bias is None else lin.bias.to(x.dtype)
+        return F.conv2d(x, w.to(x.dtype), bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def _way(self, x) -> str:
+        lin = self.linear
+        if not self.im2col:
+            return "conv"
+        if lin.activations == "dynamic" or not dispatch.on_cpu_paths(x.device):
+            return "im2col"
+        prep = dispatch.prepare(lin, x.device, lin._act())
+        key = ("conv", m_bucket(x.shape[0]), tuple(x.shape[1:]))
+        way = prep.picks.get(key)
+        if way is None:
+            way = "im2col"
+            if tuning.enabled():
+                name = (f"conv|{self.out_channels}x{lin.in_features}|{lin.form.name}|"
+                        f"{self.kernel_size}/{self.stride}/{self.padding}/{self.dilation}|"
+                        f"batch={key[1]}|{'x'.join(map(str, x.shape[1:]))}")
+                way = tuning.choose(name, {"im2col": lambda: im2col_conv(x, self, lin),
+                                           "conv": lambda: self.forward_conv(x)})
+            prep.picks[key] = way
+            convs = [v for k, v in prep.picks.items() if isinstance(k, tuple) and k[0] == "conv"]
+            if "conv" not in convs and prep.picks.pop("dense-weight", None):  # the fp32 copy
+                if "dense" not in prep.picks.values():  # lost everywhere: free it
+                    prep.runners.pop("dense", None)
+        return way
 
 
 def freeze(model: nn.Module) -> nn.Module:
