@@ -231,3 +231,29 @@ def test_freeze_prepares_before_the_first_forward(monkeypatch):
     assert built is not None and net[0].packed.numel() in (0, 128 * 64)
     net(torch.randn(1, 256))
     assert net[0].prepared is built
+
+
+def test_batchnorm_folds_into_the_layer_before_it(monkeypatch):
+    """freeze() folds each batchnorm that directly follows a frozen layer (per the .tdsl
+    declaration) into that layer's runners; the state dict keeps every key, and a model that
+    loads it folds the loaded statistics."""
+    from triton_dsl.runtime.fold import FoldedBatchNorm, pairs
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    net = triton_dsl.load(os.path.join(EXAMPLES, "resnet_ternary.tdsl"))()
+    x = torch.randn(2, *net.input_shape)
+    net.train()(x)
+    net.eval()
+    keys = set(net.state_dict())
+    assert ("stage2.shortcut", "stage2.shortcut_bn") in pairs(net)
+    frozen = rt.freeze(copy.deepcopy(net))
+    folded = [m for m in frozen.modules() if isinstance(m, FoldedBatchNorm)]
+    assert len(folded) == len(pairs(net)) > 0
+    assert all(torch.equal(bn(x[:1, :1]), x[:1, :1]) for bn in folded)  # passes through
+    with torch.no_grad():
+        want = net(x)
+        torch.testing.assert_close(frozen(x), want, atol=2e-4, rtol=1e-4)
+        fresh = rt.freeze(triton_dsl.load(os.path.join(EXAMPLES, "resnet_ternary.tdsl"))())
+        fresh.load_state_dict(frozen.state_dict())
+        torch.testing.assert_close(fresh(x), want, atol=2e-4, rtol=1e-4)
+    assert {k for k in frozen.state_dict() if "bn" in k} == {k for k in keys if "bn" in k}

@@ -44,35 +44,59 @@ def on_cpu_paths(device: torch.device) -> bool:
     return device.type == "cpu" and not (HAS_TRITON and interpreting())
 
 
+def affine(mod):
+    """(row multiplier, bias) with a folded batchnorm applied (runtime/fold.py), or (None, the
+    layer's bias) without one."""
+    bn = mod.fold
+    if bn is None:
+        return None, mod.bias
+    mul, add = bn.affine_map()
+    bias = add if mod.bias is None else mod.bias.float() * mul + add
+    return mul, bias
+
+
 class Generic:
-    """The form's own path: Triton kernels or reference twins (ops.py decides)."""
+    """The form's own path: Triton kernels or reference twins (ops.py decides); a folded
+    batchnorm is applied to its output."""
     nbytes = 0
 
     def __init__(self, mod):
         self.form = mod.form
+        self.mul, self.bias = affine(mod)
 
     def __call__(self, mod, x, act):
-        return self.form.matmul(mod, x, act)
+        y = self.form.matmul(mod, x, act)
+        if self.mul is None:
+            return y
+        return (y.float() * self.mul.to(y.device) + self.bias.to(y.device)).to(y.dtype)
 
 
 class Dense:
-    """fp32 matmul on the weight dequantized once; int8 activations fake-quantized first."""
+    """fp32 matmul on the weight dequantized once (a folded batchnorm folded into it); int8
+    activations fake-quantized first."""
 
     def __init__(self, mod):
-        self.weight = stored(mod, lambda: mod.form.dense(mod))
+        weight = stored(mod, lambda: mod.form.dense(mod))
+        self.mul, self.bias = affine(mod)
+        self.weight = weight if self.mul is None else weight * self.mul.reshape(-1, 1)
         self.nbytes = self.weight.numel() * self.weight.element_size()
 
     def __call__(self, mod, x, act):
         if act == "dynamic":
             x = fake_quantize_per_token(x)
-        bias = None if mod.bias is None else mod.bias.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
 
 class Prepacked:
-    """One prepacked CPU form per part of the weight (TTQ has two: T and |T|), summed."""
+    """One prepacked CPU form per part of the weight (TTQ has two: T and |T|), summed; a folded
+    batchnorm scales every part's row scales."""
 
     def __init__(self, mod, path, parts):
+        mul, self.bias = affine(mod)
+        if mul is not None:
+            parts = [(codes, scale * mul.reshape(-1, *([1] * (scale.dim() - 1))), spec)
+                     for codes, scale, spec in parts]
         self.forms = [path.build(codes, scale, spec) for codes, scale, spec in parts]
         self.nbytes = sum(f.nbytes for f in self.forms)
         self.k = parts[0][2].k
@@ -82,7 +106,7 @@ class Prepacked:
         y = None
         for i, form in enumerate(self.forms):
             run = form.dynamic_matmul if act == "dynamic" else form.float_matmul
-            part = run(x2, mod.bias if i == 0 else None)
+            part = run(x2, self.bias if i == 0 else None)
             y = part if y is None else y.add_(part)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
@@ -192,8 +216,9 @@ def build_default(mod, device: torch.device, act: str):
         _build(mod, prep, "prepacked", make)
 
 
-def dense_weight(mod) -> torch.Tensor:
-    """The fp32 weight kept in the layer's slot (for convolutions that run F.conv2d)."""
+def dense(mod) -> Dense:
+    """The Dense runner kept in the layer's slot (for convolutions that run F.conv2d on its
+    weight and bias)."""
     prep = mod.prepared or prepare(mod, next(mod.buffers()).device, "none")
     prep.picks["dense-weight"] = "dense"  # keep it
-    return _build(mod, prep, "dense", Dense).weight
+    return _build(mod, prep, "dense", Dense)

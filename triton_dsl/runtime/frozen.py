@@ -22,6 +22,7 @@ from torch import nn
 
 from ..kernels.common import m_bucket
 from . import dispatch, tuning
+from .fold import fold_batchnorm
 from .forms import form_for
 from .layers import Conv2d, Linear, im2col_conv
 
@@ -43,6 +44,7 @@ class FrozenLinear(nn.Module):
         self.mode = self.form.name  # ternary, int8, int16 or float16: what the checkpoint stores
         self.prepared = None  # a dispatch.Prepared: the runners and their choice per batch
         self.dense_only = False  # a grouped convolution's weight: F.conv2d on the fp32 weight
+        self.fold = None  # a following batchnorm folded in (runtime/fold.py); not a child
         with torch.no_grad():
             self.form.store(self, layer)
 
@@ -63,14 +65,9 @@ class FrozenLinear(nn.Module):
         rather than in the first forward pass."""
         device = next(self.buffers()).device
         if self.dense_only:
-            dispatch.dense_weight(self)
+            dispatch.dense(self)
         else:
             dispatch.build_default(self, device, self._act())
-
-    def dense_weight(self) -> torch.Tensor:
-        """The weight as fp32 [out, in], kept in the prepared slot (for convolutions that run
-        F.conv2d on it)."""
-        return dispatch.dense_weight(self)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight as fp32 [out, in], computed from the stored buffers (nothing kept)."""
@@ -152,8 +149,9 @@ class FrozenConv2d(nn.Module):
         lin = self.linear
         if lin.act_quant is not None:
             x = lin.act_quant(x)
-        w = lin.dense_weight().reshape(self.out_channels, -1, *self.kernel_size)
-        bias = None if lin.bias is None else lin.bias.to(x.dtype)
+        run = dispatch.dense(lin)  # the weight dequantized once, a folded batchnorm in it
+        w = run.weight.reshape(self.out_channels, -1, *self.kernel_size)
+        bias = None if run.bias is None else run.bias.to(x.dtype)
         return F.conv2d(x, w.to(x.dtype), bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
@@ -183,10 +181,12 @@ class FrozenConv2d(nn.Module):
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """Replace every Linear/Conv2d narrower than fp32 with its deploy form, in place, and
-    prepare how each runs on its device."""
+    """Replace every Linear/Conv2d narrower than fp32 with its deploy form, in place, fold
+    batch normalization into the layer before it (runtime/fold.py), and prepare how each layer
+    runs on its device."""
     model.eval()
     _swap(model)
+    fold_batchnorm(model)
     return prepare(model)
 
 
