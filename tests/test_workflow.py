@@ -60,9 +60,10 @@ def test_freeze_round_trip_is_small_and_equal(trained, tmp_path):
     assert frozen.checkpoint_meta["kind"] == "frozen"
     ds = load("digits", frozen.input_shape)
     assert evaluate(frozen, ds) == pytest.approx(evaluate(trainable, ds), abs=0.6)
-    # the packed file is what summary predicts, plus a small header (names, metadata)
+    # the packed file is what summary predicts, plus a small header (names, the source, the
+    # training history and settings: a few KB whatever the model's size)
     predicted = summarize(check_file(TERNARY).models[0])["total_bytes"]
-    assert predicted <= size <= predicted * 1.03
+    assert predicted <= size <= predicted + 4096
     assert os.path.getsize(d / "qat.safetensors") / size > 10
 
 
@@ -162,7 +163,9 @@ def test_idx_reader_and_mnist_folder(tmp_path):
     _idx(tmp_path / "ints.idx", 0x0C, np.arange(6, dtype=np.int32).reshape(2, 3))
     assert read_idx(str(tmp_path / "ints.idx")).tolist() == [[0, 1, 2], [3, 4, 5]]
     ds = load(f"mnist:{tmp_path}", (1, 28, 28))
-    assert ds.x_train.shape == (12, 1, 28, 28) and ds.y_test.tolist() == labels[:4].tolist()
+    # a tenth of the training images is held out for validation
+    assert ds.x_train.shape == (11, 1, 28, 28) and ds.x_val.shape == (1, 1, 28, 28)
+    assert ds.y_test.tolist() == labels[:4].tolist()
     raw = (tmp_path / "t10k-images-idx3-ubyte").read_bytes()
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(raw[:-5])
     with pytest.raises(DataError, match="truncated or corrupt"):
