@@ -262,3 +262,27 @@ def test_bench_cli_table_and_json(tmp_path, run_cli, monkeypatch):
     assert nbytes["torch_fp32"] == 256 * 256 * 4
     assert 256 * 256 // 4 <= nbytes["ternary"] <= 256 * 256 // 4 + 256 * 4 * 2  # 2 bits + scales
     assert 256 * 256 <= nbytes["int8_w8a8"] <= 256 * 256 + 256 * 4 * 2
+
+
+def test_bench_headers_apart_and_spread_reported(monkeypatch):
+    """Every column title stands apart; each median comes with its IQR; a speedup whose IQR
+    overlaps the baseline's is flagged and warned about."""
+    from triton_dsl.workflow import bench
+    titles = [t for t, _ in bench.COLUMNS]
+    for a, b in zip(titles, titles[1:]):
+        assert f"{a} " in bench.HEADER and f" {b}" in bench.HEADER
+        assert bench.HEADER.index(a) + len(a) < bench.HEADER.index(b)
+    spreads = {"torch_fp32": (1.0, 0.9, 1.2), "ternary": (0.5, 0.45, 0.55),
+               "int8_w8a8": (0.95, 0.8, 1.1)}  # ternary clearly faster; int8 within noise
+    monkeypatch.setattr(bench, "_time_cpu_interleaved",
+                        lambda fns, x, repeat: {n: (spreads[n], None) for n in fns})
+    lines = []
+    recs = bench.run([1], [64], "cpu", 3, ["ternary", "int8_w8a8"], log=lines.append)
+    by = {r["method"]: r for r in recs}
+    assert by["ternary"]["iqr_ms"] == 0.1 and not by["ternary"]["noisy"]
+    assert by["int8_w8a8"]["noisy"] and by["int8_w8a8"]["iqr_ms"] == 0.3
+    assert {"median_ms", "speedup", "baseline_ms", "gbs"} <= set(by["ternary"])  # kept
+    warnings = [l for l in lines if l.startswith("warning:")]
+    assert len(warnings) == 1 and "int8_w8a8" in warnings[0] and "within noise" in warnings[0]
+    row = next(l for l in lines if l.startswith("int8_w8a8"))
+    assert "0.300" in row and "noisy" in row
