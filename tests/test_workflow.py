@@ -286,3 +286,21 @@ def test_bench_headers_apart_and_spread_reported(monkeypatch):
     assert len(warnings) == 1 and "int8_w8a8" in warnings[0] and "within noise" in warnings[0]
     row = next(l for l in lines if l.startswith("int8_w8a8"))
     assert "0.300" in row and "noisy" in row
+
+
+def test_demo_trains_freezes_and_measures(tmp_path, capsys, monkeypatch):
+    """scripts/demo.sh's main job: compile, train, freeze, then accuracy, size and speed
+    against fp32 at batch 1 and 64, all measured, and no warning about the example itself."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("run_example", os.path.join(ROOT, "examples",
+                                                                               "run_example.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main([TERNARY, "--epochs", "1", "--out", str(tmp_path), "--nk", "256"]) == 0
+    out, err = capsys.readouterr()
+    for text in ("1. compiled", "2. trained 1 epoch on digits (seed 0)", "test accuracy",
+                 "x smaller than the fp32 checkpoint", "batch  1: fp32", "batch 64: fp32",
+                 "frozen", "ternary_a8"):
+        assert text in out, text
+    assert "warning" not in (out + err).lower()
+    assert {"mnist_ternary.py", "qat.safetensors", "packed.safetensors"} <= set(os.listdir(tmp_path))
