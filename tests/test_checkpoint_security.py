@@ -149,6 +149,8 @@ def test_crafted_metadata_with_a_valid_hash_is_refused(frozen_file, tmp_path):
     for field, value in cases.items():
         p = craft(tmp_path / f"{field}.safetensors", tensors, dict(meta, **{field: value}))
         assert field in refused(p), field
+    p = craft(tmp_path / "h.safetensors", tensors, dict(meta, history='[{"loss": 1.0}]'))
+    assert "history" in refused(p)  # the plots need an epoch
     refused(craft(tmp_path / "k.safetensors", tensors, dict(meta, kind="trainable")), "tensor")
     refused(craft(tmp_path / "m.safetensors", tensors, {k: v for k, v in meta.items()
                                                          if k != "model"}), "'model'")

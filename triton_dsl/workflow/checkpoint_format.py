@@ -157,8 +157,8 @@ def validate(meta: dict, name: str) -> dict:
     if "history" in meta:
         h = _json(meta, "history", name, list)
         if not all(isinstance(r, dict) and all(_number(v) or v is None for v in r.values())
-                   for r in h):
-            bad("history", "a list of records of numbers")
+                   and type(r.get("epoch")) is int and _number(r.get("loss")) for r in h):
+            bad("history", "a list of records of numbers with an epoch and a loss")
         out["history"] = h
     for field in ("trained", "ptq"):
         if field in meta:
