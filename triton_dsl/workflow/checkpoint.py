@@ -72,7 +72,12 @@ def save(model, path: str, history=None, data=None, extra: dict | None = None,
 
 
 def _verify(model, blob: bytes, path: str):
-    again = loads(blob, path)
+    try:
+        again = loads(blob, path)
+    except CheckpointError as e:
+        why = str(e).removeprefix(f"{path}: ")
+        raise CheckpointError(f"{path}: not written: the model would not reload from it "
+                              f"({why})") from None
     x = torch.randn(2, *model.input_shape, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         a, b = model.eval()(x), again(x)
