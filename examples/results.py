@@ -62,7 +62,7 @@ def run(data: str, epochs: int, seed: int, work: str, log=print):
 
     # fp32 baseline; at every epoch also measure ternary PTQ of the network as it stands
     def ptq_probe(rec, net):
-        rec["ptq_ternary_acc"] = round(evaluate(_ptq_copy(tern, net), ds_probe), 3)
+        rec["ptq_ternary_acc"] = round(evaluate(_ptq_copy(tern, net), ds_probe, "val"), 3)
     ds_probe = load_data(data, build(tern).input_shape)
     f32, ds, h32 = fit(tern, True, ptq_probe)
     ck.save(f32, p("fp32.safetensors"), history=h32, data=ds)
@@ -99,9 +99,9 @@ def run(data: str, epochs: int, seed: int, work: str, log=print):
     rows.append(_row("MixedPrecisionNet", "mixed QAT (fp32 / ternary / ternary / fp32)",
                      p("mixed_qat.safetensors"), ds, mbase, mbytes))
 
-    curves = {"epoch": [r["epoch"] for r in h32], "fp32": [r["test_acc"] for r in h32],
+    curves = {"epoch": [r["epoch"] for r in h32], "fp32": [r["val_acc"] for r in h32],
               "ptq_ternary": [r["ptq_ternary_acc"] for r in h32],
-              "qat_ternary": [r["test_acc"] for r in hq]}
+              "qat_ternary": [r["val_acc"] for r in hq]}  # validation split, per epoch
     return rows, curves, {"data": data, "epochs": epochs, "seed": seed,
                           "train": len(ds.x_train), "test": len(ds.x_test),
                           "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -128,7 +128,7 @@ def plot(curves, path, data):
     ax.plot(curves["epoch"], curves["qat_ternary"], "s-", label="ternary QAT")
     ax.plot(curves["epoch"], curves["ptq_ternary"], "^--", label="ternary PTQ of the fp32 net")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"QAT vs PTQ, measured ({data})")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -4,6 +4,8 @@ Each imports torch and the rest only when it runs, so `triton-dsl check` stays i
 """
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import sys
 
@@ -83,24 +85,27 @@ def cmd_train(args) -> int:
     _init_distributed()
     try:
         r = train_model(args.file, args.data, args.output, args.epochs, args.seed, args.lr,
-                        args.batch_size, args.fp32, args.freeze, args.model, not args.quiet)
+                        args.batch_size, args.fp32, args.freeze, args.model, not args.quiet,
+                        optimizer=args.optimizer, weight_decay=args.weight_decay,
+                        schedule=args.schedule, resume=args.resume)
     finally:
         _end_distributed()
     if "bytes" in r:
-        print(f"wrote {args.output} ({r['bytes']:,} bytes): test accuracy {r['test_acc']:.2f}%")
+        best = (f"best epoch {r['best_epoch']} on validation ({r['val_acc']:.2f}%)"
+                if r["val_acc"] is not None else f"epoch {r['best_epoch']} (no validation split)")
+        print(f"wrote {args.output} ({r['bytes']:,} bytes): {best}; test accuracy "
+              f"{r['test_acc']:.2f}%")
     return EXIT_OK
 
 
 @_workflow_errors
 def cmd_ptq(args) -> int:
-    from ..workflow.train import evaluate
     from ..workflow.pipeline import ptq
     _check_output(args.output)
     r = ptq(args.file, args.weights, args.output, args.calib, args.calib_batches, args.model)
     msg = f"wrote {args.output} ({r['bytes']:,} bytes)"
-    if args.calib:
-        from ..workflow.data import load
-        msg += f": test accuracy {evaluate(r['model'], load(args.calib, r['model'].input_shape)):.2f}%"
+    if r["test_acc"] is not None:
+        msg += f": test accuracy {r['test_acc']:.2f}% on {args.calib}"
     print(msg)
     return EXIT_OK
 
@@ -109,10 +114,17 @@ def cmd_ptq(args) -> int:
 def cmd_freeze(args) -> int:
     from ..workflow.pipeline import freeze_checkpoint
     _check_output(args.output)
+    before = os.path.getsize(args.checkpoint)
     size = freeze_checkpoint(args.checkpoint, args.output)
-    print(f"wrote {args.output} ({size:,} bytes, {os.path.getsize(args.checkpoint) / size:.1f}x "
-          f"smaller than {args.checkpoint})")
+    print(f"wrote {args.output} ({size:,} bytes, {ratio(before, size)} {args.checkpoint})")
     return EXIT_OK
+
+
+def ratio(before: int, after: int) -> str:
+    """'4.2x smaller than' or '1.3x larger than': a ratio above 1, in the right direction."""
+    if after <= before:
+        return f"{before / max(after, 1):.1f}x smaller than"
+    return f"{after / max(before, 1):.1f}x larger than"
 
 
 @_workflow_errors
@@ -125,6 +137,9 @@ def cmd_eval(args) -> int:
         print(json.dumps(r, indent=2))
     else:
         lat = ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in r["latency_ms"].items())
+        if r["normalization"]["from"] == "data":
+            print(f"triton-dsl: warning: {args.checkpoint} records no input normalisation; "
+                  f"standardised {args.data} with its own statistics", file=sys.stderr)
         print(f"{r['model']} ({r['kind']}): accuracy {r['accuracy']:.2f}% on {args.data}; "
               f"{r['bytes']:,} bytes on disk; CPU latency {lat}")
     return EXIT_OK
@@ -138,14 +153,48 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _number(minimum, strict):
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(v) or v < minimum or (strict and v == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, "
+                                             f"got {text}")
+        return v
+    return parse
+
+
 def _add_workflow(sub):
-    s = sub.add_parser("train", help="train a model (QAT for quantized layers) and save it")
+    s = sub.add_parser("train", help="train a model (QAT for quantized layers) and save it",
+                       description="Train on the training split; keep the epoch best on a "
+                       "validation split held out of it; report accuracy on the test split.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("file", metavar="FILE")
-    s.add_argument("--data", default="digits", help="digits (default), mnist:DIR, x.pt, x.npz")
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--data", default="digits", help="digits, mnist:DIR, x.pt, x.npz")
+    s.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train")
+    s.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
+    s.add_argument("--lr", type=_number(0, True), default=1e-3, help="peak learning rate")
+    s.add_argument("--weight-decay", type=_number(0, False), default=0.0,
+                   help="L2 penalty (adam, sgd) or decoupled decay (adamw)")
+    s.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam",
+                   help="sgd uses momentum 0.9")
+    s.add_argument("--schedule", choices=["cosine", "none"], default="cosine",
+                   help="learning rate: cosine decay to 0 over the run, or constant")
+    s.add_argument("--batch-size", type=_positive_int, default=64, help="samples per step")
+    s.add_argument("--resume", metavar="CKPT", help="continue from a trainable checkpoint of "
+                   "this model: its weights, history and normalisation (the optimizer restarts)")
     s.add_argument("--fp32", action="store_true", help="every layer fp32 (a float baseline)")
     s.add_argument("--freeze", action="store_true", help="save the packed deploy form")
     s.add_argument("--model", metavar="NAME", help="which model of the file")
@@ -158,7 +207,7 @@ def _add_workflow(sub):
                    "`train --fp32`, a safetensors or a torch state_dict")
     s.add_argument("--calib", metavar="DATA", help="calibration data (needed for "
                    "activations=static); also reports accuracy on its test split")
-    s.add_argument("--calib-batches", type=int, default=8)
+    s.add_argument("--calib-batches", type=_positive_int, default=8)
     s.add_argument("--model", metavar="NAME")
     s.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
     s.set_defaults(func=cmd_ptq)

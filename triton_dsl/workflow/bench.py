@@ -1,8 +1,10 @@
 """`triton-dsl bench`: quantized matmuls against torch and the peers, baseline in the same run.
 
 Every method computes y = x @ W^T for x [M, K] and a random W [N, K]; the table gives the median
-over repeated runs after warm-up, the weight bytes each method reads, the speedup over the
-baseline (torch fp32 on the CPU, torch fp16 on the GPU) and the achieved weight bandwidth.
+over repeated runs after warm-up with its interquartile range (IQR), the weight bytes each method
+reads, the speedup over the baseline (torch fp32 on the CPU, torch fp16 on the GPU) and the
+achieved weight bandwidth. A speedup whose IQR overlaps the baseline's is flagged "noisy", with a
+warning: the gap it reports is within the spread of the timings.
 On the GPU the L2 cache is flushed before each timed run and CUDA-graph replay time is reported
 beside the kernel time.
 """
@@ -89,7 +91,15 @@ def _time_cpu_interleaved(fns: dict, x, repeat, warmup=3) -> dict:
             t = time.perf_counter()
             fn(x)
             ts[name].append(time.perf_counter() - t)
-    return {name: (statistics.median(v) * 1e3, None) for name, v in ts.items()}
+    return {name: (_spread([t * 1e3 for t in v]), None) for name, v in ts.items()}
+
+
+def _spread(ts) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of the times."""
+    if len(ts) < 2:
+        return ts[0], ts[0], ts[0]
+    q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+    return statistics.median(ts), q1, q3
 
 
 def _time_gpu(fn, x, repeat, warmup=10):
@@ -128,7 +138,7 @@ def _time_gpu(fn, x, repeat, warmup=10):
         graph_ms = statistics.median(gs)
     except Exception:  # a method that cannot be captured reports kernel time only
         pass
-    return statistics.median(ts), graph_ms
+    return _spread(ts), graph_ms
 
 
 def run(ms, nks, device="cpu", repeat=10, methods=None, log=print):
@@ -158,29 +168,46 @@ def run(ms, nks, device="cpu", repeat=10, methods=None, log=print):
                 else:
                     times = _time_cpu_interleaved({n: fn for n, (fn, _) in built.items()}, x,
                                                   repeat)
-                base_ms = times[base][0]
+                base_ms, base_q1, base_q3 = times[base][0]
                 for name, (fn, nbytes) in built.items():
-                    ms_, graph = times[name]
+                    (ms_, q1, q3), graph = times[name]
+                    # the speedup is within noise when the two middle halves overlap
+                    noisy = name != base and q1 <= base_q3 and base_q1 <= q3
                     records.append({"method": name, "M": m, "N": nk, "K": nk, "device": device,
                                     "median_ms": round(ms_, 4),
                                     "graph_ms": None if graph is None else round(graph, 4),
                                     "weight_bytes": int(nbytes),
                                     "speedup": round(base_ms / ms_, 3), "baseline": base,
                                     "baseline_ms": round(base_ms, 4),
-                                    "gbs": round(nbytes / ms_ / 1e6, 1)})
+                                    "gbs": round(nbytes / ms_ / 1e6, 1),
+                                    "iqr_ms": round(q3 - q1, 4), "q1_ms": round(q1, 4),
+                                    "q3_ms": round(q3, 4),
+                                    "baseline_iqr_ms": round(base_q3 - base_q1, 4),
+                                    "noisy": noisy, "repeat": repeat})
                     log(_row(records[-1]))
+                for r in records:
+                    if r["noisy"] and r["M"] == m and r["N"] == nk:
+                        log(f"warning: {r['method']} at M={m}, N=K={nk}: its interquartile range "
+                            f"overlaps {base}'s; the {r['speedup']:.2f}x is within noise "
+                            "(more --repeat, or a quieter machine)")
     return records
+
+
+# (title, width): every width exceeds its title, so headers and figures never run together
+COLUMNS = [("method", 26), ("M", 6), ("N=K", 7), ("median ms", 11), ("IQR ms", 9),
+           ("graph ms", 10), ("weight MiB", 12), ("speedup", 10), ("compr.", 9), ("GB/s", 9),
+           ("noise", 7)]
+HEADER = "".join(f"{t:<{w}}" if i == 0 else f"{t:>{w}}" for i, (t, w) in enumerate(COLUMNS))
 
 
 def _row(r):
     g = f"{r['graph_ms']:.3f}" if r.get("graph_ms") else "-"
-    return (f"{r['method']:<26}{r['M']:>5}{r['N']:>6}{r['median_ms']:>11.3f}{g:>10}"
-            f"{r['weight_bytes'] / 2 ** 20:>10.2f}{r['speedup']:>9.2f}x"
-            f"{r['N'] * r['K'] * 4 / r['weight_bytes']:>8.1f}x{r['gbs']:>9.1f}")
-
-
-HEADER = (f"{'method':<26}{'M':>5}{'N=K':>6}{'median ms':>11}{'graph ms':>10}{'weight MiB':>10}"
-          f"{'speedup':>10}{'compr.':>9}{'GB/s':>9}")
+    cells = [r["method"], r["M"], r["N"], f"{r['median_ms']:.3f}", f"{r['iqr_ms']:.3f}", g,
+             f"{r['weight_bytes'] / 2 ** 20:.2f}", f"{r['speedup']:.2f}x",
+             f"{r['N'] * r['K'] * 4 / r['weight_bytes']:.1f}x", f"{r['gbs']:.1f}",
+             "noisy" if r["noisy"] else ""]
+    return "".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}"
+                   for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
 
 
 def environment(device):

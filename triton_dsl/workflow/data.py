@@ -4,10 +4,13 @@
     mnist:DIR         the standard MNIST IDX files in DIR (gzipped or not)
     PATH.pt / .npz    tensors: x and y (and optionally x_test and y_test)
 
-Images are scaled to [0, 1], then standardised with the training split's mean and standard
-deviation (kept on the Dataset and in checkpoints, so evaluation uses the same numbers), and
-fitted to the model's input shape: reshaped when the sizes agree, resized (bilinear) when only the
-height and width differ.
+Each data set has three splits: train, val (a seeded tenth held out of the training data, for
+choosing epochs and settings) and test (a fixed seeded fifth, or the file's own x_test/y_test;
+only reported, never used to choose anything). Images are scaled to [0, 1], then standardised
+with the training split's mean and standard deviation, or with the (mean, std) a checkpoint
+stores (``norm=``, so evaluation and calibration see inputs as training did), and fitted to the
+model's input shape: reshaped when the sizes agree, resized (bilinear) when only the height and
+width differ (8x8 digits become 28x28 for an MNIST model).
 """
 from __future__ import annotations
 
@@ -33,26 +36,45 @@ class Dataset:
     y_test: torch.Tensor
     mean: float = 0.0  # the standardisation applied (x - mean) / std
     std: float = 1.0
+    x_val: torch.Tensor | None = None  # held out of the training data
+    y_val: torch.Tensor | None = None
 
     @property
     def classes(self) -> int:
-        return int(max(self.y_train.max(), self.y_test.max())) + 1
+        ys = [y for y in (self.y_train, self.y_val, self.y_test) if y is not None and len(y)]
+        return int(max(y.max() for y in ys)) + 1
+
+    def _map(self, f, mean=None, std=None) -> "Dataset":
+        return Dataset(self.name, f(self.x_train), self.y_train, f(self.x_test), self.y_test,
+                       self.mean if mean is None else mean, self.std if std is None else std,
+                       None if self.x_val is None else f(self.x_val), self.y_val)
 
     def fitted(self, input_shape) -> "Dataset":
-        return Dataset(self.name, fit(self.x_train, input_shape, self.name),
-                       self.y_train, fit(self.x_test, input_shape, self.name), self.y_test,
-                       self.mean, self.std)
+        return self._map(lambda x: fit(x, input_shape, self.name))
 
-    def standardized(self) -> "Dataset":
-        mean = self.x_train.mean().item()
-        std = self.x_train.std().item() or 1.0
-        return Dataset(self.name, (self.x_train - mean) / std, self.y_train,
-                       (self.x_test - mean) / std, self.y_test, mean, std)
+    def standardized(self, norm: tuple[float, float] | None = None) -> "Dataset":
+        """(x - mean) / std with the training split's statistics, or with ``norm``."""
+        if norm is None:
+            mean, std = self.x_train.mean().item(), self.x_train.std().item() or 1.0
+        else:
+            mean, std = norm
+        return self._map(lambda x: (x - mean) / std, mean, std)
+
+    def with_validation(self, fraction: float) -> "Dataset":
+        """A seeded ``fraction`` of the training split held out as the val split."""
+        n_val = int(len(self.x_train) * fraction) if len(self.x_train) > 1 else 0
+        order = torch.randperm(len(self.x_train), generator=torch.Generator().manual_seed(4321))
+        va, tr = order[:n_val], order[n_val:]
+        return Dataset(self.name, self.x_train[tr], self.y_train[tr], self.x_test, self.y_test,
+                       self.mean, self.std, self.x_train[va], self.y_train[va])
 
     def batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
                 rank: int = 0, world: int = 1):
         """Yield (x, y) batches; with world > 1 each rank sees its own shard of every epoch."""
-        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        x, y = {"train": (self.x_train, self.y_train), "val": (self.x_val, self.y_val),
+                "test": (self.x_test, self.y_test)}[split]
+        if x is None:
+            raise DataError(f"{self.name} has no {split} split")
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) \
             if shuffle else torch.arange(len(x))
         if world > 1:
@@ -82,9 +104,11 @@ def fit(x: torch.Tensor, shape, name: str = "data") -> torch.Tensor:
                     f"{list(shape)}")
 
 
-def load(spec: str, input_shape=None, test_fraction: float = 0.2) -> Dataset:
-    """A data set by name: 'digits', 'mnist:DIR', or a .pt / .npz file; standardised, and
-    fitted to ``input_shape`` when given."""
+def load(spec: str, input_shape=None, test_fraction: float = 0.2, val_fraction: float = 0.1,
+         norm: tuple[float, float] | None = None) -> Dataset:
+    """A data set by name: 'digits', 'mnist:DIR', or a .pt / .npz file; split into train, val
+    and test, standardised (with ``norm`` = (mean, std) when given, else the training split's
+    statistics), and fitted to ``input_shape`` when given."""
     if spec == "digits":
         ds = _digits(test_fraction)
     elif spec.startswith("mnist:"):
@@ -93,7 +117,7 @@ def load(spec: str, input_shape=None, test_fraction: float = 0.2) -> Dataset:
         ds = _tensor_file(spec, test_fraction)
     else:
         raise DataError(f"unknown data set {spec!r}: use digits, mnist:DIR, or a .pt or .npz file")
-    ds = ds.standardized()
+    ds = ds.with_validation(val_fraction).standardized(norm)
     return ds.fitted(input_shape) if input_shape is not None else ds
 
 

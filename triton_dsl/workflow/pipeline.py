@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ck
 from . import data as D
 from ..runtime.build import load as load_class
-from .train import evaluate, latency, rank_and_world, train
+from .train import best_record, check_options, evaluate, latency, rank_and_world, train
 
 # parameters a float checkpoint lacks: the quantizers' own, and calibration statistics
 _QUANTIZER_STATE = ("weight_quant.", "act_quant.")
@@ -33,26 +33,62 @@ def build(tdsl: str, model: str | None = None, fp32: bool = False, seed: int = 0
 def train_model(tdsl: str, data: str, out: str, epochs: int = 10, seed: int = 0,
                 lr: float = 1e-3, batch_size: int = 64, fp32: bool = False,
                 freeze_output: bool = False, model: str | None = None, progress: bool = True,
-                log=None) -> dict:
+                log=None, optimizer: str = "adam", weight_decay: float = 0.0,
+                schedule: str = "cosine", resume: str | None = None) -> dict:
     """QAT (or fp32 training with fp32=True) on a data set; writes a checkpoint, trainable or
-    (freeze_output) frozen. Returns {history, test_acc, bytes}."""
+    (freeze_output) frozen, holding the epoch best on the validation split. ``resume``: a
+    trainable checkpoint of the same model to continue from (its weights, history and input
+    normalisation; the optimizer and schedule start afresh for ``epochs`` more epochs).
+    Returns {history, best_epoch, val_acc, test_acc, bytes}; the test split is only reported."""
+    check_options(epochs, lr, weight_decay, batch_size, optimizer, schedule)
     net = build(tdsl, model, fp32, seed)
-    ds = D.load(data, net.input_shape)
-    hist = train(net, ds, epochs, lr, batch_size, seed, progress, log)
+    norm, prior = None, []
+    if resume is not None:
+        norm, prior = _resume(net, resume, fp32)
+    ds = D.load(data, net.input_shape, norm=norm)
+    hist = prior + train(net, ds, epochs, lr, batch_size, seed, progress, log,
+                         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
+                         start_epoch=prior[-1]["epoch"] if prior else 0,
+                         best=best_record(prior))
     if rank_and_world()[0] != 0:
         return {"history": hist}
+    best = best_record(hist) or hist[-1]
     if freeze_output:
         from ..runtime import freeze
         freeze(net)
-    size = ck.save(net, out, history=hist, data=ds, extra={"trained": {
+    test_acc = evaluate(net, ds)
+    size = ck.save(net, out, history=hist, data=ds, verify=freeze_output, extra={"trained": {
         "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "data": data,
-        "fp32": fp32}})
-    return {"history": hist, "test_acc": evaluate(net, ds), "bytes": size}
+        "fp32": fp32, "optimizer": optimizer, "weight_decay": weight_decay,
+        "schedule": schedule, "resume": resume and os.path.basename(resume),
+        "best_epoch": best["epoch"], "val_acc": best.get("val_acc")}})
+    return {"history": hist, "best_epoch": best["epoch"], "val_acc": best.get("val_acc"),
+            "test_acc": test_acc, "bytes": size}
 
 
-def load_float_weights(net, weights):
+def _resume(net, path: str, fp32: bool):
+    """Load a trainable checkpoint's weights into net; (its normalisation, its history)."""
+    old = ck.load(path, expect_model=net.tdsl_model)
+    meta = old.checkpoint_meta
+    if meta["kind"] != "trainable":
+        raise ck.CheckpointError(f"{path} is a frozen checkpoint; --resume continues from a "
+                                 "trainable one")
+    if (meta["fp32"] == "true") != fp32:
+        raise ck.CheckpointError(f"{path} was trained {'with' if not fp32 else 'without'} "
+                                 f"--fp32; resume it {'with' if not fp32 else 'without'} it too")
+    try:
+        net.load_state_dict(old.state_dict())
+    except RuntimeError as e:
+        raise ck.CheckpointError(f"{path} does not fit {net.tdsl_model!r} of this file: "
+                                 f"{str(e).strip().splitlines()[0]}") from None
+    return ck.normalization(meta), ck.history(meta)
+
+
+def load_float_weights(net, weights, with_meta: bool = False):
     """Float weights into a (quantized) model of the same file: a triton-dsl checkpoint, a
-    safetensors state dict, a torch .pt state dict, or a state dict already in memory."""
+    safetensors state dict, a torch .pt state dict, or a state dict already in memory.
+    with_meta=True returns (net, the checkpoint's metadata or {})."""
+    meta = {}
     if isinstance(weights, dict):
         tensors, weights = weights, "the state dict"
     elif weights.endswith(".safetensors"):
@@ -62,7 +98,11 @@ def load_float_weights(net, weights):
             if "not a triton-dsl checkpoint" not in str(e):
                 raise
             from safetensors.torch import load_file
-            tensors, meta = load_file(weights), {}
+            try:
+                tensors, meta = load_file(weights), {}
+            except Exception as e2:
+                raise ck.CheckpointError(f"{weights}: cannot read ({' '.join(str(e2).split())})"
+                                         ) from None
         if meta:
             if meta["model"] != net.tdsl_model:
                 raise ck.CheckpointError(f"{weights} holds model {meta['model']!r}, not "
@@ -95,7 +135,7 @@ def load_float_weights(net, weights):
         wq = getattr(mod, "weight_quant", None)
         if hasattr(wq, "init_from"):
             wq.init_from(mod.weight)
-    return net
+    return (net, meta) if with_meta else net
 
 
 def needs_calibration(net) -> bool:
@@ -121,22 +161,28 @@ def calibrate(net, ds: D.Dataset, batches: int = 8, batch_size: int = 64):
 
 def ptq(tdsl: str, weights: str, out: str, calib: str | None = None, calib_batches: int = 8,
         model: str | None = None) -> dict:
-    """Post-training quantization: float weights -> the file's precisions -> frozen checkpoint."""
+    """Post-training quantization: float weights -> the file's precisions -> frozen checkpoint.
+    Calibration data is standardised as the float model's training data was (the statistics
+    its checkpoint stores; a bare state dict has none, so the calibration data's own are used
+    and stored). Returns {bytes, model, test_acc (with calib)}; nothing is written on failure."""
     from ..runtime import freeze
-    net = load_float_weights(build(tdsl, model), weights)
+    net, meta = load_float_weights(build(tdsl, model), weights, with_meta=True)
+    norm = ck.normalization(meta) if meta else None
+    data = json.loads(meta["data"]) if meta and "data" in meta else None
     ds = None
+    if needs_calibration(net) and calib is None:
+        raise D.DataError("this model has static activations (activations=static): they "
+                          "need calibration data, e.g. --calib digits")
+    if calib is not None:
+        ds = D.load(calib, net.input_shape, norm=norm)
+        data = {"name": ds.name, "mean": ds.mean, "std": ds.std}
     if needs_calibration(net):
-        if calib is None:
-            raise D.DataError("this model has static activations (activations=static): they "
-                              "need calibration data, e.g. --calib digits")
-        ds = D.load(calib, net.input_shape)
         calibrate(net, ds, calib_batches)
-    elif calib is not None:
-        ds = D.load(calib, net.input_shape)
     freeze(net)
-    size = ck.save(net, out, data=ds, extra={"ptq": {"weights": os.path.basename(weights),
-                                                     "calib": calib}})
-    return {"bytes": size, "model": net}
+    test_acc = evaluate(net, ds) if ds is not None else None
+    size = ck.save(net, out, data=data, verify=True, extra={"ptq": {
+        "weights": os.path.basename(weights), "calib": calib}})
+    return {"bytes": size, "model": net, "test_acc": test_acc}
 
 
 def freeze_checkpoint(src: str, out: str) -> int:
@@ -150,13 +196,19 @@ def freeze_checkpoint(src: str, out: str) -> int:
     freeze(net)
     extra = {k: meta[k] for k in ("trained", "ptq") if k in meta}
     data = json.loads(meta["data"]) if "data" in meta else None
-    return ck.save(net, out, history=ck.history(meta) or None, data=data, extra=extra)
+    return ck.save(net, out, history=ck.history(meta) or None, data=data, extra=extra,
+                   verify=True)
 
 
 def evaluate_checkpoint(path: str, data: str = "digits", latency_batches=(1, 64)) -> dict:
+    """Accuracy on the test split, size and CPU latency. Inputs are standardised with the
+    normalisation the checkpoint stores (the training data's), not the evaluated data's own."""
     net = ck.load(path)
-    ds = D.load(data, net.input_shape)
+    norm = ck.normalization(net.checkpoint_meta)
+    ds = D.load(data, net.input_shape, norm=norm)
     return {"checkpoint": path, "model": net.tdsl_model, "kind": net.checkpoint_meta["kind"],
             "accuracy": round(evaluate(net, ds), 3), "bytes": os.path.getsize(path),
+            "normalization": {"mean": ds.mean, "std": ds.std,
+                              "from": "checkpoint" if norm else "data"},
             "latency_ms": {str(b): round(latency(net, net.input_shape, b), 4)
                            for b in latency_batches}}

@@ -72,8 +72,10 @@ def curves(history, path, title="training"):
     a.plot(ep, [r["loss"] for r in history], "o-")
     a.set_xlabel("epoch")
     a.set_ylabel("training loss")
-    b.plot(ep, [r["test_acc"] for r in history], "o-", label="test (this model)")
-    b.plot(ep, [r["train_acc"] for r in history], ".--", label="train")
+    key = "val_acc" if any(r.get("val_acc") is not None for r in history) else "test_acc"
+    if any(r.get(key) is not None for r in history):  # older checkpoints logged test accuracy
+        b.plot(ep, [r.get(key) for r in history], "o-", label=key[:-4] + " (this model)")
+    b.plot(ep, [r.get("train_acc") for r in history], ".--", label="train")
     for key in sorted({k for r in history for k in r if k.startswith("ptq_")}):
         b.plot(ep, [r.get(key) for r in history], "^--", label=key.replace("_", " "))
     b.set_xlabel("epoch")

@@ -79,9 +79,11 @@ def write_report(path: str, out_dir: str, bench: str | None = None) -> str:
     lines = [f"# {meta['model']}: {os.path.basename(path)}", "",
              f"- kind: {meta['kind']} checkpoint, {os.path.getsize(path):,} bytes on disk",
              f"- written by triton-dsl {meta['triton_dsl_version']}; sha256 {meta['sha256'][:16]}…"]
-    if hist:
-        lines.append(f"- final test accuracy {hist[-1]['test_acc']:.2f}% after "
-                     f"{hist[-1]['epoch']} epochs")
+    trained = json.loads(meta["trained"]) if "trained" in meta else {}
+    if hist and isinstance(trained.get("val_acc"), (int, float)) and \
+            isinstance(trained.get("best_epoch"), int):
+        lines.append(f"- the weights of epoch {trained['best_epoch']} of {hist[-1]['epoch']}, "
+                     f"best on validation ({trained['val_acc']:.2f}%)")
     if layers and all(b is None for _, b, _, _ in layers):
         lines.append("- frozen checkpoints keep only quantized weights: no float histograms or "
                      "quantization error (report a trainable checkpoint for those)")

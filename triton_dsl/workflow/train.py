@@ -1,13 +1,14 @@
 """Training (QAT when the model has quantized layers), evaluation and latency, from Python.
 
     hist = train(net, data, epochs=10, seed=0)     # data: triton_dsl.data.Dataset, fitted
-    acc = evaluate(net, data)
+    acc = evaluate(net, data)                      # on the test split
 
 Runs under torchrun too: when torch.distributed is initialised the model is wrapped in
 DistributedDataParallel and each rank trains on its shard of every epoch.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -46,65 +47,121 @@ def evaluate(model: nn.Module, data: Dataset, split: str = "test", batch_size: i
     return 100.0 * correct / max(total, 1)
 
 
-@torch.no_grad()
 def latency(model: nn.Module, input_shape, batch: int = 1, repeat: int = 30) -> float:
-    """Median forward time in ms on the CPU for a batch of random inputs."""
+    """Median forward time in ms on the CPU for a batch of random inputs, measured as a
+    deployment runs: eval mode, under torch.inference_mode()."""
     model.eval()
     x = torch.randn(batch, *input_shape)
-    for _ in range(3):
-        model(x)
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        model(x)
-        ts.append(time.perf_counter() - t)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        ts = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            model(x)
+            ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1e3
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("cosine", "none")
+
+
+def check_options(epochs, lr, weight_decay, batch_size, optimizer, schedule):
+    """ValueError naming the first option out of range (the CLI checks them at parse time)."""
+    if type(epochs) is not int or epochs < 1:
+        raise ValueError(f"epochs must be a whole number of at least 1, got {epochs!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay)
+            and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if type(batch_size) is not int or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of at least 1, got {batch_size!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+def make_optimizer(params, name: str, lr: float, weight_decay: float):
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+    return cls(params, lr=lr, weight_decay=weight_decay)
+
+
+def best_record(history: list[dict]) -> dict | None:
+    """The epoch with the highest validation accuracy (the earliest among equals)."""
+    scored = [r for r in history if r.get("val_acc") is not None]
+    return max(scored, key=lambda r: (r["val_acc"], -r["epoch"])) if scored else None
 
 
 def train(model: nn.Module, data: Dataset, epochs: int = 10, lr: float = 1e-3,
           batch_size: int = 64, seed: int = 0, progress: bool = True, log=None,
-          on_epoch=None) -> list[dict]:
-    """Adam with a cosine schedule on cross-entropy. Returns one record per epoch:
-    {epoch, loss, train_acc, test_acc, seconds}; on_epoch(record, model) may add to it."""
+          on_epoch=None, optimizer: str = "adam", weight_decay: float = 0.0,
+          schedule: str = "cosine", start_epoch: int = 0, best: dict | None = None
+          ) -> list[dict]:
+    """Cross-entropy with ``optimizer`` (adam, adamw, sgd with momentum 0.9) and a cosine or
+    constant learning rate. Returns one record per epoch: {epoch, loss, train_acc, val_acc,
+    lr, seconds}; on_epoch(record, model) may add to it. The model ends with the weights of
+    the epoch best on the validation split (the test split is never looked at); ``best``, the
+    record of the weights the model starts with (resuming), competes too. Epochs are numbered
+    from start_epoch + 1."""
+    check_options(epochs, lr, weight_decay, batch_size, optimizer, schedule)
     rank, world = rank_and_world()
     log = log or (lambda s: print(s, file=sys.stderr))
     check_classes(model, data)
+    has_val = data.x_val is not None and len(data.x_val) > 0
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     per_epoch = -(-len(data.x_train) // (batch_size * world))  # batches per rank and epoch
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * per_epoch, 1))
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * per_epoch, 1))
+             if schedule == "cosine" else None)
+    best_state = _copy_state(model) if best is not None and has_val else None
     history = []
-    for epoch in range(1, epochs + 1):
+    last = start_epoch + epochs
+    for epoch in range(start_epoch + 1, last + 1):
         t0 = time.perf_counter()
         net.train()
         stats = torch.zeros(3)  # loss sum, correct, count
         batches = data.batches("train", batch_size, shuffle=True, seed=seed * 1000 + epoch,
                                rank=rank, world=world)
-        bar = _bar(batches, per_epoch, f"epoch {epoch}/{epochs}", progress and rank == 0)
+        bar = _bar(batches, per_epoch, f"epoch {epoch}/{last}", progress and rank == 0)
         for x, y in bar:
             opt.zero_grad(set_to_none=True)
             out = net(x)
             loss = F.cross_entropy(out, y)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             stats += torch.tensor([loss.item() * len(y), (out.argmax(1) == y).sum().item(),
                                    len(y)])
         if world > 1:
             torch.distributed.all_reduce(stats)
         rec = {"epoch": epoch, "loss": round(stats[0].item() / stats[2].item(), 5),
                "train_acc": round(100 * stats[1].item() / stats[2].item(), 3),
-               "test_acc": round(evaluate(model, data), 3),
-               "seconds": round(time.perf_counter() - t0, 3)}
+               "val_acc": round(evaluate(model, data, "val"), 3) if has_val else None,
+               "lr": float(f"{opt.param_groups[0]['lr']:.4g}"), "seconds": round(time.perf_counter() - t0, 3)}
         if on_epoch is not None:
             on_epoch(rec, model)
         history.append(rec)
+        if has_val and best_record(([best] if best else []) + history) is rec:
+            best_state = _copy_state(model)
         if rank == 0:
-            log(f"epoch {epoch:>3}/{epochs}  loss {rec['loss']:.4f}  train {rec['train_acc']:6.2f}%"
-                f"  test {rec['test_acc']:6.2f}%  ({rec['seconds']:.1f} s)")
+            val = f"  val {rec['val_acc']:6.2f}%" if has_val else ""
+            log(f"epoch {epoch:>3}/{last}  loss {rec['loss']:.4f}  train {rec['train_acc']:6.2f}%"
+                f"{val}  ({rec['seconds']:.1f} s)")
+    if best_state is not None:  # every rank holds the same weights and picks the same epoch
+        model.load_state_dict(best_state)
     return history
+
+
+def _copy_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def _bar(it, total, desc, enabled):
