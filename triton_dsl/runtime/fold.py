@@ -86,15 +86,15 @@ def _set_module(model: nn.Module, name: str, new: nn.Module):
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def fold_batchnorm(model: nn.Module) -> list[tuple[str, str]]:
+def fold_batchnorm(model: nn.Module, frozen_linear) -> list[tuple[str, str]]:
     """Fold each batchnorm of a compiled model that follows a frozen layer into that layer, in
-    place; returns the pairs folded."""
-    from .frozen import FrozenConv2d, FrozenLinear
+    place; ``frozen_linear(module)`` gives the FrozenLinear that holds a module's weight, or
+    None. Returns the pairs folded."""
     done = []
     for layer_name, bn_name in pairs(model):
         layer, bn = model.get_submodule(layer_name), model.get_submodule(bn_name)
-        target = layer.linear if isinstance(layer, FrozenConv2d) else layer
-        if not isinstance(target, FrozenLinear) or type(bn) not in (
+        target = frozen_linear(layer)
+        if target is None or type(bn) not in (
                 nn.BatchNorm1d, nn.BatchNorm2d) or not bn.track_running_stats:
             continue
         folded = _folded(bn)

@@ -180,14 +180,16 @@ class FrozenConv2d(nn.Module):
         return way
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: nn.Module, build: bool = True) -> nn.Module:
     """Replace every Linear/Conv2d narrower than fp32 with its deploy form, in place, fold
     batch normalization into the layer before it (runtime/fold.py), and prepare how each layer
-    runs on its device."""
+    runs on its device (build=False leaves that to prepare(), for a model about to load other
+    weights)."""
     model.eval()
     _swap(model)
-    fold_batchnorm(model)
-    return prepare(model)
+    fold_batchnorm(model, lambda m: m.linear if isinstance(m, FrozenConv2d) else
+                   m if isinstance(m, FrozenLinear) else None)
+    return prepare(model) if build else model
 
 
 def _swap(model: nn.Module):

@@ -125,7 +125,7 @@ def load(path: str, expect_model: str | None = None):
 
 def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
     """load() from bytes; ``name`` only names the file in messages."""
-    from ..runtime.frozen import freeze
+    from ..runtime.frozen import freeze, prepare
     tensors, meta, fields, infos = _parse(blob, name)
     if expect_model is not None and meta["model"] != expect_model:
         raise CheckpointError(f"{name} holds model {meta['model']!r}, not {expect_model!r}")
@@ -134,7 +134,7 @@ def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
     model = cls()
     if meta["kind"] == "frozen":
         try:
-            freeze(model)
+            freeze(model, build=False)  # the CPU forms are built from the loaded codes below
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{name}: the model its source declares cannot be frozen: "
                                   f"{' '.join(str(e).split())[:200]}") from None
@@ -154,6 +154,8 @@ def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
         raise CheckpointError(f"{name}: tensors do not fit model {meta['model']!r}: "
                               f"{first}") from None
     model.eval()
+    if meta["kind"] == "frozen":
+        prepare(model)  # the native library and CPU layouts now, not in the first forward pass
     model.checkpoint_meta = meta
     return model
 
