@@ -21,6 +21,12 @@ def bench_arguments(ap):
     ap.add_argument("--repeat", type=int, default=10)
     ap.add_argument("--methods", nargs="+", metavar="METHOD")
     ap.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
+    ap.add_argument("--model", metavar="FILE.tdsl", help="time a whole model instead: frozen "
+                    "against fp32 and torch's int8 deployment of the same architecture")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], metavar="B",
+                    help="batch sizes for --model")
+    ap.add_argument("--compile", action="store_true",
+                    help="with --model: also torch.compile the fp32 and frozen models")
 
 
 def _add_bench(sub):
@@ -30,9 +36,13 @@ def _add_bench(sub):
 
 
 def cmd_bench(args) -> int:
+    from ..lang.diagnostics import TdslError
     from ..workflow import bench
     try:
         return bench.run_cli(args)
+    except TdslError as e:  # --model FILE.tdsl with errors
+        print(str(e), file=sys.stderr)
+        return EXIT_INPUT
     except ValueError as e:
         print(f"triton-dsl: error: {e}", file=sys.stderr)
         return EXIT_USAGE

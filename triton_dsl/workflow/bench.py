@@ -237,8 +237,15 @@ def run_cli(a) -> int:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(a.device)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    print(HEADER)
-    recs = run(a.M, a.NK, a.device, a.repeat, a.methods)
+    if getattr(a, "model", None):
+        from . import model_bench
+        if a.device != "cpu":
+            raise ValueError("--model times the CPU deployment; use --device cpu")
+        print(model_bench.HEADER)
+        recs = model_bench.run(a.model, a.batch, a.repeat, a.compile)
+    else:
+        print(HEADER)
+        recs = run(a.M, a.NK, a.device, a.repeat, a.methods)
     if a.json:
         from ..files import write_atomic
         write_atomic(a.json, json.dumps({"environment": env, "records": recs}, indent=1) + "\n")
