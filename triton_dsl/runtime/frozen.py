@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.common import m_bucket
-from . import dispatch, tuning
+from . import compile_ops, dispatch, tuning
 from .fold import fold_batchnorm
 from .forms import form_for
 from .layers import Conv2d, Linear, im2col_conv
@@ -45,6 +45,7 @@ class FrozenLinear(nn.Module):
         self.prepared = None  # a dispatch.Prepared: the runners and their choice per batch
         self.dense_only = False  # a grouped convolution's weight: F.conv2d on the fp32 weight
         self.fold = None  # a following batchnorm folded in (runtime/fold.py); not a child
+        compile_ops.register(self)
         with torch.no_grad():
             self.form.store(self, layer)
 
@@ -111,7 +112,16 @@ class FrozenLinear(nn.Module):
         return self.__dict__.copy()
 
     def forward(self, x):
+        if torch.compiler.is_compiling():  # one custom op for the compiler (compile_ops.py)
+            return torch.ops.triton_dsl.frozen_linear(x, self.op_handle)
         return self.matmul(x)
+
+    def eager_forward(self, x):
+        return self.matmul(x)
+
+    def __setstate__(self, state):  # a copy is a new layer: a handle of its own
+        super().__setstate__(state)
+        compile_ops.register(self)
 
     def extra_repr(self):
         return (f"{self.in_features}, {self.out_features}, precision={self.precision.to_source()}"
@@ -134,8 +144,18 @@ class FrozenConv2d(nn.Module):
         self.im2col = layer.groups == 1 and layer.padding != "same"
         self.linear = FrozenLinear(layer)
         self.linear.dense_only = not self.im2col
+        compile_ops.register(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        compile_ops.register(self)
 
     def forward(self, x):
+        if torch.compiler.is_compiling():
+            return torch.ops.triton_dsl.frozen_conv2d(x, self.op_handle)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x):
         lin = self.linear
         kh, kw = self.kernel_size
         if x.dim() != 4 or x.shape[1] * kh * kw != lin.in_features * self.groups:
