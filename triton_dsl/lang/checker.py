@@ -13,6 +13,7 @@ from . import ast, ir
 from .diagnostics import Diagnostic, suggest
 from .expand import Expander, bind, value_of
 from .kinds import KINDS, QUANTIZABLE
+from .names import alternative, model_name_problem
 from .precision import FP32, REGISTRY, Ternary
 
 _RANK = {"layer_exact": 3, "layer_pattern": 2, "kind": 1, "default": 0}
@@ -34,6 +35,11 @@ def check(tree: ast.File, text: str, all_fp32: bool = False
                                         d.pos.col, width=len(d.name)))
             blocks.setdefault(d.name, d)
         elif isinstance(d, ast.Model):
+            why = model_name_problem(d.name)
+            if why:
+                diags.append(Diagnostic("E207", f"'{d.name}' cannot name a model: {why}",
+                                        d.pos.line, d.pos.col, f"rename it, for example "
+                                        f"'{alternative(d.name, model=True)}'", len(d.name)))
             if any(m.name == d.name for m in models):
                 diags.append(Diagnostic("E206", f"model '{d.name}' is defined twice", d.pos.line,
                                         d.pos.col, width=len(d.name)))

@@ -5,18 +5,11 @@ argument and name errors, with shapes unknown (None) so no error cascades from t
 """
 from __future__ import annotations
 
-import keyword
-
 from . import ast, ir
 from .diagnostics import Diagnostic, suggest
 from .kinds import KINDS, Inferred, Kind, ShapeError
+from .names import alternative, layer_name_problem
 from .precision import Option
-
-# Names a layer cannot take: they are attributes of torch.nn.Module, so a layer with that name
-# would shadow a method of the generated module.
-RESERVED = frozenset("""forward training to cuda cpu eval train state_dict load_state_dict parameters
-buffers modules children apply half float double type zero_grad register_buffer add_module
-named_modules named_parameters requires_grad_ extra_repr input_shape bfloat16 share_memory""".split())
 
 
 def value_of(v, env: dict):
@@ -103,9 +96,10 @@ class Expander:
 
     def name(self, given, base, pos, prefix, names):
         if given is not None:
-            if given in RESERVED or keyword.iskeyword(given):
-                self.error("E203", f"'{given}' cannot name a layer: it is reserved", pos,
-                           "pick another name", len(given))
+            why = layer_name_problem(given)
+            if why:
+                self.error("E203", f"'{given}' cannot name a layer: {why}", pos,
+                           f"rename it, for example '{alternative(given)}'", len(given))
             elif given in names:
                 self.error("E202", f"layer name '{prefix}{given}' is already used on line "
                            f"{names[given]}", pos, width=len(given))
