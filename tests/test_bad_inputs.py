@@ -65,7 +65,7 @@ CASES = [
      "    layer b: B\n", "E305", 5, 14),
     ("residual cannot project", "model M:\n    input [4, 8, 8]\n    residual:\n        flatten\n",
      "E402", 3, 5),
-    ("softmax dim out of range", HEAD + "    softmax(dim=3)\n", "E401", 4, 17),
+    ("softmax dim out of range", HEAD + "    softmax(dim=2)\n", "E401", 4, 17),
     ("no model", "block B:\n    relu\n", "E106", 1, 1),
     ("missing colon", "model M\n    input [4]\n", "E111", 1, 8),
     ("stray character", HEAD + "    layer fc: linear(10) $\n", "E110", 4, 26),

@@ -34,9 +34,14 @@ class TdslError(Exception):
         super().__init__(render_all(path, text, diagnostics))
 
 
+_MAX_CHOICES = 500
+
+
 def suggest(word: str, choices) -> str | None:
     """A `help:` line proposing the closest of ``choices`` to a misspelt ``word``."""
     choices = sorted(set(choices))
+    if len(choices) > _MAX_CHOICES:  # keep it fast: the names closest in length are the likeliest
+        choices = sorted(sorted(choices, key=lambda c: abs(len(c) - len(word)))[:_MAX_CHOICES])
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"

@@ -33,7 +33,7 @@ def _stmts(stmts, depth, out):
             _stmts(s.body, depth + 1, out)
         else:
             head = f"layer {s.name}: " if s.name else ""
-            rep = f" * {s.repeat}" if s.repeat is not None else ""
+            rep = f" * {s.repeat.text}" if s.repeat is not None else ""
             out.append((s.pos.line, pad + head + _call(s.call) + rep))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
@@ -10,6 +11,7 @@ from lark.indenter import DedentError, Indenter
 
 from . import ast
 from .diagnostics import Diagnostic, suggest
+from .limits import MAX_DIGITS
 from .source import check_depth
 
 
@@ -73,7 +75,7 @@ class _ToAst(Transformer):
         return ast.Layer(str(name) if name else None, call, repeat, pos)
 
     def repeat(self, meta, items):
-        return int(items[0])
+        return self.number(meta, items)
 
     def residual(self, meta, items):
         name = items.pop(0)
@@ -103,12 +105,7 @@ class _ToAst(Transformer):
 
     def number(self, meta, items):
         t = items[0]
-        text = str(t)
-        try:
-            value = int(text)
-        except ValueError:
-            value = float(text)
-        return ast.Number(value, text, _pos(t))
+        return ast.Number(_number(str(t)), str(t), _pos(t))
 
     def word(self, meta, items):
         return ast.Word(str(items[0]), _pos(items[0]))
@@ -119,6 +116,18 @@ class _ToAst(Transformer):
 
     def list(self, meta, items):
         return ast.List(tuple(i for i in items if i is not None), ast.Pos(meta.line, meta.column))
+
+
+def _number(text: str):
+    """The literal's value. Never raises and never takes long: an integer of more than MAX_DIGITS
+    digits (int() of thousands of digits is slow, then refused) and a float that overflows become
+    an infinity, which every range in the checker refuses with the literal's position."""
+    digits = text.lstrip("+-")
+    if digits.isdigit():
+        if len(digits) > MAX_DIGITS:
+            return -math.inf if text.startswith("-") else math.inf
+        return int(text)
+    return float(text)
 
 
 _FRIENDLY = {

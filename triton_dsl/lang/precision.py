@@ -6,8 +6,11 @@ dataclass validates again for Python users, and ``docs/language.md`` documents t
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Union
+
+from .limits import MAX_THRESHOLD
 
 Scalar = Union[str, int, float, bool, None]
 
@@ -18,7 +21,7 @@ class Option:
     default: Scalar
     words: tuple = ()  # accepted bare words
     number: str | None = None  # "int" or "float" when a number is accepted
-    lo: float | None = None  # inclusive bounds for numbers
+    lo: float | None = None  # inclusive bounds for numbers; every numeric option has both
     hi: float | None = None
     doc: str = ""
     pair: bool = False  # also accept [a, b] (kernel sizes, strides)
@@ -35,12 +38,13 @@ class Option:
             if any(type(v) is type(w) and v == w for w in self.words):
                 return None
         elif self.number and isinstance(v, (int, float)):
-            if self.number == "int" and not isinstance(v, int):
-                return f"'{self.name}' must be an integer"
-            if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            if not math.isfinite(v) or (self.lo is not None and v < self.lo) or \
+                    (self.hi is not None and v > self.hi):
                 bound = f"at least {_fmt(self.lo)}" if self.hi is None else \
                     f"in {_fmt(self.lo)}..{_fmt(self.hi)}"
                 return f"'{self.name}' must be {bound}, got {_fmt(v)}"
+            if self.number == "int" and not isinstance(v, int):
+                return f"'{self.name}' must be an integer"
             return None
         allowed = [_fmt(w) for w in self.words]
         if self.number:
@@ -57,6 +61,8 @@ def _fmt(v) -> str:
         return "true" if v else "false"
     if v is None:
         return "none"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "a number too large to represent"
     if isinstance(v, float) and v == int(v) and abs(v) < 1e15:
         return f"{v:.1f}"
     return str(v)
@@ -179,7 +185,7 @@ class Ternary(_Config):
     bits = 2
     options = (
         Option("threshold", "twn", ("twn", "absmean", "learned", "stochastic"), number="float",
-               lo=0, doc="twn: 0.7*mean|W|; absmean: 0.5*mean|W| (BitNet b1.58 round-clip); "
+               lo=0, hi=MAX_THRESHOLD, doc="twn: 0.7*mean|W|; absmean: 0.5*mean|W| (BitNet b1.58 round-clip); "
                          "learned: trainable; stochastic: random rounding while training; "
                          "a number: absolute"),
         Option("scale", "twn", ("twn", "absmean", "learned", "none"),

@@ -5,8 +5,7 @@ import os
 
 from .diagnostics import Diagnostic
 
-MAX_BYTES = 1 << 20  # 1 MiB: a 200-layer network is ~10 KiB; anything near this is not a model file
-MAX_DEPTH = 32  # indentation levels or brackets; deeper input is hostile, not a network
+from .limits import MAX_BYTES, MAX_DEPTH
 
 
 def read_source(path: str) -> tuple[str | None, list[Diagnostic]]:
