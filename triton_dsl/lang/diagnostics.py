@@ -50,16 +50,32 @@ def suggest(word: str, choices) -> str | None:
     return None
 
 
+def source_lines(text: str) -> list[str]:
+    """The lines as the lexer numbers them: split at "\n" only (a form feed or U+2028 in a
+    comment does not start a line, as it would for str.splitlines), without a final "\r"."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [l[:-1] if l.endswith("\r") else l for l in lines]
+
+
+def _visible(s: str) -> str:
+    """One printable character per source character, so the caret below stays aligned and a
+    control character cannot garble the terminal."""
+    return "".join(c if c.isprintable() or c == "\t" else "?" for c in s)
+
+
 def render(path: str, text: str | None, d: Diagnostic) -> str:
     where = f"{path}:{d.line}:{d.col}" if d.line else path
     out = [f"{where}: {d.severity}[{d.code}]: {d.message}"]
-    lines = text.splitlines() if text else []
+    lines = source_lines(text) if text else []
     if 0 < d.line <= len(lines):
-        src = lines[d.line - 1].expandtabs(4)
+        raw = _visible(lines[d.line - 1])
+        src = raw.expandtabs(4)
+        col = len(raw[: max(d.col, 1) - 1].expandtabs(4)) + 1  # the caret under the tab-expanded text
         if len(src) > 200:  # keep a minified or generated line readable
             src = src[:200] + " ..."
         out.append("    " + src)
-        col = max(d.col, 1)
         if col <= len(src) + 1:
             out.append("    " + " " * (col - 1) + "^" * max(1, min(d.width, len(src) - col + 1)))
     if d.help:
