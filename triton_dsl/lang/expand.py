@@ -119,7 +119,7 @@ class Expander:
         if not isinstance(count, int) or not 1 <= count <= MAX_LAYERS:
             self.error("E306", f"repeat count must be an integer in 1..{MAX_LAYERS}",
                        s.repeat.pos, width=len(s.repeat.text))
-            self.unresolved.append(Unresolved(prefix + local, kind))
+            self.unresolved.append(Unresolved(prefix + local, None))  # a group: s.0, s.1, ...
             return None, None
         inner, subs = Scope(), []
         for i in range(count):
