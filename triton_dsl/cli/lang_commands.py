@@ -62,8 +62,8 @@ def cmd_summary(args) -> int:
             print(f"triton-dsl: error: {args.file} has no model '{args.model}' (it has "
                   f"{', '.join(m.name for m in r.models)})", file=sys.stderr)
             return EXIT_INPUT
-    sums = [summarize(m) for m in models]
-    print(to_json(sums) if args.json else "\n\n".join(render(s, args.all) for s in sums))
+    sums = [summarize(m, stateless=args.all) for m in models]  # one list for both forms
+    print(to_json(sums) if args.json else "\n\n".join(render(s) for s in sums))
     return EXIT_OK
 
 
@@ -110,7 +110,8 @@ def add_commands(sub):
     s.add_argument("file", metavar="FILE")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--model", metavar="NAME", help="only this model of the file")
-    s.add_argument("--all", action="store_true", help="also list layers without parameters")
+    s.add_argument("--all", action="store_true",
+                   help="also list layers without parameters (in the table and in --json)")
     s.set_defaults(func=cmd_summary)
     s = sub.add_parser("fmt", help="print the canonical form of .tdsl files")
     s.add_argument("files", nargs="+", metavar="FILE")

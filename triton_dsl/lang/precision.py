@@ -106,13 +106,16 @@ class _Config:
         return f"{type(self).__name__}({', '.join(kw)})"
 
 
+FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}  # the float dtypes the language names
+
+
 @dataclass(frozen=True)
 class Float(_Config):
     """Unquantized storage in fp32, fp16 or bf16."""
     dtype: str = "fp32"
 
     def __post_init__(self):
-        if self.dtype not in ("fp32", "fp16", "bf16"):
+        if self.dtype not in FLOAT_BITS:
             raise ValueError(f"float precision must be fp32, fp16 or bf16, got {self.dtype!r}")
 
     @property
@@ -121,7 +124,7 @@ class Float(_Config):
 
     @property
     def bits(self):
-        return 32 if self.dtype == "fp32" else 16
+        return FLOAT_BITS[self.dtype]
 
     def to_python(self):
         return f"Float({self.dtype!r})"
@@ -236,6 +239,24 @@ Precision = Union[Float, Int, Ternary, Binary]
 FP32 = Float("fp32")
 
 
+def storage_bits(p: Precision) -> int:
+    """Bits per weight in the packed deploy form and the packed checkpoint: ternary 2, binary 1,
+    integer codes at their width (one more when asymmetric: codes are stored relative to the zero
+    point), floats 32 or 16. The one place this is written; summary and checkpoint use it."""
+    if isinstance(p, Int):
+        return p.bits + (not p.symmetric)
+    return p.bits
+
+
+def learned_params(p: Precision, rows: int) -> int:
+    """Trainable parameters the weight quantizer adds to a layer of ``rows`` outputs: a learned
+    ternary threshold (one logit per channel, or one), TTQ's positive and negative scales."""
+    if not isinstance(p, Ternary):
+        return 0
+    per = rows if p.granularity == "per_channel" else 1
+    return per * ((p.threshold == "learned") + 2 * (p.scale == "learned"))
+
+
 def make(name: str, **options) -> Precision:
     """Build a precision by its language name: ``make("ternary", threshold="learned")``."""
     if name not in REGISTRY:
@@ -244,4 +265,5 @@ def make(name: str, **options) -> Precision:
     return ctor(**options)
 
 
-__all__ = ["Float", "Int", "Ternary", "Binary", "Option", "REGISTRY", "FP32", "make", "Precision"]
+__all__ = ["Float", "Int", "Ternary", "Binary", "Option", "REGISTRY", "FP32", "FLOAT_BITS", "make",
+           "Precision", "storage_bits", "learned_params"]
