@@ -108,6 +108,8 @@ CASES = [
     ("model named like an import", "model torch:\n    input [4]\n    relu\n", "E207", 1, 7),
     ("model named like a builtin", "model super:\n    input [4]\n    relu\n", "E207", 1, 7),
     ("model named like a keyword", "model class:\n    input [4]\n    relu\n", "E207", 1, 7),
+    ("block name Python would mangle", "block __B:\n    relu\n" + HEAD + "    __B\n", "E205",
+     1, 7),
     # rules and blocks (issue 9.11)
     ("default without a layer to quantize", HEAD + "    relu\nprecision:\n    default int8\n",
      "E503", 6, 5),

@@ -64,9 +64,20 @@ def test_load_and_load_source_with_hostile_name(name, tmp_path, monkeypatch):
 
 
 def test_display_name_keeps_printable_names_and_escapes_the_rest():
-    from triton_dsl.lang.codegen import display_name
+    from triton_dsl.lang.diagnostics import display_name
 
     assert display_name("model.tdsl") == "model.tdsl"
     assert display_name("modèle.tdsl") == "modèle.tdsl"
     assert display_name("a\nb\u2028c\\d") == "a\\nb\\u2028c\\\\d"
     assert all(len(display_name(n).splitlines()) == 1 for n in NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES[:4], ids=ascii)
+def test_reports_show_the_name_on_one_line(name, tmp_path, run_cli):
+    good, bad = tmp_path / name, tmp_path / ("bad" + name)
+    good.write_text(SRC)
+    bad.write_text(SRC.replace("linear(3)", "lineer(3)"))
+    code, out, _ = run_cli("check", str(good))
+    assert code == 0 and len(out.splitlines()) == 1 and out.rstrip().endswith("ok (1 model: Net)")
+    code, _, err = run_cli("check", str(bad))
+    assert code == 1 and err.splitlines()[0].endswith("error[E201]: unknown layer kind 'lineer'")

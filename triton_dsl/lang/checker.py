@@ -29,8 +29,10 @@ def check(tree: ast.File, text: str, all_fp32: bool = False
     model_names = {x.name for x in tree.definitions if isinstance(x, ast.Model)}
     for d in tree.definitions:
         if isinstance(d, ast.Block):
-            if d.name in blocks or d.name in KINDS:
-                what = "a layer kind" if d.name in KINDS else "already defined"
+            if d.name in blocks or d.name in KINDS or d.name.startswith("_"):
+                # an unnamed use is named after the block (B1), and Python mangles `self.__B1`
+                what = "a layer kind" if d.name in KINDS else "already defined" \
+                    if d.name in blocks else "reserved: names starting with '_' are internal"
                 diags.append(Diagnostic("E205", f"block name '{d.name}' is {what}", d.pos.line,
                                         d.pos.col, width=len(d.name)))
             _params(d, diags)

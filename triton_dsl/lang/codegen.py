@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from . import ir
+from .diagnostics import display_name
 from ..version import __version__
 
 _ELEMENTWISE = {"relu": "F.relu({x})", "gelu": "F.gelu({x})", "silu": "F.silu({x})",
@@ -22,15 +23,6 @@ def _attr(qualified: str) -> str:
     for part in qualified.split("."):
         out += f"[{part}]" if part.isdigit() else f".{part}"
     return out
-
-
-def display_name(name: str) -> str:
-    """The file name as comments show it: every character that is not printable (newlines,
-    carriage returns, form feeds, U+2028 and the rest that end a line for Python or for
-    str.splitlines) is written as its escape sequence; backslashes are doubled so the escapes
-    stay unambiguous."""
-    return "".join(c if c.isprintable() and c != "\\" else
-                   c.encode("unicode_escape").decode("ascii") for c in name)
 
 
 def _pair(v):

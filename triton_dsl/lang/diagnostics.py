@@ -50,6 +50,15 @@ def suggest(word: str, choices) -> str | None:
     return None
 
 
+def display_name(name: str) -> str:
+    """A file name as messages and generated comments show it: every character that is not
+    printable (newlines, carriage returns, form feeds, U+2028 and the rest that end a line for
+    Python or for str.splitlines) is written as its escape sequence; backslashes are doubled so the
+    escapes stay unambiguous. A hostile name can then neither end a comment nor garble a report."""
+    return "".join(c if c.isprintable() and c != "\\" else
+                   c.encode("unicode_escape").decode("ascii") for c in name)
+
+
 def source_lines(text: str) -> list[str]:
     """The lines as the lexer numbers them: split at "\n" only (a form feed or U+2028 in a
     comment does not start a line, as it would for str.splitlines), without a final "\r"."""
@@ -66,7 +75,8 @@ def _visible(s: str) -> str:
 
 
 def render(path: str, text: str | None, d: Diagnostic) -> str:
-    where = f"{path}:{d.line}:{d.col}" if d.line else path
+    shown = display_name(path)
+    where = f"{shown}:{d.line}:{d.col}" if d.line else shown
     out = [f"{where}: {d.severity}[{d.code}]: {d.message}"]
     lines = source_lines(text) if text else []
     if 0 < d.line <= len(lines):
@@ -92,4 +102,4 @@ def render_all(path: str, text: str | None, diags: list[Diagnostic]) -> str:
         tail.append(f"{n_err} error{'s' * (n_err != 1)}")
     if n_warn:
         tail.append(f"{n_warn} warning{'s' * (n_warn != 1)}")
-    return body + ("\n" + ", ".join(tail) + f" in {path}" if tail else "")
+    return body + ("\n" + ", ".join(tail) + f" in {display_name(path)}" if tail else "")
