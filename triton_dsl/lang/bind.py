@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from . import ast
 from .diagnostics import Diagnostic, suggest
-from .precision import Option
+from .options import Option
 
 
 def value_of(v, env: dict):

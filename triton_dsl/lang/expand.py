@@ -13,20 +13,11 @@ from .bind import AnyOption, bind, value_of
 from .diagnostics import Diagnostic, suggest
 from .kinds import KINDS, Inferred, Kind, ShapeError
 from .limits import MAX_LAYERS, MAX_PARAMS
-from .names import alternative, layer_name_problem
+from .names import Scope, alternative, layer_name_problem, unique
 
 # Statements visited (including ones that fail) per layer allowed: bounds the work spent on a
 # repeated block whose body has errors and so creates no layers.
 _WORK_PER_LAYER = 8
-
-
-class Scope(dict):
-    """The names taken in one namespace (name -> line), with the next free number per base so
-    that naming N unnamed layers costs O(N), not O(N^2)."""
-
-    def __init__(self):
-        super().__init__()
-        self.next: dict[str, int] = {}
 
 
 class Unresolved:
@@ -226,35 +217,6 @@ def _arg_pos(call: ast.Call, positional, option):
         if option is not None and name == option:
             return a.value.pos
     return call.pos
-
-
-def unique(base: str, names: dict, line: int) -> str:
-    """``base``, or ``base2``, ``base3``... if taken; the name is then taken."""
-    name, n = base, 1
-    while name in names:
-        n += 1
-        name = f"{base}{n}"
-    names[name] = line
-    return name
-
-
-def _arg_pos(call: ast.Call, positional, option):
-    """Where ``option`` was written in ``call`` (by name or by position); else the call."""
-    for i, a in enumerate(call.args):
-        name = a.name or (positional[i] if i < len(positional) else None)
-        if option is not None and name == option:
-            return a.value.pos
-    return call.pos
-
-
-def unique(base: str, names: dict, line: int) -> str:
-    """``base``, or ``base2``, ``base3``... if taken; the name is then taken."""
-    name, n = base, 1
-    while name in names:
-        n += 1
-        name = f"{base}{n}"
-    names[name] = line
-    return name
 
 
 def ast_param_option(p: ast.Param) -> AnyOption:

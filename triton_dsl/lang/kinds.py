@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .limits import MAX_SIZE, MAX_THRESHOLD
-from .precision import Option
+from .options import Option
 
 
 class ShapeError(Exception):

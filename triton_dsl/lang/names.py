@@ -1,4 +1,4 @@
-"""Which names a .tdsl file may give its models and layers.
+"""Which names a .tdsl file may give its models and layers, and how unnamed layers get theirs.
 
 A layer's name becomes an attribute of the generated nn.Module (``self.fc1``) and its state-dict
 key, so it must not shadow what PyTorch or the compiled model's base class already defines: a layer
@@ -69,3 +69,22 @@ def alternative(name: str, model: bool = False) -> str:
     while _reason(alt, model):
         alt += "_"
     return alt
+
+
+class Scope(dict):
+    """The names taken in one namespace (name -> line), with the next free number per base so
+    that naming N unnamed layers costs O(N), not O(N^2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.next: dict[str, int] = {}
+
+
+def unique(base: str, names: dict, line: int) -> str:
+    """``base``, or ``base2``, ``base3``... if taken; the name is then taken."""
+    name, n = base, 1
+    while name in names:
+        n += 1
+        name = f"{base}{n}"
+    names[name] = line
+    return name

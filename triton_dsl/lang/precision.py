@@ -6,67 +6,11 @@ dataclass validates again for Python users, and ``docs/language.md`` documents t
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Union
 
 from .limits import MAX_THRESHOLD
-
-Scalar = Union[str, int, float, bool, None]
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str
-    default: Scalar
-    words: tuple = ()  # accepted bare words
-    number: str | None = None  # "int" or "float" when a number is accepted
-    lo: float | None = None  # inclusive bounds for numbers; every numeric option has both
-    hi: float | None = None
-    doc: str = ""
-    pair: bool = False  # also accept [a, b] (kernel sizes, strides)
-    required: bool = False
-
-    def accepts(self, v) -> str | None:
-        """None when ``v`` is allowed, else a message saying what is."""
-        if self.pair and isinstance(v, tuple):
-            if len(v) != 2:
-                return f"'{self.name}' takes one number or a pair [a, b], got {len(v)} values"
-            return next((m for m in map(self.accepts, v) if m), None)
-        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not is_number:  # compare by type too: 1 == True in Python
-            if any(type(v) is type(w) and v == w for w in self.words):
-                return None
-        elif self.number and isinstance(v, (int, float)):
-            if not math.isfinite(v) or (self.lo is not None and v < self.lo) or \
-                    (self.hi is not None and v > self.hi):
-                bound = f"at least {_fmt(self.lo)}" if self.hi is None else \
-                    f"in {_fmt(self.lo)}..{_fmt(self.hi)}"
-                return f"'{self.name}' must be {bound}, got {_fmt(v)}"
-            if self.number == "int" and not isinstance(v, int):
-                return f"'{self.name}' must be an integer"
-            return None
-        allowed = [_fmt(w) for w in self.words]
-        if self.number:
-            allowed.append("an integer" if self.number == "int" else "a number")
-        if self.pair:
-            allowed.append("a pair [a, b]")
-        return f"'{self.name}' must be " + " or ".join(allowed) + f", got {_fmt(v)}"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, tuple):
-        return "[" + ", ".join(map(_fmt, v)) + "]"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "a number too large to represent"
-    if isinstance(v, float) and v == int(v) and abs(v) < 1e15:
-        return f"{v:.1f}"
-    return str(v)
-
+from .options import Option, Scalar, spell
 
 GRANULARITY = Option("granularity", "per_channel", ("per_channel", "per_tensor"),
                      doc="one scale per output channel, or one for the whole weight")
@@ -95,7 +39,7 @@ class _Config:
 
     def to_source(self) -> str:
         """The canonical .tdsl spelling: only options that differ from their defaults."""
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in self.non_defaults())
+        args = ", ".join(f"{k}={spell(v)}" for k, v in self.non_defaults())
         return f"{self.name}({args})" if args else self.name
 
     def to_python(self) -> str:
@@ -172,7 +116,7 @@ class Int(_Config):
     def to_source(self):
         if self.bits == 8:
             return super().to_source()
-        args = ", ".join([f"bits={self.bits}"] + [f"{k}={_fmt(v)}" for k, v in self.non_defaults()])
+        args = ", ".join([f"bits={self.bits}"] + [f"{k}={spell(v)}" for k, v in self.non_defaults()])
         return f"int({args})"
 
 
