@@ -98,7 +98,11 @@ def test_largest_model_imports_without_being_built():
     "model M:\n    input [4]\n" + "    relu\n" * 7000,
     "model M:\n    input [64]\n    layer b: linear(64) * 10000\nprecision:\n"
     + "".join(f"    layer c.{i}?*: int8\n" for i in range(128)),
-], ids=["nested repeats", "nested failing repeats", "half failing", "many lines", "rules"])
+    "".join(f"model M{i}:\n    input [64]\n    layer b: linear(64) * 10000\n" for i in range(500)),
+    "".join(f"block B{i}:\n    relu\n" for i in range(1000)) + "model M:\n    input [4]\n"
+    + "".join(f"    layer x{i}: Bx{i}\n" for i in range(1500)),
+], ids=["nested repeats", "nested failing repeats", "half failing", "many lines", "rules",
+        "many models", "many blocks and misspellings"])
 def test_check_is_quick_whatever_the_file(src):
     check_source("model M:\n    input [4]\n    relu\n")  # the parser is built once
     t = time.perf_counter()

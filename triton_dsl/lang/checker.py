@@ -62,14 +62,16 @@ def check(tree: ast.File, text: str, all_fp32: bool = False
         diags.append(Diagnostic("E106", "no model in this file", 1, 1,
                                 help="a file declares at least one `model Name:`"))
     out = []
+    expander = Expander(blocks, diags)
     for m in models:
-        model = _model(m, blocks, rules.get(m.name, []), text, tree.path, diags, all_fp32)
+        model = _model(m, expander, rules.get(m.name, []), text, tree.path, diags, all_fp32)
         if model is not None:
             out.append(model)
     return out, _dedupe(diags)
 
 
-def _model(m: ast.Model, blocks, sections, text, path, diags, all_fp32=False) -> ir.Model | None:
+def _model(m: ast.Model, expander, sections, text, path, diags, all_fp32=False
+           ) -> ir.Model | None:
     n_before = sum(d.is_error for d in diags)
     shape = None
     if not m.inputs:
@@ -87,7 +89,6 @@ def _model(m: ast.Model, blocks, sections, text, path, diags, all_fp32=False) ->
                                     m.inputs[0].pos.col))
         else:
             shape = tuple(vals)
-    expander = Expander(blocks, diags)
     nodes, _ = expander.model(m.body, shape)
     layers = list(ir.walk(nodes))
     table = resolve(sections, layers, expander, diags)

@@ -18,6 +18,7 @@ from .names import Scope, alternative, layer_name_problem, unique
 # Statements visited (including ones that fail) per layer allowed: bounds the work spent on a
 # repeated block whose body has errors and so creates no layers.
 _WORK_PER_LAYER = 8
+_MAX_COSTLY = 16  # did-you-means over long lists per file; later misses get none
 
 
 class Unresolved:
@@ -29,20 +30,34 @@ class Unresolved:
 
 
 class Expander:
+    """One per file: the limits count the layers and parameters of all its models together, so
+    a file of many models cannot multiply them."""
+
     def __init__(self, blocks: dict, diags: list):
         self.blocks, self.diags = blocks, diags
-        self.stack: list[str] = []  # blocks being expanded, to catch recursion
-        self.unresolved: list[Unresolved] = []
         self.layers = self.params = self.work = 0
-        self.suggestions = 0  # did-you-means over layer names given so far (rules.py bounds them)
-        self.truncated = False  # the expansion limit was reached: the layer list is partial
+        self.suggestions = 0  # costly did-you-means given so far (see suggest)
+        self.truncated = False  # a limit was reached: the layer lists are partial
+        self.stack: list[str] = []  # blocks being expanded, to catch recursion
+        self.unresolved: list[Unresolved] = []  # of the model being expanded
         self.top = None  # the model-level statement being expanded, where a limit error points
 
     def error(self, code, msg, pos, help=None, width=1):
         self.diags.append(Diagnostic(code, msg, pos.line, pos.col, help, width))
 
+    def suggest(self, word, choices):
+        """suggest(), but over long lists (many blocks, many layer names) only the first
+        _MAX_COSTLY times per file: each costs a pass over every choice."""
+        choices = list(choices)
+        if len(choices) > 64:
+            if self.suggestions >= _MAX_COSTLY:
+                return None
+            self.suggestions += 1
+        return suggest(word, choices)
+
     def model(self, stmts, shape):
         """Expand a model body; returns (nodes, out_shape)."""
+        self.stack, self.unresolved, self.top = [], [], None
         return self.body(stmts, shape, "", {}, Scope())
 
     def body(self, stmts, shape, prefix: str, env: dict, names: Scope):
@@ -68,11 +83,12 @@ class Expander:
             return False
         pos = self.top.pos if self.top is not None else ast.Pos(1, 1)
         if self.layers > MAX_LAYERS or self.work > _WORK_PER_LAYER * MAX_LAYERS:
-            self.error("E406", f"the model expands to more than {MAX_LAYERS:,} layers", pos,
+            self.error("E406", f"more than {MAX_LAYERS:,} layers after expansion (all models "
+                       "of the file together)", pos,
                        "use fewer or smaller repeats; the limit keeps checking fast")
         elif self.params > MAX_PARAMS:
-            self.error("E407", f"the model has more than {MAX_PARAMS:,} (2^40) parameters", pos,
-                       "use smaller layers")
+            self.error("E407", f"more than {MAX_PARAMS:,} (2^40) parameters (all models of the "
+                       "file together)", pos, "use smaller layers")
         else:
             return True
         self.truncated = True
@@ -100,7 +116,7 @@ class Expander:
         kind = s.call.name
         if kind not in KINDS and kind not in self.blocks:
             self.error("E201", f"unknown layer kind '{kind}'", s.call.pos,
-                       suggest(kind, list(KINDS) + list(self.blocks)), len(kind))
+                       self.suggest(kind, list(KINDS) + list(self.blocks)), len(kind))
             self.unresolved.append(Unresolved(prefix + (s.name or ""), None))
             return None, None
         local = self.name(s.name, kind, s.pos, prefix, names)

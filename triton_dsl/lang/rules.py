@@ -17,7 +17,6 @@ from .limits import MAX_RULES
 from .precision import FP32, REGISTRY
 
 _RANK = {"layer_exact": 3, "layer_pattern": 2, "kind": 1, "default": 0}
-_MAX_SUGGESTIONS = 16  # did-you-means over layer names per model; later misses get none
 
 
 def resolve(sections, layers, expander, diags) -> dict:
@@ -127,11 +126,8 @@ def _layer_rule(r, layers, quant, by_name, expander, diags):
         else:
             msg = f"rule matches no layer: no layer {'matches' if is_pattern else 'is named'} " \
                   f"'{r.target}'"
-            help_ = None
-            if expander.suggestions < _MAX_SUGGESTIONS:  # each costs a pass over every name
-                expander.suggestions += 1
-                names = [l.name for l in quant] + [u.name for u in expander.unresolved if u.name]
-                help_ = suggest(r.target, names)
+            names = [l.name for l in quant] + [u.name for u in expander.unresolved if u.name]
+            help_ = expander.suggest(r.target, names)
         diags.append(Diagnostic("E503", msg, r.pos.line, r.pos.col, help_, len(r.target)))
     return matched, "layer_pattern" if is_pattern else "layer_exact"
 
