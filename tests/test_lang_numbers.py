@@ -101,8 +101,10 @@ def test_largest_model_imports_without_being_built():
     "".join(f"model M{i}:\n    input [64]\n    layer b: linear(64) * 10000\n" for i in range(500)),
     "".join(f"block B{i}:\n    relu\n" for i in range(1000)) + "model M:\n    input [4]\n"
     + "".join(f"    layer x{i}: Bx{i}\n" for i in range(1500)),
+    "model M:\n    input [4]\n    layer " + "a" * 30000 + ": linear(4)\nprecision:\n"
+    "    layer " + "a" * 30000 + "b: int8\n    layer " + "a" * 29999 + "*b: int8\n",
 ], ids=["nested repeats", "nested failing repeats", "half failing", "many lines", "rules",
-        "many models", "many blocks and misspellings"])
+        "many models", "many blocks and misspellings", "long names"])
 def test_check_is_quick_whatever_the_file(src):
     check_source("model M:\n    input [4]\n    relu\n")  # the parser is built once
     t = time.perf_counter()

@@ -35,11 +35,14 @@ class TdslError(Exception):
 
 
 _MAX_CHOICES = 500
+_MAX_LENGTH = 200
 
 
 def suggest(word: str, choices) -> str | None:
     """A `help:` line proposing the closest of ``choices`` to a misspelt ``word``."""
-    choices = sorted(set(choices))
+    if len(word) > _MAX_LENGTH:  # comparing two long strings is quadratic in their length
+        return None
+    choices = sorted(c for c in set(choices) if len(c) <= _MAX_LENGTH)
     if len(choices) > _MAX_CHOICES:  # keep it fast: the names closest in length are the likeliest
         choices = sorted(sorted(choices, key=lambda c: abs(len(c) - len(word)))[:_MAX_CHOICES])
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
