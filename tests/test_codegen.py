@@ -6,6 +6,8 @@ import difflib
 import glob
 import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,10 +55,18 @@ def test_golden_runs(src):
         assert net(x).shape == y.shape
 
 
-def test_output_is_deterministic():
-    a = triton_dsl.compile(os.path.join(GOLDEN, "brief.tdsl"))
-    b = triton_dsl.compile(os.path.join(GOLDEN, "brief.tdsl"))
-    assert a == b and "# brief.tdsl:" in a
+def test_output_is_deterministic_across_processes():
+    """Two processes with different hash seeds (set and dict order of strings differ) write the
+    same bytes for every golden file."""
+    code = ("import sys, glob, triton_dsl; sys.stdout.write(''.join("
+            f"triton_dsl.compile(p) for p in sorted(glob.glob({os.path.join(GOLDEN, '*.tdsl')!r}))))")
+    outs = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed)
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                           check=True)
+        outs.append(p.stdout)
+    assert outs[0] == outs[1] and "# brief.tdsl:" in outs[0]
 
 
 def test_generated_module_imports_runtime_only():

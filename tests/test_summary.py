@@ -1,6 +1,8 @@
 """Summary byte counts against sizes computed by hand."""
 import json
 
+import pytest
+
 from triton_dsl.lang.frontend import check_source
 from triton_dsl.lang.summary import summarize
 
@@ -71,3 +73,60 @@ def test_json_shape(run_cli, tmp_path):
     assert set(s["layers"][0]) >= {"name", "kind", "precision", "bits", "params", "bytes"}
     assert s["total_bytes"] == sum(l["bytes"] for l in s["layers"])
     assert abs(s["compression"] - s["fp32_bytes"] / s["total_bytes"]) < 1e-3
+
+
+PRECISIONS = ["fp32", "fp16", "bf16", "int8", "int8(granularity=per_tensor)",
+              "int(bits=4, group_size=8, symmetric=false)", "int8(activations=static)",
+              "ternary", "ternary(threshold=learned)", "ternary(scale=learned)",
+              "ternary(threshold=learned, scale=learned, granularity=per_tensor)",
+              "ternary(threshold=absmean, scale=none)", "ternary(threshold=stochastic)",
+              "ternary(threshold=0.05, activations=dynamic)", "binary",
+              "binary(granularity=per_tensor)"]
+CNN = """model Net:
+    input [8, 8, 8]
+    layer conv: conv2d(8, kernel=3, padding=1)
+    layer bn: batchnorm
+    relu
+    flatten
+    layer fc: linear(16)
+    layer out: linear(10, bias=false)
+precision:
+    default {prec}
+"""
+
+
+@pytest.mark.parametrize("prec", PRECISIONS)
+def test_params_are_what_the_built_model_trains(prec):
+    """Issue 9.16: learned thresholds and TTQ scales are trained parameters too."""
+    import torch  # noqa: F401  (the built model needs the runtime)
+    import triton_dsl
+
+    src = CNN.format(prec=prec)
+    r = check_source(src, "n.tdsl")
+    assert r.ok, r.diagnostics
+    s = summarize(r.models[0])
+    net = triton_dsl.load_source(src)()
+    assert s["params"] == sum(p.numel() for p in net.parameters())
+    for row in s["layers"]:
+        module = net.get_submodule(row["name"])
+        assert row["params"] == sum(p.numel() for p in module.parameters()), row["name"]
+
+
+def test_storage_bits_is_the_one_width_rule():
+    from triton_dsl.lang.precision import Binary, Float, Int, Ternary, storage_bits
+    assert [storage_bits(p) for p in (Ternary(), Binary(), Int(bits=4), Int(bits=4, symmetric=False),
+                                      Int(), Float("fp32"), Float("fp16"), Float("bf16"))] == \
+        [2, 1, 4, 5, 8, 32, 16, 16]
+
+
+@pytest.mark.parametrize("flags", [(), ("--all",)])
+def test_text_and_json_list_the_same_layers(run_cli, tmp_path, flags):
+    p = tmp_path / "n.tdsl"
+    p.write_text(CNN.format(prec="ternary(threshold=learned)"))
+    code, text, _ = run_cli("summary", str(p), *flags)
+    assert code == 0
+    code, out, _ = run_cli("summary", str(p), "--json", *flags)
+    names = [l["name"] for l in json.loads(out)["layers"]]
+    rows = text.splitlines()[4:4 + len(names) + 1]  # title, rule, header, rule, then the rows
+    assert [r.split()[0] for r in rows[:-1]] == names and set(rows[-1]) == {"-"}
+    assert ("relu1" in names) == bool(flags)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..lang.diagnostics import render_all
+from ..lang.diagnostics import display_name, render_all
 from ..lang.frontend import check_file
 from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE, report
 
@@ -15,7 +15,8 @@ def cmd_check(args) -> int:
         r = check_file(path)
         if report(r):
             names = ", ".join(m.name for m in r.models)
-            print(f"{path}: ok ({len(r.models)} model{'s' * (len(r.models) != 1)}: {names})")
+            print(f"{display_name(path)}: ok ({len(r.models)} model{'s' * (len(r.models) != 1)}: "
+                  f"{names})")
         else:
             failed += 1
     return EXIT_INPUT if failed else EXIT_OK
@@ -45,7 +46,7 @@ def cmd_compile(args) -> int:
     except OSError as e:
         print(f"triton-dsl: error: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return EXIT_INPUT
-    print(f"wrote {out} ({', '.join(m.name for m in r.models)})")
+    print(f"wrote {display_name(out)} ({', '.join(m.name for m in r.models)})")
     return EXIT_OK
 
 
@@ -62,8 +63,8 @@ def cmd_summary(args) -> int:
             print(f"triton-dsl: error: {args.file} has no model '{args.model}' (it has "
                   f"{', '.join(m.name for m in r.models)})", file=sys.stderr)
             return EXIT_INPUT
-    sums = [summarize(m) for m in models]
-    print(to_json(sums) if args.json else "\n\n".join(render(s, args.all) for s in sums))
+    sums = [summarize(m, stateless=args.all) for m in models]  # one list for both forms
+    print(to_json(sums) if args.json else "\n\n".join(render(s) for s in sums))
     return EXIT_OK
 
 
@@ -86,12 +87,12 @@ def cmd_fmt(args) -> int:
         new = format_file(tree, text)
         if args.check:
             if new != text:
-                print(f"{path}: not formatted", file=sys.stderr)
+                print(f"{display_name(path)}: not formatted", file=sys.stderr)
                 status = EXIT_INPUT
         elif args.write:
             if new != text:
                 write_atomic(path, new)
-                print(f"formatted {path}")
+                print(f"formatted {display_name(path)}")
         else:
             sys.stdout.write(new)
     return status
@@ -110,7 +111,8 @@ def add_commands(sub):
     s.add_argument("file", metavar="FILE")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--model", metavar="NAME", help="only this model of the file")
-    s.add_argument("--all", action="store_true", help="also list layers without parameters")
+    s.add_argument("--all", action="store_true",
+                   help="also list layers without parameters (in the table and in --json)")
     s.set_defaults(func=cmd_summary)
     s = sub.add_parser("fmt", help="print the canonical form of .tdsl files")
     s.add_argument("files", nargs="+", metavar="FILE")

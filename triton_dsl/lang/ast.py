@@ -63,7 +63,7 @@ class Call:
 class Layer:
     name: str | None  # None when unnamed (`relu`)
     call: Call
-    repeat: int | None
+    repeat: Number | None  # the count of `* N`
     pos: Pos = field(compare=False)
 
 

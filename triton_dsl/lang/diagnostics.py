@@ -34,9 +34,17 @@ class TdslError(Exception):
         super().__init__(render_all(path, text, diagnostics))
 
 
+_MAX_CHOICES = 500
+_MAX_LENGTH = 200
+
+
 def suggest(word: str, choices) -> str | None:
     """A `help:` line proposing the closest of ``choices`` to a misspelt ``word``."""
-    choices = sorted(set(choices))
+    if len(word) > _MAX_LENGTH:  # comparing two long strings is quadratic in their length
+        return None
+    choices = sorted(c for c in set(choices) if len(c) <= _MAX_LENGTH)
+    if len(choices) > _MAX_CHOICES:  # keep it fast: the names closest in length are the likeliest
+        choices = sorted(sorted(choices, key=lambda c: abs(len(c) - len(word)))[:_MAX_CHOICES])
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"
@@ -45,16 +53,42 @@ def suggest(word: str, choices) -> str | None:
     return None
 
 
+def display_name(name: str) -> str:
+    """A file name as messages and generated comments show it: every character that is not
+    printable (newlines, carriage returns, form feeds, U+2028 and the rest that end a line for
+    Python or for str.splitlines) is written as its escape sequence; backslashes are doubled so the
+    escapes stay unambiguous. A hostile name can then neither end a comment nor garble a report."""
+    return "".join(c if c.isprintable() and c != "\\" else
+                   c.encode("unicode_escape").decode("ascii") for c in name)
+
+
+def source_lines(text: str) -> list[str]:
+    """The lines as the lexer numbers them: split at "\n" only (a form feed or U+2028 in a
+    comment does not start a line, as it would for str.splitlines), without a final "\r"."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [l[:-1] if l.endswith("\r") else l for l in lines]
+
+
+def _visible(s: str) -> str:
+    """One printable character per source character, so the caret below stays aligned and a
+    control character cannot garble the terminal."""
+    return "".join(c if c.isprintable() or c == "\t" else "?" for c in s)
+
+
 def render(path: str, text: str | None, d: Diagnostic) -> str:
-    where = f"{path}:{d.line}:{d.col}" if d.line else path
+    shown = display_name(path)
+    where = f"{shown}:{d.line}:{d.col}" if d.line else shown
     out = [f"{where}: {d.severity}[{d.code}]: {d.message}"]
-    lines = text.splitlines() if text else []
+    lines = source_lines(text) if text else []
     if 0 < d.line <= len(lines):
-        src = lines[d.line - 1].expandtabs(4)
+        raw = _visible(lines[d.line - 1])
+        src = raw.expandtabs(4)
+        col = len(raw[: max(d.col, 1) - 1].expandtabs(4)) + 1  # the caret under the tab-expanded text
         if len(src) > 200:  # keep a minified or generated line readable
             src = src[:200] + " ..."
         out.append("    " + src)
-        col = max(d.col, 1)
         if col <= len(src) + 1:
             out.append("    " + " " * (col - 1) + "^" * max(1, min(d.width, len(src) - col + 1)))
     if d.help:
@@ -71,4 +105,4 @@ def render_all(path: str, text: str | None, diags: list[Diagnostic]) -> str:
         tail.append(f"{n_err} error{'s' * (n_err != 1)}")
     if n_warn:
         tail.append(f"{n_warn} warning{'s' * (n_warn != 1)}")
-    return body + ("\n" + ", ".join(tail) + f" in {path}" if tail else "")
+    return body + ("\n" + ", ".join(tail) + f" in {display_name(path)}" if tail else "")

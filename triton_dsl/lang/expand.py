@@ -1,147 +1,151 @@
 """Expansion of a model body: blocks instantiated, names qualified, options bound, shapes inferred.
 
-Problems are collected, never raised: after a shape error the rest of the body is still checked for
-argument and name errors, with shapes unknown (None) so no error cascades from the first one.
+Problems are collected, never raised: after an error the rest of the body is still checked for
+argument and name errors, with shapes unknown (None) so no error cascades from the first one. Layers
+that could not be resolved are remembered (``unresolved``) so that precision rules naming them are
+not reported as matching nothing. Expansion stops at MAX_LAYERS layers or MAX_PARAMS parameters,
+so nested repeats cannot make the checker run for long.
 """
 from __future__ import annotations
 
-import keyword
-
 from . import ast, ir
+from .bind import AnyOption, bind, value_of
 from .diagnostics import Diagnostic, suggest
 from .kinds import KINDS, Inferred, Kind, ShapeError
-from .precision import Option
+from .limits import MAX_LAYERS, MAX_PARAMS
+from .names import Scope, alternative, layer_name_problem, unique
 
-# Names a layer cannot take: they are attributes of torch.nn.Module, so a layer with that name
-# would shadow a method of the generated module.
-RESERVED = frozenset("""forward training to cuda cpu eval train state_dict load_state_dict parameters
-buffers modules children apply half float double type zero_grad register_buffer add_module
-named_modules named_parameters requires_grad_ extra_repr input_shape bfloat16 share_memory""".split())
-
-
-def value_of(v, env: dict):
-    """A source value as Python: numbers, true/false/none, tuples; block parameters substituted."""
-    if isinstance(v, ast.Number):
-        return v.value
-    if isinstance(v, ast.String):
-        return v.value
-    if isinstance(v, ast.List):
-        return tuple(value_of(i, env) for i in v.items)
-    if v.name in env:
-        return env[v.name]
-    return {"true": True, "false": False, "none": None}.get(v.name, v.name)
+# Statements visited (including ones that fail) per layer allowed: bounds the work spent on a
+# repeated block whose body has errors and so creates no layers.
+_WORK_PER_LAYER = 8
+_MAX_COSTLY = 16  # did-you-means over long lists per file; later misses get none
 
 
-def bind(spec_options, positional, call: ast.Call, env, what: str, diags) -> dict | None:
-    """Bind a call's arguments to options; report unknown, repeated, missing and invalid ones."""
-    by_name = {o.name: o for o in spec_options}
-    out, ok, seen = {}, True, set()
-    for i, a in enumerate(call.args):
-        if a.name is None:
-            if i >= len(positional):
-                n = len(positional)
-                diags.append(Diagnostic("E301", f"{what} takes {n or 'no'} positional argument"
-                                        f"{'s' * (n != 1)}", a.pos.line, a.pos.col,
-                                        help="name the option: option=value"
-                                        + (f"; options: {', '.join(by_name)}" if by_name else "")))
-                ok = False
-                continue
-            name = positional[i]
-        else:
-            name = a.name
-            if name not in by_name:
-                diags.append(Diagnostic("E302", f"{what} has no option '{name}'", a.pos.line,
-                                        a.pos.col, suggest(name, by_name), len(name)))
-                ok = False
-                continue
-        if name in seen:
-            diags.append(Diagnostic("E303", f"option '{name}' given twice", a.pos.line, a.pos.col,
-                                    width=len(name)))
-            ok = False
-            continue
-        seen.add(name)
-        val = value_of(a.value, env)
-        if val is None and "none" in by_name[name].words:  # the word, where an option spells it
-            val = "none"
-        msg = by_name[name].accepts(val)
-        if msg:
-            h = suggest(val, [w for w in by_name[name].words if isinstance(w, str)]) \
-                if isinstance(val, str) else None
-            diags.append(Diagnostic("E304", f"{what}: {msg}", a.value.pos.line, a.value.pos.col, h))
-            ok = False
-            continue
-        out[name] = val
-    for o in spec_options:
-        if o.name not in seen:
-            if o.required:
-                diags.append(Diagnostic("E305", f"{what} needs '{o.name}' ({o.doc})", call.pos.line,
-                                        call.pos.col, f"write {call.name}({o.name}=...)",
-                                        len(call.name)))
-                ok = False
-            else:
-                out[o.name] = o.default
-    return out if ok else None
+class Unresolved:
+    """A statement that exists in the source but could not be expanded: its qualified name and
+    kind (a layer kind, a block name, or None for an unknown kind)."""
+
+    def __init__(self, name: str, kind: str | None):
+        self.name, self.kind = name, kind
 
 
 class Expander:
+    """One per file: the limits count the layers and parameters of all its models together, so
+    a file of many models cannot multiply them."""
+
     def __init__(self, blocks: dict, diags: list):
         self.blocks, self.diags = blocks, diags
+        self.layers = self.params = self.work = 0
+        self.suggestions = 0  # costly did-you-means given so far (see suggest)
+        self.truncated = False  # a limit was reached: the layer lists are partial
         self.stack: list[str] = []  # blocks being expanded, to catch recursion
+        self.unresolved: list[Unresolved] = []  # of the model being expanded
+        self.top = None  # the model-level statement being expanded, where a limit error points
 
     def error(self, code, msg, pos, help=None, width=1):
         self.diags.append(Diagnostic(code, msg, pos.line, pos.col, help, width))
 
-    def body(self, stmts, shape, prefix: str, env: dict, names: dict):
+    def suggest(self, word, choices):
+        """suggest(), but over long lists (many blocks, many layer names) only the first
+        _MAX_COSTLY times per file: each costs a pass over every choice."""
+        choices = list(choices)
+        if len(choices) > 64:
+            if self.suggestions >= _MAX_COSTLY:
+                return None
+            self.suggestions += 1
+        return suggest(word, choices)
+
+    def model(self, stmts, shape):
+        """Expand a model body; returns (nodes, out_shape)."""
+        self.stack, self.unresolved, self.top = [], [], None
+        return self.body(stmts, shape, "", {}, Scope())
+
+    def body(self, stmts, shape, prefix: str, env: dict, names: Scope):
         """Expand statements in one namespace; returns (nodes, out_shape)."""
         nodes = []
         for s in stmts:
+            if self.truncated:
+                break
+            if not prefix and not self.stack:
+                self.top = s
             node, shape = (self.residual if isinstance(s, ast.Residual) else self.layer)(
                 s, shape, prefix, env, names)
             if node is not None:
                 nodes.append(node)
         return nodes, shape
 
-    def name(self, given, base, pos, prefix, names):
+    def spend(self, layers=0, params=0) -> bool:
+        """Count work against the limits; False (after one error) once a limit is passed."""
+        self.work += not layers
+        self.layers += layers
+        self.params += params
+        if self.truncated:
+            return False
+        pos = self.top.pos if self.top is not None else ast.Pos(1, 1)
+        if self.layers > MAX_LAYERS or self.work > _WORK_PER_LAYER * MAX_LAYERS:
+            self.error("E406", f"more than {MAX_LAYERS:,} layers after expansion (all models "
+                       "of the file together)", pos,
+                       "use fewer or smaller repeats; the limit keeps checking fast")
+        elif self.params > MAX_PARAMS:
+            self.error("E407", f"more than {MAX_PARAMS:,} (2^40) parameters (all models of the "
+                       "file together)", pos, "use smaller layers")
+        else:
+            return True
+        self.truncated = True
+        return False
+
+    def name(self, given, base, pos, prefix, names: Scope):
         if given is not None:
-            if given in RESERVED or keyword.iskeyword(given):
-                self.error("E203", f"'{given}' cannot name a layer: it is reserved", pos,
-                           "pick another name", len(given))
+            why = layer_name_problem(given)
+            if why:
+                self.error("E203", f"'{given}' cannot name a layer: {why}", pos,
+                           f"rename it, for example '{alternative(given)}'", len(given))
             elif given in names:
                 self.error("E202", f"layer name '{prefix}{given}' is already used on line "
                            f"{names[given]}", pos, width=len(given))
             names.setdefault(given, pos.line)
             return given
-        n = 1
+        n = names.next.get(base, 1)
         while f"{base}{n}" in names:
             n += 1
         names[f"{base}{n}"] = pos.line
+        names.next[base] = n + 1
         return f"{base}{n}"
 
     def layer(self, s: ast.Layer, shape, prefix, env, names):
         kind = s.call.name
         if kind not in KINDS and kind not in self.blocks:
             self.error("E201", f"unknown layer kind '{kind}'", s.call.pos,
-                       suggest(kind, list(KINDS) + list(self.blocks)), len(kind))
+                       self.suggest(kind, list(KINDS) + list(self.blocks)), len(kind))
+            self.unresolved.append(Unresolved(prefix + (s.name or ""), None))
             return None, None
         local = self.name(s.name, kind, s.pos, prefix, names)
-        if s.repeat is not None:
-            if s.repeat < 1:
-                self.error("E306", "repeat count must be at least 1", s.pos)
-                return None, None
-            inner = {}
-            subs = []
-            for i in range(s.repeat):
-                node, shape = self.one(s, kind, str(i), shape, f"{prefix}{local}.", env, inner)
-                subs.append(node)
-            return ir.Group(prefix + local, tuple(n for n in subs if n), s.pos.line), shape
-        return self.one(s, kind, local, shape, prefix, env, names)
+        if s.repeat is None:
+            return self.one(s, kind, local, shape, prefix, env, names)
+        count = s.repeat.value
+        if not isinstance(count, int) or not 1 <= count <= MAX_LAYERS:
+            self.error("E306", f"repeat count must be an integer in 1..{MAX_LAYERS}",
+                       s.repeat.pos, width=len(s.repeat.text))
+            self.unresolved.append(Unresolved(prefix + local, None))  # a group: s.0, s.1, ...
+            return None, None
+        inner, subs = Scope(), []
+        for i in range(count):
+            node, shape = self.one(s, kind, str(i), shape, f"{prefix}{local}.", env, inner)
+            subs.append(node)
+            if node is None or shape is None:  # the next copies would only repeat its errors
+                self.unresolved.append(Unresolved(prefix + local, None))
+                break
+        return ir.Group(prefix + local, tuple(n for n in subs if n), s.pos.line), shape
 
     def one(self, s, kind, local, shape, prefix, env, names):
+        if not self.spend():
+            return None, None
         if kind in self.blocks:
             return self.instance(s, self.blocks[kind], shape, prefix + local, env)
         spec: Kind = KINDS[kind]
         args = bind(spec.options, spec.positional, s.call, env, kind, self.diags)
         if args is None or shape is None:
+            self.unresolved.append(Unresolved(prefix + local, kind))
             return None, None
         try:
             inf: Inferred = spec.infer(shape, args)
@@ -149,6 +153,9 @@ class Expander:
             pos = _arg_pos(s.call, spec.positional, e.arg)
             self.error("E401", f"{prefix + local}: {e}", pos, f"input shape is {list(shape)}",
                        len(kind) if pos is s.call.pos else 1)
+            self.unresolved.append(Unresolved(prefix + local, kind))
+            return None, None
+        if not self.spend(1, inf.params):
             return None, None
         node = ir.Layer(prefix + local, kind, tuple(args.items()), shape, inf.shape, inf.params,
                         inf.buffers, inf.weight, inf.bias, None, s.pos.line, s.pos.col)
@@ -156,21 +163,30 @@ class Expander:
 
     def instance(self, s, block: ast.Block, shape, qualified, env):
         if block.name in self.stack:
-            self.error("E204", f"block '{block.name}' uses itself", s.call.pos,
-                       "blocks cannot be recursive", len(block.name))
+            cycle = self.stack[self.stack.index(block.name):] + [block.name]
+            what = f"block '{block.name}' uses itself" if len(cycle) == 2 else \
+                "blocks use each other: " + " -> ".join(cycle)
+            self.error("E204", what, s.call.pos, "blocks cannot be recursive", len(block.name))
+            self.unresolved.append(Unresolved(qualified, block.name))
+            return None, None
+        if len({p.name for p in block.params}) < len(block.params):  # E208, reported once
+            self.unresolved.append(Unresolved(qualified, block.name))
             return None, None
         params = [ast_param_option(p) for p in block.params]
         positional = tuple(p.name for p in block.params)
         args = bind(params, positional, s.call, env, f"block {block.name}", self.diags)
         if args is None:
+            self.unresolved.append(Unresolved(qualified, block.name))
             return None, None
         self.stack.append(block.name)
-        nodes, shape = self.body(block.body, shape, qualified + ".", args, {})
+        nodes, shape = self.body(block.body, shape, qualified + ".", args, Scope())
         self.stack.pop()
         return ir.Group(qualified, tuple(nodes), s.pos.line), shape
 
     def residual(self, s: ast.Residual, shape, prefix, env, names):
         rname = self.name(s.name, "residual", s.pos, prefix, names)
+        if not self.spend():
+            return None, None
         nodes, out = self.body(s.body, shape, prefix, env, names)
         if shape is None or out is None:
             return None, out
@@ -179,7 +195,7 @@ class Expander:
             base = "shortcut" if s.name is None else f"{rname}_shortcut"
             shortcut = self.projection(prefix, unique(base, names, s.pos.line), shape, out, s,
                                        names)
-            if shortcut is None:
+            if shortcut is None or not self.spend(len(shortcut), sum(l.params for l in shortcut)):
                 return None, None
         return ir.Residual(prefix + rname, tuple(nodes), shortcut, shape, out, s.pos.line), out
 
@@ -219,23 +235,6 @@ def _arg_pos(call: ast.Call, positional, option):
     return call.pos
 
 
-def unique(base: str, names: dict, line: int) -> str:
-    """``base``, or ``base2``, ``base3``... if taken; the name is then taken."""
-    name, n = base, 1
-    while name in names:
-        n += 1
-        name = f"{base}{n}"
-    names[name] = line
-    return name
-
-
-class AnyOption(Option):
-    """A block parameter: any value binds; the layers that use it validate it."""
-
-    def accepts(self, v):
-        return None
-
-
-def ast_param_option(p: ast.Param) -> Option:
+def ast_param_option(p: ast.Param) -> AnyOption:
     default = value_of(p.default, {}) if p.default is not None else None
     return AnyOption(p.name, default, required=p.default is None, doc=f"block parameter {p.name}")

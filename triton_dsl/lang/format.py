@@ -3,7 +3,11 @@ stays before the statement that followed it, a trailing comment stays on its sta
 Formatting is idempotent and parsing the output gives an equal syntax tree."""
 from __future__ import annotations
 
+import bisect
+
 from . import ast
+from .diagnostics import source_lines
+from .source import scan
 
 _IND = "    "
 
@@ -33,7 +37,7 @@ def _stmts(stmts, depth, out):
             _stmts(s.body, depth + 1, out)
         else:
             head = f"layer {s.name}: " if s.name else ""
-            rep = f" * {s.repeat}" if s.repeat is not None else ""
+            rep = f" * {s.repeat.text}" if s.repeat is not None else ""
             out.append((s.pos.line, pad + head + _call(s.call) + rep))
 
 
@@ -57,28 +61,43 @@ def _definition(d, out):
 
 
 def _comments(text: str):
-    """{line: comment} for trailing comments and [(line, comment)] for full-line ones."""
+    """{line: comment} for trailing comments and [(line, comment)] for full-line ones. A trailing
+    comment on a continuation line (inside brackets, after a backslash) is keyed by that line;
+    format_file moves it to the statement the line belongs to."""
     trailing, full = {}, []
-    for n, raw in enumerate(text.splitlines(), 1):
-        in_str = False
-        for i, ch in enumerate(raw):
-            if ch == '"':
-                in_str = not in_str
-            elif ch == "#" and not in_str:
-                (full.append((n, raw[i:].rstrip())) if not raw[:i].strip()
-                 else trailing.__setitem__(n, raw[i:].rstrip()))
-                break
+    for ln in scan(text):
+        if ln.comment is None:
+            continue
+        if ln.code.strip():
+            trailing[ln.number] = ln.comment.rstrip()
+        else:
+            full.append((ln.number, ln.comment.rstrip()))
     return trailing, full
+
+
+def _attach(trailing: dict, starts: list) -> dict:
+    """Key every trailing comment by the first line of its statement, joining several."""
+    out: dict = {}
+    starts = sorted(starts)
+    for line, c in sorted(trailing.items()):
+        owner = starts[bisect.bisect_right(starts, line) - 1] if starts and starts[0] <= line \
+            else line
+        out[owner] = f"{out[owner]}  {c}" if owner in out else c
+    return out
 
 
 def format_file(tree: ast.File, text: str) -> str:
     trailing, full = _comments(text)
-    src = text.splitlines()
+    src = source_lines(text)
     out: list[str] = []
     prev = 0
-    for i, d in enumerate(tree.definitions):
+    per_def = []
+    for d in tree.definitions:
         lines: list[tuple[int, str]] = []
         _definition(d, lines)
+        per_def.append(lines)
+    trailing = _attach(trailing, [line for lines in per_def for line, _ in lines])
+    for lines in per_def:
         for j, (line, body) in enumerate(lines):
             indent = body[: len(body) - len(body.lstrip())]
             lead = [c for c in full if prev < c[0] < line]

@@ -75,14 +75,15 @@ class Model:
 
     def layers(self) -> Iterator[Layer]:
         """Every layer in execution order; a residual's shortcut comes after its body."""
-        yield from _walk(self.body)
+        yield from walk(self.body)
 
 
-def _walk(nodes) -> Iterator[Layer]:
+def walk(nodes) -> Iterator[Layer]:
+    """Every layer under ``nodes`` in execution order (a residual's shortcut after its body)."""
     for n in nodes:
         if n.op is Op.LAYER:
             yield n
         else:
-            yield from _walk(n.body)
+            yield from walk(n.body)
             if n.op is Op.RESIDUAL:
                 yield from n.shortcut

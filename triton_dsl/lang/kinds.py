@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from .precision import Option
+from .limits import MAX_SIZE, MAX_THRESHOLD
+from .options import Option
 
 
 class ShapeError(Exception):
@@ -126,25 +127,26 @@ def _flatten(shape, a):
     return Inferred((math.prod(shape),))
 
 
-_POS = dict(number="int", lo=1)
+_POS = dict(number="int", lo=1, hi=MAX_SIZE)
+_NONNEG = dict(number="int", lo=0, hi=MAX_SIZE)
 _BIAS = Option("bias", True, (True, False), doc="add a learned bias")
-_EPS = Option("eps", 1e-5, number="float", lo=0, doc="added to the variance")
-_POOL = (Option("kernel", 2, number="int", lo=1, pair=True, required=False, doc="window size"),
-         Option("stride", None, (None,), number="int", lo=1, pair=True, doc="default: kernel"),
-         Option("padding", 0, number="int", lo=0, pair=True, doc="implicit padding"))
-_ADAPTIVE = (Option("output", 1, number="int", lo=1, pair=True, doc="output height and width"),)
+_EPS = Option("eps", 1e-5, number="float", lo=0, hi=1, doc="added to the variance")
+_POOL = (Option("kernel", 2, **_POS, pair=True, required=False, doc="window size"),
+         Option("stride", None, (None,), **_POS, pair=True, doc="default: kernel"),
+         Option("padding", 0, **_NONNEG, pair=True, doc="implicit padding"))
+_ADAPTIVE = (Option("output", 1, **_POS, pair=True, doc="output height and width"),)
 _ACT = "elementwise activation"
 
 KINDS = {k.name: k for k in [
     Kind("linear", (Option("out_features", None, required=True, **_POS, doc="output features"),
                     _BIAS), ("out_features",), _linear, True, "fully connected layer"),
     Kind("conv2d", (Option("out_channels", None, required=True, **_POS, doc="output channels"),
-                    Option("kernel", 3, number="int", lo=1, pair=True, doc="kernel size"),
-                    Option("stride", 1, number="int", lo=1, pair=True, doc="stride"),
-                    Option("padding", 0, ("same",), number="int", lo=0, pair=True,
+                    Option("kernel", 3, **_POS, pair=True, doc="kernel size"),
+                    Option("stride", 1, **_POS, pair=True, doc="stride"),
+                    Option("padding", 0, ("same",), **_NONNEG, pair=True,
                            doc="zero padding, or same"),
-                    Option("dilation", 1, number="int", lo=1, pair=True, doc="dilation"),
-                    Option("groups", 1, number="int", lo=1, doc="grouped convolution"),
+                    Option("dilation", 1, **_POS, pair=True, doc="dilation"),
+                    Option("groups", 1, **_POS, doc="grouped convolution"),
                     _BIAS), ("out_channels", "kernel"), _conv2d, True, "2-d convolution"),
     Kind("batchnorm", (_EPS, Option("momentum", 0.1, number="float", lo=0, hi=1,
                                     doc="running statistics update rate")),
@@ -155,9 +157,10 @@ KINDS = {k.name: k for k in [
     Kind("silu", infer=_same, doc=_ACT),
     Kind("tanh", infer=_same, doc=_ACT),
     Kind("sigmoid", infer=_same, doc=_ACT),
-    Kind("softmax", (Option("dim", -1, number="int", doc="dimension, batch not counted"),),
+    Kind("softmax", (Option("dim", -1, number="int", lo=-3, hi=2,
+                            doc="dimension, batch not counted"),),
          ("dim",), _softmax, doc="softmax"),
-    Kind("ternary_act", (Option("threshold", 0.5, number="float", lo=0,
+    Kind("ternary_act", (Option("threshold", 0.5, number="float", lo=0, hi=MAX_THRESHOLD,
                                 doc="|x| below this becomes 0"),),
          ("threshold",), _same, doc="activation to {-1, 0, +1} with a straight-through gradient"),
     Kind("maxpool", _POOL, ("kernel",), _pool("maxpool"), doc="2-d max pooling"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
@@ -9,8 +10,9 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from lark.indenter import DedentError, Indenter
 
 from . import ast
-from .diagnostics import Diagnostic, suggest
-from .source import check_depth
+from .diagnostics import Diagnostic, source_lines, suggest
+from .limits import MAX_DIGITS
+from .source import TAB_WIDTH, check_layout, dedent_line
 
 
 class _Indenter(Indenter):
@@ -19,7 +21,7 @@ class _Indenter(Indenter):
     CLOSE_PAREN_types = ["RPAR", "RSQB"]
     INDENT_type = "_INDENT"
     DEDENT_type = "_DEDENT"
-    tab_len = 4
+    tab_len = TAB_WIDTH
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,7 +75,7 @@ class _ToAst(Transformer):
         return ast.Layer(str(name) if name else None, call, repeat, pos)
 
     def repeat(self, meta, items):
-        return int(items[0])
+        return self.number(meta, items)
 
     def residual(self, meta, items):
         name = items.pop(0)
@@ -103,12 +105,7 @@ class _ToAst(Transformer):
 
     def number(self, meta, items):
         t = items[0]
-        text = str(t)
-        try:
-            value = int(text)
-        except ValueError:
-            value = float(text)
-        return ast.Number(value, text, _pos(t))
+        return ast.Number(_number(str(t)), str(t), _pos(t))
 
     def word(self, meta, items):
         return ast.Word(str(items[0]), _pos(items[0]))
@@ -119,6 +116,18 @@ class _ToAst(Transformer):
 
     def list(self, meta, items):
         return ast.List(tuple(i for i in items if i is not None), ast.Pos(meta.line, meta.column))
+
+
+def _number(text: str):
+    """The literal's value. Never raises and never takes long: an integer of more than MAX_DIGITS
+    digits (int() of thousands of digits is slow, then refused) and a float that overflows become
+    an infinity, which every range in the checker refuses with the literal's position."""
+    digits = text.lstrip("+-")
+    if digits.isdigit():
+        if len(digits) > MAX_DIGITS:
+            return -math.inf if text.startswith("-") else math.inf
+        return int(text)
+    return float(text)
 
 
 _FRIENDLY = {
@@ -153,10 +162,17 @@ def _syntax_error(e: UnexpectedInput, text: str) -> Diagnostic:
     at_end = isinstance(e, UnexpectedToken) and (
         e.token.type == "$END" or e.token.type == "_DEDENT" and e.token.end_pos >= len(text.rstrip()))
     if isinstance(e, UnexpectedEOF) or at_end:
-        lines = text.splitlines() or [""]
+        lines = source_lines(text) or [""]
         return Diagnostic("E112", "unexpected end of file", len(lines), len(lines[-1]) + 1,
                           help=f"expected {_expected(e.expected)}")
     tok = e.token
+    if tok.type == "LSQB":  # `inptu [1, 28, 28]`: a misspelt input line reads as a layer kind
+        lines = source_lines(text)
+        first = (lines[tok.line - 1].split() or [""])[0] if 0 < tok.line <= len(lines) else ""
+        if first.isidentifier() and first != "input" and suggest(first, ["input"]):
+            return Diagnostic("E111", f"unknown statement '{first}'", tok.line,
+                              lines[tok.line - 1].index(first) + 1,
+                              "did you mean 'input'? (input [C, H, W])", len(first))
     if tok.type == "_INDENT":  # the token borrows the newline's start; point at the indented line
         line, col = tok.end_line, tok.end_column
         return Diagnostic("E111", "unexpected indentation", line, col,
@@ -172,35 +188,18 @@ def _syntax_error(e: UnexpectedInput, text: str) -> Diagnostic:
 
 def parse(text: str, path: str = "<string>") -> tuple[ast.File | None, list[Diagnostic]]:
     """Parse .tdsl source. Returns (file, []) or (None, [one syntax diagnostic])."""
-    diags = check_depth(text)
+    diags = check_layout(text)
     if diags:
         return None, diags
     try:
         tree = _parser().parse(text if text.endswith("\n") else text + "\n")
-    except DedentError as e:
-        line = _dedent_line(text, str(e))
+    except DedentError:
+        line = dedent_line(text)
         return None, [Diagnostic("E113", "indentation does not match any outer block", line, 1,
                                  help="indent with the same number of spaces as an enclosing line")]
     except UnexpectedInput as e:
         return None, [_syntax_error(e, text)]
     return _ToAst(path).transform(tree), []
-
-
-def _dedent_line(text: str, message: str) -> int:
-    """Lark's DedentError has no position; find the first line whose indentation matches no open level."""
-    levels = [0]
-    for n, raw in enumerate(text.splitlines(), 1):
-        s = raw.lstrip(" \t")
-        if not s or s.startswith("#"):
-            continue
-        w = len(raw[: len(raw) - len(s)].expandtabs(4))
-        if w > levels[-1]:
-            levels.append(w)
-        while w < levels[-1]:
-            levels.pop()
-        if w != levels[-1]:
-            return n
-    return 0
 
 
 __all__ = ["parse"]

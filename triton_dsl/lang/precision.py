@@ -9,58 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Union
 
-Scalar = Union[str, int, float, bool, None]
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str
-    default: Scalar
-    words: tuple = ()  # accepted bare words
-    number: str | None = None  # "int" or "float" when a number is accepted
-    lo: float | None = None  # inclusive bounds for numbers
-    hi: float | None = None
-    doc: str = ""
-    pair: bool = False  # also accept [a, b] (kernel sizes, strides)
-    required: bool = False
-
-    def accepts(self, v) -> str | None:
-        """None when ``v`` is allowed, else a message saying what is."""
-        if self.pair and isinstance(v, tuple):
-            if len(v) != 2:
-                return f"'{self.name}' takes one number or a pair [a, b], got {len(v)} values"
-            return next((m for m in map(self.accepts, v) if m), None)
-        is_number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if not is_number:  # compare by type too: 1 == True in Python
-            if any(type(v) is type(w) and v == w for w in self.words):
-                return None
-        elif self.number and isinstance(v, (int, float)):
-            if self.number == "int" and not isinstance(v, int):
-                return f"'{self.name}' must be an integer"
-            if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
-                bound = f"at least {_fmt(self.lo)}" if self.hi is None else \
-                    f"in {_fmt(self.lo)}..{_fmt(self.hi)}"
-                return f"'{self.name}' must be {bound}, got {_fmt(v)}"
-            return None
-        allowed = [_fmt(w) for w in self.words]
-        if self.number:
-            allowed.append("an integer" if self.number == "int" else "a number")
-        if self.pair:
-            allowed.append("a pair [a, b]")
-        return f"'{self.name}' must be " + " or ".join(allowed) + f", got {_fmt(v)}"
-
-
-def _fmt(v) -> str:
-    if isinstance(v, tuple):
-        return "[" + ", ".join(map(_fmt, v)) + "]"
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if v is None:
-        return "none"
-    if isinstance(v, float) and v == int(v) and abs(v) < 1e15:
-        return f"{v:.1f}"
-    return str(v)
-
+from .limits import MAX_THRESHOLD
+from .options import Option, Scalar, spell
 
 GRANULARITY = Option("granularity", "per_channel", ("per_channel", "per_tensor"),
                      doc="one scale per output channel, or one for the whole weight")
@@ -89,7 +39,7 @@ class _Config:
 
     def to_source(self) -> str:
         """The canonical .tdsl spelling: only options that differ from their defaults."""
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in self.non_defaults())
+        args = ", ".join(f"{k}={spell(v)}" for k, v in self.non_defaults())
         return f"{self.name}({args})" if args else self.name
 
     def to_python(self) -> str:
@@ -100,13 +50,16 @@ class _Config:
         return f"{type(self).__name__}({', '.join(kw)})"
 
 
+FLOAT_BITS = {"fp32": 32, "fp16": 16, "bf16": 16}  # the float dtypes the language names
+
+
 @dataclass(frozen=True)
 class Float(_Config):
     """Unquantized storage in fp32, fp16 or bf16."""
     dtype: str = "fp32"
 
     def __post_init__(self):
-        if self.dtype not in ("fp32", "fp16", "bf16"):
+        if self.dtype not in FLOAT_BITS:
             raise ValueError(f"float precision must be fp32, fp16 or bf16, got {self.dtype!r}")
 
     @property
@@ -115,7 +68,7 @@ class Float(_Config):
 
     @property
     def bits(self):
-        return 32 if self.dtype == "fp32" else 16
+        return FLOAT_BITS[self.dtype]
 
     def to_python(self):
         return f"Float({self.dtype!r})"
@@ -163,7 +116,7 @@ class Int(_Config):
     def to_source(self):
         if self.bits == 8:
             return super().to_source()
-        args = ", ".join([f"bits={self.bits}"] + [f"{k}={_fmt(v)}" for k, v in self.non_defaults()])
+        args = ", ".join([f"bits={self.bits}"] + [f"{k}={spell(v)}" for k, v in self.non_defaults()])
         return f"int({args})"
 
 
@@ -179,7 +132,7 @@ class Ternary(_Config):
     bits = 2
     options = (
         Option("threshold", "twn", ("twn", "absmean", "learned", "stochastic"), number="float",
-               lo=0, doc="twn: 0.7*mean|W|; absmean: 0.5*mean|W| (BitNet b1.58 round-clip); "
+               lo=0, hi=MAX_THRESHOLD, doc="twn: 0.7*mean|W|; absmean: 0.5*mean|W| (BitNet b1.58 round-clip); "
                          "learned: trainable; stochastic: random rounding while training; "
                          "a number: absolute"),
         Option("scale", "twn", ("twn", "absmean", "learned", "none"),
@@ -230,6 +183,24 @@ Precision = Union[Float, Int, Ternary, Binary]
 FP32 = Float("fp32")
 
 
+def storage_bits(p: Precision) -> int:
+    """Bits per weight in the packed deploy form and the packed checkpoint: ternary 2, binary 1,
+    integer codes at their width (one more when asymmetric: codes are stored relative to the zero
+    point), floats 32 or 16. The one place this is written; summary and checkpoint use it."""
+    if isinstance(p, Int):
+        return p.bits + (not p.symmetric)
+    return p.bits
+
+
+def learned_params(p: Precision, rows: int) -> int:
+    """Trainable parameters the weight quantizer adds to a layer of ``rows`` outputs: a learned
+    ternary threshold (one logit per channel, or one), TTQ's positive and negative scales."""
+    if not isinstance(p, Ternary):
+        return 0
+    per = rows if p.granularity == "per_channel" else 1
+    return per * ((p.threshold == "learned") + 2 * (p.scale == "learned"))
+
+
 def make(name: str, **options) -> Precision:
     """Build a precision by its language name: ``make("ternary", threshold="learned")``."""
     if name not in REGISTRY:
@@ -238,4 +209,5 @@ def make(name: str, **options) -> Precision:
     return ctor(**options)
 
 
-__all__ = ["Float", "Int", "Ternary", "Binary", "Option", "REGISTRY", "FP32", "make", "Precision"]
+__all__ = ["Float", "Int", "Ternary", "Binary", "Option", "REGISTRY", "FP32", "FLOAT_BITS", "make",
+           "Precision", "storage_bits", "learned_params"]

@@ -7,6 +7,11 @@ Bytes are what the packed deploy form stores (and what a packed checkpoint holds
   per weight (and no separate zero points); static activations: a 4-byte scale
   bias:    4 bytes per output (2 for fp16/bf16 layers); other layers: 4 bytes per parameter and
            per running statistic (batchnorm's mean and variance)
+Bits per weight come from precision.storage_bits, the one place they are written.
+
+Parameters are every trained value, as sum(p.numel() for p in model.parameters()) counts them:
+weights, biases, norm affine parameters, learned ternary thresholds and TTQ scales. The text and
+JSON forms list the same layers (those with parameters or bytes, or all with ``stateless``).
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import json
 import math
 
 from . import ir
-from .precision import Binary, Float, Int, Ternary
+from .precision import Binary, Float, Int, Ternary, learned_params, storage_bits
 
 
 def layer_bytes(l: ir.Layer) -> int:
@@ -23,41 +28,48 @@ def layer_bytes(l: ir.Layer) -> int:
         return 4 * (l.params + l.buffers)
     n, k = l.weight
     if isinstance(p, Float):
-        width = p.bits // 8
-        return width * (n * k + n * l.bias)
+        return storage_bits(p) // 8 * (n * k + n * l.bias)
+    weights = n * math.ceil(k * storage_bits(p) / 8)
+    per = n if p.granularity == "per_channel" else 1
     if isinstance(p, Int):
-        count = n * (k // p.group_size) if p.group_size else n if p.granularity == "per_channel" else 1
-        bits = p.bits + (not p.symmetric)
-        extra = 4 * (p.activations == "static")
-        return n * math.ceil(k * bits / 8) + 4 * count + extra + 4 * n * l.bias
+        scales = n * (k // p.group_size) if p.group_size else per
+        return weights + 4 * scales + 4 * (p.activations == "static") + 4 * n * l.bias
     if isinstance(p, Ternary):
-        count = n if p.granularity == "per_channel" else 1
-        count *= {"none": 0, "learned": 2}.get(p.scale, 1)
-        return n * math.ceil(k / 4) + 4 * count + 4 * n * l.bias
+        scales = per * {"none": 0, "learned": 2}.get(p.scale, 1)
+        return weights + 4 * scales + 4 * n * l.bias
     if isinstance(p, Binary):
-        count = n if p.granularity == "per_channel" else 1
-        return n * math.ceil(k / 8) + 4 * count + 4 * n * l.bias
+        return weights + 4 * per + 4 * n * l.bias
     raise TypeError(f"no size rule for {p!r}")
 
 
-def rows(model: ir.Model) -> list[dict]:
+def layer_params(l: ir.Layer) -> int:
+    """Trained parameters: the layer's own plus those its weight quantizer learns."""
+    return l.params + (learned_params(l.precision, l.weight[0]) if l.precision else 0)
+
+
+def rows(model: ir.Model, stateless: bool = False) -> list[dict]:
+    """One row per layer; layers without parameters or bytes only with ``stateless``."""
     out = []
     for l in model.layers():
-        out.append({"name": l.name, "kind": l.kind,
-                    "precision": l.precision.to_source() if l.precision else None,
-                    "bits": l.precision.bits if l.precision else 32,
-                    "params": l.params, "bytes": layer_bytes(l),
-                    "output_shape": list(l.out_shape)})
+        r = {"name": l.name, "kind": l.kind,
+             "precision": l.precision.to_source() if l.precision else None,
+             "bits": l.precision.bits if l.precision else 32,
+             "params": layer_params(l), "bytes": layer_bytes(l),
+             "output_shape": list(l.out_shape)}
+        if stateless or r["params"] or r["bytes"]:
+            out.append(r)
     return out
 
 
-def summarize(model: ir.Model) -> dict:
-    layers = rows(model)
-    total = sum(r["bytes"] for r in layers)
+def summarize(model: ir.Model, stateless: bool = False) -> dict:
+    """The size report of one model; totals count every layer whichever rows are listed."""
+    every = rows(model, stateless=True)
+    total = sum(r["bytes"] for r in every)
     fp32 = sum(4 * (l.params + l.buffers) for l in model.layers())
     return {"model": model.name, "input_shape": list(model.input_shape),
-            "output_shape": list(model.output_shape), "layers": layers,
-            "params": sum(r["params"] for r in layers), "total_bytes": total,
+            "output_shape": list(model.output_shape),
+            "layers": every if stateless else rows(model),
+            "params": sum(r["params"] for r in every), "total_bytes": total,
             "fp32_bytes": fp32, "compression": round(fp32 / total, 3) if total else 1.0}
 
 
@@ -68,11 +80,13 @@ def _size(b: int) -> str:
     return f"{b} B"
 
 
-def render(s: dict, show_stateless: bool = False) -> str:
+def render(s: dict) -> str:
+    """The text table of ``summarize``'s result: exactly the layers its JSON form lists."""
     head = ("layer", "kind", "precision", "output", "params", "bits", "bytes")
-    body = [(r["name"], r["kind"], r["precision"] or "-", "[" + ", ".join(map(str, r["output_shape"])) + "]",
+    body = [(r["name"], r["kind"], r["precision"] or "-",
+             "[" + ", ".join(map(str, r["output_shape"])) + "]",
              f"{r['params']:,}", str(r["bits"]) if r["params"] else "-", f"{r['bytes']:,}")
-            for r in s["layers"] if show_stateless or r["params"]]
+            for r in s["layers"]]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     right = {4, 5, 6}
 
