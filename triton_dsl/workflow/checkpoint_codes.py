@@ -20,7 +20,7 @@ _GROWTH, _SLACK = 32, 1 << 20
 
 def encodings(model) -> dict:
     """{state key: how it is stored narrower than its in-memory dtype}."""
-    from ..lang.precision import Binary, Int
+    from ..lang.precision import Binary, Int, storage_bits
     from ..runtime.frozen import FrozenLinear
     out = {}
     for name, mod in model.named_modules():
@@ -30,7 +30,7 @@ def encodings(model) -> dict:
         if isinstance(p, Binary):
             out[key + "packed"] = {"encoding": "binary", "k": mod.in_features}
         elif isinstance(p, Int) and mod.mode in ("int8", "int16"):
-            bits = p.bits + (not p.symmetric)  # codes relative to the zero point
+            bits = storage_bits(p)  # codes relative to the zero point: + 1 when asymmetric
             offset = (1 << (bits - 1)) - (1 if p.symmetric else 0)
             if bits < 16 and (bits < 8 or mod.mode == "int16"):
                 out[key + "codes"] = {"encoding": "bits", "bits": bits, "offset": offset,
