@@ -39,3 +39,18 @@ def test_rank_beats_order():
     table = _table("    layer fc1: int8\n    layer fc*: fp16\n    kind linear: bf16\n"
                    "    default binary\n")
     assert table == {"fc1": "int8", "fc2": "fp16", "head": "bf16"}
+
+
+@pytest.mark.parametrize("rules,warned", [
+    ("    default ternary\n", {"fc1", "head"}),
+    ("    layer fc*: ternary\n    layer head: ternary\n", {"fc1"}),
+    ("    default ternary\n    layer fc1: ternary\n", {"head"}),
+    ("    default ternary\n    layer fc1: binary\n    layer head: int(bits=4)\n", set()),
+])
+def test_w601_only_for_low_bits_nobody_chose_by_name(rules, warned):
+    """W601 (first and last layers below 8 bits) is for precisions that reach those layers
+    through a default, kind or pattern rule; an exact rule for the layer is a decision."""
+    r = check_source(NET + "precision:\n" + rules, "m.tdsl")
+    assert r.ok
+    got = {d.message.split("'")[1] for d in r.diagnostics if d.code == "W601"}
+    assert got == warned

@@ -91,10 +91,10 @@ def _model(m: ast.Model, expander, sections, text, path, diags, all_fp32=False
             shape = tuple(vals)
     nodes, _ = expander.model(m.body, shape)
     layers = list(ir.walk(nodes))
-    table = resolve(sections, layers, expander, diags)
+    table, explicit = resolve(sections, layers, expander, diags)
     if all_fp32:
         table = {name: FP32 for name in table}
-    _warn(m, layers, table, diags)
+    _warn(m, layers, table, explicit, diags)
     if sum(d.is_error for d in diags) > n_before or shape is None:
         return None
     return ir.Model(m.name, path, shape, _apply(tuple(nodes), table), m.pos.line, text)
@@ -111,17 +111,21 @@ def _params(b: ast.Block, diags):
         seen.setdefault(p.name, p.pos.col)
 
 
-def _warn(m, layers, table, diags):
+def _warn(m, layers, table, explicit, diags):
     """The seed tutorial's guidelines: keep the first and last layers at 8 bits or more, and a
-    fixed ternary threshold above the initial weights' range zeroes a whole layer."""
+    fixed ternary threshold above the initial weights' range zeroes a whole layer. A first or
+    last layer that an exact `layer NAME:` rule puts below 8 bits is a decision, not an
+    oversight: no warning."""
     quant = [l for l in layers if l.kind in QUANTIZABLE]
     for l in {id(x): x for x in (quant[:1] + quant[-1:])}.values():
         p = table.get(l.name)
-        if p is not None and p.bits < 8:
+        if p is not None and p.bits < 8 and l.name not in explicit:
             where = "first" if l is quant[0] else "last"
             diags.append(Diagnostic("W601", f"the {where} layer '{l.name}' is quantized to "
                                     f"{p.bits} bits; first and last layers are the most sensitive",
-                                    l.line, l.col, "keep it at int8 or wider unless accuracy allows",
+                                    l.line, l.col, "keep it at int8 or wider unless accuracy "
+                                    f"allows (a `layer {l.name}: ...` rule states the choice "
+                                    "and silences this)",
                                     width=len(l.name.rsplit(".", 1)[-1]),
                                     severity="warning"))
     for l in quant:

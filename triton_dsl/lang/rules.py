@@ -19,8 +19,9 @@ from .precision import FP32, REGISTRY
 _RANK = {"layer_exact": 3, "layer_pattern": 2, "kind": 1, "default": 0}
 
 
-def resolve(sections, layers, expander, diags) -> dict:
-    """{layer name: precision} for every quantizable layer; reports every rule problem."""
+def resolve(sections, layers, expander, diags) -> tuple[dict, set]:
+    """({layer name: precision} for every quantizable layer, the names whose precision an exact
+    `layer NAME:` rule chose); reports every rule problem."""
     quant = [l for l in layers if l.kind in QUANTIZABLE]
     by_name = {l.name: l for l in quant}
     best: dict[str, tuple] = {}  # layer name -> (rank, order, precision)
@@ -56,7 +57,8 @@ def resolve(sections, layers, expander, diags) -> dict:
                 key = (_RANK[rank], order)
                 if l.name not in best or key > best[l.name][:2]:
                     best[l.name] = key + (prec,)
-    return {l.name: best[l.name][2] if l.name in best else FP32 for l in quant}
+    table = {l.name: best[l.name][2] if l.name in best else FP32 for l in quant}
+    return table, {n for n, b in best.items() if b[0] == _RANK["layer_exact"]}
 
 
 def _precision_help(name: str) -> str | None:
