@@ -141,7 +141,22 @@ def _time_gpu(fn, x, repeat, warmup=10):
     return _spread(ts), graph_ms
 
 
-def run(ms, nks, device="cpu", repeat=10, methods=None, log=print):
+def stream_read_gbs(device: str = "cpu", gib: float = 1.0, repeat: int = 7) -> float:
+    """The machine's streaming read bandwidth, measured now: GB/s of a sum over a buffer far
+    larger than the last-level cache (the physical limit of an M = 1 layer, which reads each
+    weight byte once). Median of ``repeat`` passes."""
+    buf = torch.ones(int(gib * 2 ** 30) // 4, device=device)
+    ts = []
+    for _ in range(repeat + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        buf.sum().item()
+        ts.append(time.perf_counter() - t)
+    return round(buf.numel() * 4 / statistics.median(ts[1:]) / 1e9, 1)
+
+
+def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=None):
     torch.manual_seed(0)
     avail = _methods(device)
     chosen = methods or list(avail)
@@ -180,6 +195,8 @@ def run(ms, nks, device="cpu", repeat=10, methods=None, log=print):
                                     "speedup": round(base_ms / ms_, 3), "baseline": base,
                                     "baseline_ms": round(base_ms, 4),
                                     "gbs": round(nbytes / ms_ / 1e6, 1),
+                                    "of_stream": (round(nbytes / ms_ / 1e6 / stream_gbs, 3)
+                                                  if stream_gbs else None),
                                     "iqr_ms": round(q3 - q1, 4), "q1_ms": round(q1, 4),
                                     "q3_ms": round(q3, 4),
                                     "baseline_iqr_ms": round(base_q3 - base_q1, 4),
@@ -237,6 +254,9 @@ def run_cli(a) -> int:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(a.device)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
+    if a.device == "cpu" and not getattr(a, "model", None):
+        env["stream_read_gbs"] = stream_read_gbs()
+        print(f"streaming read bandwidth, measured now: {env['stream_read_gbs']} GB/s")
     if getattr(a, "model", None):
         from . import model_bench
         if a.device != "cpu":
@@ -245,7 +265,11 @@ def run_cli(a) -> int:
         recs = model_bench.run(a.model, a.batch, a.repeat, a.compile)
     else:
         print(HEADER)
-        recs = run(a.M, a.NK, a.device, a.repeat, a.methods)
+        recs = run(a.M, a.NK, a.device, a.repeat, a.methods, stream_gbs=env.get("stream_read_gbs"))
+        for r in recs:
+            if r["M"] == 1 and r.get("of_stream"):
+                print(f"M=1, N=K={r['N']}: {r['method']} streams its weight at {r['gbs']} GB/s, "
+                      f"{100 * r['of_stream']:.0f}% of the measured read bandwidth")
     if a.json:
         from ..files import write_atomic
         write_atomic(a.json, json.dumps({"environment": env, "records": recs}, indent=1) + "\n")
