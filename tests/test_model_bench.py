@@ -1,0 +1,37 @@
+"""`triton-dsl bench --model`: whole models, frozen against fp32 and torch's int8, one run."""
+import json
+import os
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def test_bench_model_times_every_method(run_cli, tmp_path):
+    out = tmp_path / "m.json"
+    code, stdout, err = run_cli("bench", "--device", "cpu", "--model",
+                                os.path.join(EXAMPLES, "small_cnn.tdsl"), "--batch", "1", "2",
+                                "--repeat", "4", "--json", str(out))
+    assert code == 0, err
+    recs = json.loads(out.read_text())["records"]
+    methods = {r["method"] for r in recs}
+    assert {"fp32", "frozen", "torch-int8-fx"} <= methods
+    assert {r["batch"] for r in recs} == {1, 2}
+    by = {(r["method"], r["batch"]): r for r in recs}
+    assert by[("fp32", 1)]["speedup_vs_fp32"] == 1.0
+    # the frozen CNN holds less than fp32: 2-bit and int8 codes, scales, a small dense head
+    assert by[("frozen", 1)]["weight_bytes"] < by[("fp32", 1)]["weight_bytes"]
+    assert "median ms" in stdout and "frozen" in stdout
+
+
+def test_bench_model_mlp_compares_dynamic_int8(run_cli):
+    code, stdout, err = run_cli("bench", "--device", "cpu", "--model",
+                                os.path.join(EXAMPLES, "mnist_ternary.tdsl"), "--batch", "1",
+                                "--repeat", "3")
+    assert code == 0, err
+    assert "torch-dynamic-int8" in stdout
+
+
+def test_bench_model_with_errors_is_one_message(run_cli, tmp_path):
+    bad = tmp_path / "bad.tdsl"
+    bad.write_text("model M:\n    input [4]\n    layer fc: lineer(2)\n")
+    code, _, err = run_cli("bench", "--device", "cpu", "--model", str(bad))
+    assert code == 1 and "bad.tdsl:3:" in err and "Traceback" not in err
