@@ -236,3 +236,25 @@ def test_non_contiguous_inputs_match_contiguous_ones(backend, act):
             got = fn(v, *args, activations=act, backend=backend)
             want = fn(v.contiguous(), *args, activations=act, backend=backend)
             assert torch.equal(got[~bad], want[~bad]) and torch.isnan(got[bad]).all()
+
+
+@pytest.mark.parametrize("paths", ["cpu", "triton-interpreter"])
+@pytest.mark.parametrize("example", ["mnist_ternary", "mnist_int8", "mixed_precision",
+                                     "resnet_ternary"])
+def test_frozen_models_take_an_empty_batch(example, paths, monkeypatch):
+    """The unfrozen model handles a batch of 0; the frozen one must too, on either path."""
+    import os
+
+    import triton_dsl
+    from triton_dsl import runtime as rt
+    if paths == "cpu":
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    elif not (HAS_TRITON and interpreting()):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    net = triton_dsl.load(os.path.join(root, "examples", example + ".tdsl"))().eval()
+    x = torch.randn(0, *net.input_shape)
+    with torch.no_grad():
+        want = net(x)
+        got = rt.freeze(net)(x)
+    assert got.shape == want.shape == (0, 10)
