@@ -270,12 +270,19 @@ static const tile_fn TILES[2][6][4] = {TILE_TABLE(0), TILE_TABLE(1)};
 static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int mode, uint8_t *q,
                           int32_t *rsum) {
     const int shift = kind == INT8 ? 128 : 0;
-    float amax = 0.0f;
+    /* max |x| on the bits: for floats without sign, integer order is float order and NaN and
+       Inf sort above every finite value, so one integer max (which vectorizes; a float max
+       does not without -ffast-math) finds both the scale and a non-finite token */
+    uint32_t top = 0;
     for (int64_t i = 0; i < k; i++) {
-        float v = fabsf(x[i]);
-        amax = v > amax || v != v ? v : amax; /* a NaN sticks: no v > NaN, and NaN != NaN */
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        u &= 0x7fffffffu;
+        top = u > top ? u : top;
     }
-    if (!isfinite(amax)) {
+    float amax;
+    memcpy(&amax, &top, 4);
+    if (top >= 0x7f800000u) { /* NaN or +-Inf */
         memset(q, shift, (size_t)kp);
         if (mode != 0) memset(q + kp, 0, (size_t)kp);
         rsum[0] = 0;
