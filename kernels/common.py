@@ -123,6 +123,13 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
+def empty_output(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The result when M, N or K is 0: [..., N] holding the bias (or zeros), in x's dtype, as the
+    twins compute it."""
+    y = torch.zeros(*x.shape[:-1], n, device=x.device)
+    return (y if bias is None else y.add_(bias.float())).to(x.dtype)
+
+
 def nan_rows(y: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """y [M, N] with NaN in the rows where x2 [M, K] holds NaN or +-Inf: the rule every path
     follows for non-finite activations (a float matmul would give NaN or +-Inf there,

@@ -140,7 +140,7 @@ class PackedInt8:
         scale = torch.where(amax > 0, amax / 127, 1.0)
         # |x| / scale <= 127 (+ rounding), so rounding alone lands in [-127, 127]: no clamp
         rows = torch.div(xf, scale).round_()
-        scale = _non_finite_rows(amax, scale, rows)
+        scale = self._non_finite_rows(amax, scale, rows)
         return _add(self._gemm(rows).mul_(scale), bias)
 
     def float_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
@@ -151,7 +151,7 @@ class PackedInt8:
         step = torch.where(amax > 0, amax / 32767, 1.0)
         rows = torch.empty(2 * m, self.k)
         xi = torch.round(xf / step)
-        step = _non_finite_rows(amax, step, xi)
+        step = self._non_finite_rows(amax, step, xi)
         hi = torch.div(xi, 256, rounding_mode="floor", out=rows[:m])
         torch.sub(xi, hi, alpha=256, out=rows[m:]).sub_(128)  # the low byte, as int8
         if self.wide:  # recombine the halves exactly, in int64
@@ -161,16 +161,16 @@ class PackedInt8:
         y = self._gemm(rows)
         return _add(y[:m].mul_(256).add_(y[m:]).add_(self.offset).mul_(step), bias)
 
-
-def _non_finite_rows(amax: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor):
-    """For tokens holding NaN or +-Inf (amax not finite): zero their integer rows in place (the
-    GEMMs' conversion of NaN is undefined) and return the scales with NaN there, so those
-    output rows are NaN."""
-    finite = torch.isfinite(amax)
-    if bool(finite.all()):
-        return scale
-    rows.masked_fill_(~finite, 0.0)
-    return scale.masked_fill(~finite, float("nan"))
+    @staticmethod
+    def _non_finite_rows(amax: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor):
+        """For tokens holding NaN or +-Inf (amax not finite): zero their integer rows in place
+        (the GEMMs' conversion of NaN is undefined) and return the scales with NaN there, so
+        those output rows are NaN."""
+        finite = torch.isfinite(amax)
+        if bool(finite.all()):
+            return scale
+        rows.masked_fill_(~finite, 0.0)
+        return scale.masked_fill(~finite, float("nan"))
 
 
 def _add(y, bias):

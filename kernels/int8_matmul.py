@@ -44,8 +44,8 @@ if HAS_TRITON:
     def _int8_kernel(x_ptr, w_ptr, s_ptr, xs_ptr, b_ptr, y_ptr, M, N, K,
                      stride_xm, stride_xk, stride_wn, stride_sn, stride_ym, stride_yn, M_BUCKET,
                      A8: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     IEEE: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     SPLIT_K: tl.constexpr):
+                     IEEE: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
         """Args:
             x_ptr: [M, K] float (W8A16) or int8 codes (A8); w_ptr: int8 [N, K], K-contiguous
             s_ptr: scales [N] (GROUP == 0) or [N, K // GROUP]; xs_ptr: [M] when A8

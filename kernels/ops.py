@@ -7,16 +7,14 @@ TRITON_INTERPRET=1), the fast CPU path for CPU tensors, or the reference twin on
     y = int8_matmul(x, w, scale, activations="dynamic")       # W8A8
 
 backend: "auto" (default), "triton", "cpu" or "ref". Inputs of any leading shape [..., K];
-non-contiguous inputs are handled. Every path follows the twins: a row of x holding NaN or +-Inf
-gives a row of NaN; M, N or K = 0 give an [..., N] output (K = 0: the bias, or zeros); int8 sums
-are exact for any K.
+non-contiguous inputs are handled.
 """
 from __future__ import annotations
 
 import torch
 
 from . import cpu
-from .common import HAS_TRITON, as_rows, use_triton
+from .common import HAS_TRITON, use_triton
 from .int8_matmul import check_args as check_int8
 from .int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
                           int8_weight_only_matmul_ref, int8_weight_only_matmul_triton)
@@ -48,12 +46,6 @@ def _float_x(x):
         raise ValueError("x must have at least one dimension [..., K], got a scalar")
 
 
-def _no_work(x, n, bias):
-    """M = 0, N = 0 or K = 0: [..., N] holding the bias (or zeros), as the twins compute."""
-    y = torch.zeros(*x.shape[:-1], n, device=x.device)
-    return (y if bias is None else y.add_(bias.float())).to(x.dtype)
-
-
 def cpu_matmul(prepacked, x, bias, activations):
     """The CPU path on a cached cpu.PackedInt8, PackedNative or PackedGrouped; dtype restored
     here."""
@@ -61,9 +53,10 @@ def cpu_matmul(prepacked, x, bias, activations):
     if k != prepacked.k:  # the native kernel would read past the row otherwise
         raise ValueError(f"x must have {prepacked.k} features in its last dimension, got shape "
                          f"{tuple(x.shape)}")
+    from .common import as_rows, empty_output  # (local: this module's imports are shared)
     x2 = as_rows(x)
     if x2.numel() == 0 or prepacked.n == 0:  # an empty batch, or a layer with no inputs
-        return _no_work(x, prepacked.n, bias)
+        return empty_output(x, prepacked.n, bias)
     run = prepacked.dynamic_matmul if activations == "dynamic" else prepacked.float_matmul
     return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], prepacked.n)
 
@@ -99,6 +92,7 @@ def cpu_form(codes: torch.Tensor, scale: torch.Tensor, kind: str, ternary: bool)
 def _cpu_dequantized(x, key, dequantize, bias):
     """Without an exact int8 GEMM: fp32 matmul on a weight dequantized once and cached; rows
     of x holding NaN or +-Inf give NaN rows, as on the other paths."""
+    from .common import as_rows
     w = cpu.cached(key, dequantize, kind="dequantized")
     y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
     y.masked_fill_(~torch.isfinite(cpu._row_absmax(as_rows(x)).reshape(*x.shape[:-1], 1)),
@@ -112,7 +106,12 @@ def _check_act(activations):
 
 
 def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="auto"):
-    """y[..., N] = x[..., K] @ (ternary W * scale)^T + bias; packed from packing.pack_ternary."""
+    """y[..., N] = x[..., K] @ (ternary W * scale)^T + bias; packed from packing.pack_ternary.
+
+    Every path follows the twins: a row of x holding NaN or +-Inf gives a row of NaN; M, N or
+    K = 0 give an [..., N] output (K = 0: the bias, or zeros); integer sums are exact for any K
+    (int8_matmul likewise)."""
+    from .common import as_rows, empty_output  # (local: this module's imports are shared)
     _float_x(x)
     _check_act(activations)
     be = _backend(x, backend)
@@ -120,7 +119,7 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
     n, _ = check_ternary(x, packed, scale, bias)
     if be == "cpu":
         if x.numel() == 0 or n == 0:
-            return _no_work(x, n, bias)
+            return empty_output(x, n, bias)
         kind = cpu_kind(k, activations, ternary=True)
         if kind is not None:
             prepacked = cpu.cached(
@@ -140,6 +139,7 @@ def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="
 
 def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     """y = x @ (w * scale)^T + bias for int8 w [N, K], scale [N] (or [N, K // G] weight-only)."""
+    from .common import as_rows, empty_output  # (local: this module's imports are shared)
     _float_x(x)
     _check_act(activations)
     be = _backend(x, backend)
@@ -149,7 +149,7 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     group = k // scale.shape[1] if grouped and k else None
     if be == "cpu":
         if x.numel() == 0 or n == 0:
-            return _no_work(x, n, bias)
+            return empty_output(x, n, bias)
         kind = cpu_kind(k, activations, False, group)
         if kind is not None:
             prepacked = cpu.cached((w, scale), lambda c, s: cpu_form(c, s, kind, False),

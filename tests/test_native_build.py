@@ -142,7 +142,8 @@ def test_abi_table_matches_the_c_prototypes():
 
 
 @needs_cc
-@pytest.mark.parametrize("body", ["int tdsl_abi(void) { return 1; }", "int other(void) {return 0;}"])
+@pytest.mark.parametrize("body", ["int tdsl_abi(void) { return 1; }",
+                                  "int other(void) { return 0; }"])
 def test_a_library_of_another_abi_is_refused(tmp_path, body):
     src = tmp_path / "stale.c"
     src.write_text(body + "\n")
