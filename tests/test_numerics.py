@@ -77,6 +77,25 @@ def test_nonfinite_rows_give_nan_rows(backend, act):
         torch.testing.assert_close(got[~bad], want, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.skipif(not (HAS_TRITON and interpreting()), reason="needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_triton_float_kernels_give_nan_rows_with_any_k_split(split_k):
+    """Each K split adds its own sum(x * 0) per row; the atomic adds keep the NaN."""
+    from triton_dsl.kernels.int8_matmul import int8_weight_only_matmul_triton
+    from triton_dsl.kernels.ternary_matmul import ternary_matmul_triton
+    x, bad = _bad_x(k=128)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=split_k)
+    (_, (packed, scale)), (_, (q, s)) = _weights(24, 128)
+    qg, sg = quantize_int8(torch.randn(24, 128), group_size=64)
+    for run, args in ((ternary_matmul_triton, (packed, scale)),
+                      (int8_weight_only_matmul_triton, (q, s)),
+                      (int8_weight_only_matmul_triton, (qg, sg))):
+        got = run(x, *args, config=config)
+        assert torch.isnan(got[bad]).all()
+        torch.testing.assert_close(got[~bad], run(x[~bad], *args, config=config), atol=1e-4,
+                                   rtol=1e-5)  # split-K partials are added in either order
+
+
 def test_float_twins_make_the_whole_row_nan_not_inf():
     """A float matmul would give +-Inf in some columns of an Inf row; the rule is NaN."""
     x = torch.randn(2, 40)
