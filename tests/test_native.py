@@ -216,7 +216,8 @@ def test_limits_are_enforced_not_assumed():
 
 
 def test_wide_layers_fall_back_to_fbgemm():
-    """Past MAX_K inputs the kernel's int32 sums could overflow: those layers take fbgemm."""
+    """cpu.native_fits still sends layers wider than MAX_K to PackedInt8 (the kernel itself is
+    exact past it, see test_k_past_the_int32_span_is_exact); they stay exact there."""
     k = native.MAX_K + 64
     assert cpu.native_fits(native.MAX_K) and not cpu.native_fits(k)
     w, scale, _, x = _case(1, 3, k)
