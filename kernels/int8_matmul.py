@@ -7,8 +7,9 @@
       native.MAX_K = 65536 inputs (127 * 127 * 65536 < 2^31); for longer K (WIDE) the spans add
       up in int64, so any K is exact.
 
-Non-finite activations: a row of x holding NaN or +-Inf gives a row of NaN (the float kernel adds
-sum(x * 0) per row, which is 0 or NaN; W8A8 rows carry a NaN x_scale from quantize_per_token).
+Non-finite activations: a row of x holding NaN or +-Inf gives a row of NaN: in the float kernel
+the epilogue's out + out * 0 turns +-Inf into NaN (see ternary_matmul.py); W8A8 rows carry a NaN
+x_scale from quantize_per_token.
 Empty inputs (M, N or K = 0) give [..., N] outputs (K = 0: the bias, or zeros).
 """
 from __future__ import annotations
@@ -53,7 +54,6 @@ if HAS_TRITON:
             WIDE (A8, K > SPAN_K): int32 sums per span of K inputs, added up in int64
         Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K)."""
         offs_m, offs_n, mask_m, mask_n, pid_k, acc = start_tile(M, N, A8, BLOCK_M, BLOCK_N)
-        bad = tl.zeros((BLOCK_M,), dtype=tl.float32)  # float x: NaN where a row is not finite
         if A8 and WIDE:
             # a program sums _SPAN_K // BLOCK_K of its tiles (<= _SPAN_K inputs) per span
             step: tl.constexpr = SPLIT_K * BLOCK_K
@@ -74,7 +74,6 @@ if HAS_TRITON:
                 if A8:
                     acc += tl.dot(xt, w)
                 else:
-                    bad += tl.sum(xt.to(tl.float32) * 0.0, axis=1)  # 0, or NaN: NaN or +-Inf
                     if IEEE:
                         part = tl.dot(xt.to(tl.float32), w.to(tl.float32),
                                       input_precision="ieee")
@@ -89,8 +88,8 @@ if HAS_TRITON:
             out = acc.to(tl.float32)
         if GROUP == 0:
             out = out * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if not A8:
-            out = out + bad[:, None]
+        if not A8:  # +-Inf (from an Inf in x, which reaches every column) becomes NaN
+            out = out + out * 0.0
         finish_tile(out, y_ptr, xs_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
                     stride_ym, stride_yn, A8, HAS_BIAS, SPLIT_K)
 

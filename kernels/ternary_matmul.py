@@ -5,8 +5,10 @@ Two forms share one kernel:
   int8 activations (W1.58A8): x = codes * x_scale per token, int8 x int8 dot, exact int32
   accumulation (|acc| <= 127 K: K up to 2^24), then float(acc) * scale * x_scale.
 
-Non-finite activations: a row of x holding NaN or +-Inf gives a row of NaN (the float kernel adds
-sum(x * 0) per row, which is 0 or NaN; A8 rows carry a NaN x_scale from quantize_per_token).
+Non-finite activations: a row of x holding NaN or +-Inf gives a row of NaN. Float kernel: such an
+x reaches every column of its row (Inf * w is +-Inf or NaN), so the epilogue's out + out * 0
+turns the row's +-Inf into NaN at no cost in the K loop; an fp32 sum of finite inputs that
+overflows reads NaN too. A8: the row's x_scale is NaN (quantize_per_token).
 Empty inputs (M, N or K = 0) give [..., N] outputs (K = 0: the bias, or zeros).
 """
 from __future__ import annotations
@@ -35,7 +37,6 @@ if HAS_TRITON:
             y_ptr: output [M, N]; with SPLIT_K > 1 an fp32 buffer accumulated atomically
         Grid: (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), SPLIT_K); BLOCK_K counts packed bytes."""
         offs_m, offs_n, mask_m, mask_n, pid_k, acc = start_tile(M, N, A8, BLOCK_M, BLOCK_N)
-        bad = tl.zeros((BLOCK_M,), dtype=tl.float32)  # float x: NaN where a row is not finite
         for j0 in range(pid_k * BLOCK_K, KQ, SPLIT_K * BLOCK_K):
             offs_j = j0 + tl.arange(0, BLOCK_K)
             mask_j = offs_j < KQ
@@ -46,8 +47,6 @@ if HAS_TRITON:
                 offs_k = offs_j + s * KQ
                 xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                              mask=mask_m[:, None] & (mask_j & (offs_k < K))[None, :], other=0)
-                if not A8:  # x * 0 is 0 for finite x, NaN for NaN or +-Inf
-                    bad += tl.sum(xt.to(tl.float32) * 0.0, axis=1)
                 if A8:
                     w = codes.to(tl.int8) - 1
                     acc += tl.dot(xt, w)
@@ -62,8 +61,8 @@ if HAS_TRITON:
         else:
             scale = tl.load(s_ptr + offs_n * 0)
         out = acc.to(tl.float32) * scale[None, :]
-        if not A8:
-            out = out + bad[:, None]
+        if not A8:  # +-Inf (from an Inf in x, which reaches every column) becomes NaN
+            out = out + out * 0.0
         finish_tile(out, y_ptr, xs_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
                     stride_ym, stride_yn, A8, HAS_BIAS, SPLIT_K)
 
