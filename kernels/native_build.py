@@ -42,7 +42,10 @@ class BuildError(RuntimeError):
 
 
 def _timeout() -> float:
-    return float(os.environ.get("TRITON_DSL_CC_TIMEOUT") or 120)
+    try:
+        return float(os.environ.get("TRITON_DSL_CC_TIMEOUT") or 120)
+    except ValueError:  # a typo must not turn into a traceback on the first forward pass
+        return 120.0
 
 
 def _cache() -> Path:
