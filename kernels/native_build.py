@@ -148,9 +148,11 @@ def _compile(cc: str | None, flags: list, lib: Path):
             run = _run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], _timeout())
         except OSError as e:
             raise BuildError(f"{cc} could not run: {e}") from None
-        if run.returncode != 0:
-            last = run.stderr.strip().splitlines()[-1:] or [f"exit status {run.returncode}"]
-            raise BuildError(f"{Path(cc).name} failed: {last[0][-300:]}")
+        if run.returncode != 0:  # the first line that says error (gcc ends with "compilation
+            lines = run.stderr.strip().splitlines()  # terminated."), else the last one
+            why = next((line for line in lines if "error" in line.lower()),
+                       lines[-1] if lines else f"exit status {run.returncode}")
+            raise BuildError(f"{Path(cc).name} failed: {why.strip()[-300:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
