@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -115,6 +116,26 @@ def configs(int8: bool, fp32: bool = False):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": max(bkk, bk),
                                   "SPLIT_K": sk}, num_warps=w, num_stages=st))
     return out
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as [M, K] (reshape(-1, K) cannot infer M when K = 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def empty_output(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """The result when M, N or K is 0: [..., N] holding the bias (or zeros), in x's dtype, as the
+    twins compute it."""
+    y = torch.zeros(*x.shape[:-1], n, device=x.device)
+    return (y if bias is None else y.add_(bias.float())).to(x.dtype)
+
+
+def nan_rows(y: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """y [M, N] with NaN in the rows where x2 [M, K] holds NaN or +-Inf: the rule every path
+    follows for non-finite activations (a float matmul would give NaN or +-Inf there,
+    depending on the weights; the integer paths cannot tell which, so the whole row is NaN)."""
+    bad = ~torch.isfinite(x2).all(dim=1, keepdim=True)
+    return y.masked_fill(bad, float("nan")) if x2.numel() else y
 
 
 def check_same_device(**tensors):

@@ -68,7 +68,13 @@ def _row_absmax(x: torch.Tensor) -> torch.Tensor:
 
 
 class PackedInt8:
-    """An int8 weight [N, K] with per-channel fp32 scales, prepacked for the CPU engine."""
+    """An int8 weight [N, K] with per-channel fp32 scales, prepacked for the CPU engine.
+
+    The engines' int32 sums hold |acc| <= 128 max|w| K (the float path's halves reach -128):
+    int8 weights up to K = 132104, ternary ones far beyond. A wider weight ("wide") keeps its
+    codes and runs torch._int_mm on spans of native.MAX_K inputs whose int32 sums are added up
+    in int64: exact for any K, and the int8-activation path stays bit-exact with the twin.
+    A token holding NaN or +-Inf gives a row of NaN (zero codes, NaN scale)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor):
         n, k = codes.shape
@@ -81,7 +87,16 @@ class PackedInt8:
         live = scale > 0  # a zero scale (all-zero row) would break requantization
         codes = torch.where(live[:, None], codes, torch.zeros_like(codes)).contiguous()
         self.scale = torch.where(live, scale, torch.ones_like(scale))
+        self.n, self.k = n, k
+        wmax = int(codes.to(torch.int16).abs().max()) if codes.numel() else 0
+        self.wide = 128 * wmax * k >= 2 ** 31
         self.engine = engine()
+        # for the float path: 128 * rowsum(codes) undoes the low half's -128 offset
+        w_sum = 128 * codes.sum(dim=1, dtype=torch.int64)
+        self.nbytes = n * k + 8 * n  # the engine's packing is opaque: its codes and two vectors
+        if self.wide:
+            self.w, self.w_sum = codes, w_sum
+            return
         if self.engine is None:
             raise RuntimeError("this torch has no CPU int8 GEMM (oneDNN or fbgemm)")
         if self.engine == "onednn":
@@ -93,13 +108,12 @@ class PackedInt8:
                 q = torch._make_per_channel_quantized_tensor(
                     codes, self.scale.double(), torch.zeros(n, dtype=torch.long), 0)
                 self.packed = torch.ops.quantized.linear_prepack(q, None)
-        # for the float path: 128 * rowsum(codes) * scale undoes the low half's -128 offset
-        self.offset = 128 * codes.sum(dim=1, dtype=torch.int64).float() * self.scale
-        self.k = k
-        self.nbytes = n * k + 8 * n  # the engine's packing is opaque: its codes and two vectors
+        self.offset = w_sum.float() * self.scale
 
     def codes(self) -> torch.Tensor:
         """The int8 codes back from the packed form (rows with a zero scale read as 0)."""
+        if self.wide:
+            return self.w
         if self.engine == "onednn":
             codes = self.packed.to_dense().t().contiguous()  # oneDNN keeps [K, N]
         else:
@@ -108,11 +122,22 @@ class PackedInt8:
 
     def _gemm(self, rows: torch.Tensor) -> torch.Tensor:
         """float(rows @ W^T) * w_scale for float rows holding integers in [-128, 127]."""
+        if self.wide:
+            return self._sums(rows).float().mul_(self.scale)
         if self.engine == "onednn":
             u8 = rows.add_(128).to(torch.uint8)
             return _ONEDNN(u8, 1.0, 128, self.packed, self.scale, self.zero_points, None, 1.0,
                            0, torch.float32, "none", [], "")
         return _FBGEMM(rows, 1.0, 128, self.packed)
+
+    def _sums(self, rows: torch.Tensor) -> torch.Tensor:
+        """The exact int64 rows @ W^T of a wide weight, span by span of K."""
+        q = rows.to(torch.int8)
+        total = torch.zeros(rows.shape[0], self.n, dtype=torch.int64)
+        for a in range(0, self.k, native.MAX_K):
+            b = min(a + native.MAX_K, self.k)
+            total += torch._int_mm(q[:, a:b], self.w[:, a:b].t())
+        return total
 
     def dynamic_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
         """Per-token int8 quantization of float x [M, K], then the exact integer GEMM; equal to
@@ -122,6 +147,7 @@ class PackedInt8:
         scale = torch.where(amax > 0, amax / 127, 1.0)
         # |x| / scale <= 127 (+ rounding), so rounding alone lands in [-127, 127]: no clamp
         rows = torch.div(xf, scale).round_()
+        scale = self._non_finite_rows(amax, scale, rows)
         return _add(self._gemm(rows).mul_(scale), bias)
 
     def float_matmul(self, x: torch.Tensor, bias=None) -> torch.Tensor:
@@ -132,10 +158,26 @@ class PackedInt8:
         step = torch.where(amax > 0, amax / 32767, 1.0)
         rows = torch.empty(2 * m, self.k)
         xi = torch.round(xf / step)
+        step = self._non_finite_rows(amax, step, xi)
         hi = torch.div(xi, 256, rounding_mode="floor", out=rows[:m])
         torch.sub(xi, hi, alpha=256, out=rows[m:]).sub_(128)  # the low byte, as int8
+        if self.wide:  # recombine the halves exactly, in int64
+            s = self._sums(rows)
+            v = s[:m].mul_(256).add_(s[m:]).add_(self.w_sum)
+            return _add(v.float().mul_(self.scale).mul_(step), bias)
         y = self._gemm(rows)
         return _add(y[:m].mul_(256).add_(y[m:]).add_(self.offset).mul_(step), bias)
+
+    @staticmethod
+    def _non_finite_rows(amax: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor):
+        """For tokens holding NaN or +-Inf (amax not finite): zero their integer rows in place
+        (the GEMMs' conversion of NaN is undefined) and return the scales with NaN there, so
+        those output rows are NaN."""
+        finite = torch.isfinite(amax)
+        if bool(finite.all()):
+            return scale
+        rows.masked_fill_(~finite, 0.0)
+        return scale.masked_fill(~finite, float("nan"))
 
 
 def _add(y, bias):
@@ -158,10 +200,10 @@ def _vector(t: torch.Tensor | None) -> torch.Tensor | None:
 
 def native_fits(k: int) -> bool:
     """Whether a weight with K inputs can run the native kernel here: an AVX-512 VNNI or AVX2
-    build (the portable C build serves the tests, too slow to serve layers), K within the int32
-    bound."""
+    build (the portable C build serves the tests, too slow to serve layers), K up to
+    native.LIMIT_K (the kernel sums spans of MAX_K in int32 and adds them in int64)."""
     lib = native.library()
-    return lib is not None and lib.isa != "scalar" and k <= native.MAX_K
+    return lib is not None and lib.isa != "scalar" and k <= native.LIMIT_K
 
 
 def native_int8() -> bool:

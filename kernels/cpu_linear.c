@@ -13,8 +13,10 @@
    shifted int8 activations of padding are 128, so its weights must be 0; ternary ones are
    arbitrary since its activations are 0).
 
-   Arithmetic, exact in integers (int32 sums: K <= 65536, checked by the caller): activations
-   are quantized per token to int8 q.
+   Arithmetic, exact in integers: activations are quantized per token to int8 q. The int32 sums
+   of u8 x s8 products run over spans of at most SPAN blocks (255 * 127 * 65536 < 2^31) and the
+   spans add up in int64, so any K is exact; the int32 per-row code sums (rsum, w_sum) bound K
+   to 2^24, which native.py enforces.
    ternary: u8 codes c = w + 1 times s8 q (VNNI dpbusd, or AVX2 maddubs, which cannot saturate
             because c <= 2): sum q w = sum q c - sum q.
    int8:    u8 q + 128 times s8 w (dpbusd): sum q w = sum (q + 128) w - 128 sum w.
@@ -22,7 +24,9 @@
             (+ bias): the reference twins' operations in their order, so results are bit-exact.
    mode 1 (float activations): x is written as 16-bit fixed point xi = rint(x / t), t = max|x| /
             32639, split into 8-bit halves xi = 256 hi + lo; both halves run through the same
-            tiles and recombine exactly in int64. Error: half a step per element, t / 2. */
+            tiles and recombine exactly in int64. Error: half a step per element, t / 2.
+   A token holding NaN or +-Inf gets a NaN scale (its codes are zeros), so its whole output row is
+   NaN, as the reference twins define; other rows are untouched. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -71,6 +75,9 @@
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1 /* to L2: L1 holds the chunks being multiplied */
 #endif
+#ifndef SPAN
+#define SPAN 1024 /* blocks of 64 inputs whose u8 x s8 products int32 sums hold (see above) */
+#endif
 #ifndef SMALL_ROWS
 #define SMALL_ROWS 48 /* up to this many 8-bit activation rows, loop over weight tiles outside */
 #endif
@@ -78,6 +85,10 @@
 
 enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
 
+/* The ABI version: native.py's SIGNATURES table declares this file's exported functions; bump
+   both together when a signature or a layout changes, so a stale cached library is refused. */
+#define TDSL_ABI 2
+int tdsl_abi(void) { return TDSL_ABI; }
 int tdsl_isa(void) { return TDSL_ISA; }
 int tdsl_tile_rows(void) { return NB; } /* the weight layout's rows per tile */
 
@@ -253,14 +264,30 @@ typedef void (*tile_fn)(const uint8_t *, const uint8_t *, int64_t, int64_t, int6
 static const tile_fn TILES[2][6][4] = {TILE_TABLE(0), TILE_TABLE(1)};
 
 /* Quantize one token x [k] into kp-byte row(s) of q, zero-padded (int8 kind: shifted by 128);
-   rsum gets each row's sum of signed codes (used by the ternary correction). Returns the scale. */
+   rsum gets each row's sum of signed codes (used by the ternary correction). Returns the scale:
+   NaN for a token holding NaN or +-Inf, whose codes are then zeros (rounding NaN to an integer
+   is undefined behaviour in C). */
 static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int mode, uint8_t *q,
                           int32_t *rsum) {
     const int shift = kind == INT8 ? 128 : 0;
-    float amax = 0.0f;
+    /* max |x| on the bits: for floats without sign, integer order is float order and NaN and
+       Inf sort above every finite value, so one integer max (which vectorizes; a float max
+       does not without -ffast-math) finds both the scale and a non-finite token */
+    uint32_t top = 0;
     for (int64_t i = 0; i < k; i++) {
-        float v = fabsf(x[i]);
-        amax = v > amax ? v : amax;
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        u &= 0x7fffffffu;
+        top = u > top ? u : top;
+    }
+    float amax;
+    memcpy(&amax, &top, 4);
+    if (top >= 0x7f800000u) { /* NaN or +-Inf */
+        memset(q, shift, (size_t)kp);
+        if (mode != 0) memset(q + kp, 0, (size_t)kp);
+        rsum[0] = 0;
+        if (mode != 0) rsum[1] = 0;
+        return NAN;
     }
     if (mode == 0) {
         float s = amax > 0.0f ? amax / 127.0f : 1.0f;
@@ -321,72 +348,83 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
 #pragma omp parallel num_threads(threads)
         {
             int32_t *acc = malloc(sizeof(int32_t) * (size_t)(rows * NC));
+            /* K longer than one span: each span's int32 sums are added up here */
+            int64_t *acc64 = kb > SPAN ? malloc(sizeof(int64_t) * (size_t)(rows * NC)) : NULL;
             /* vector partial sums for one weight tile (few rows, AVX-512) */
             const int vector = TDSL_ISA == 2 && rows <= SMALL_ROWS;
             int32_t *va = vector ? aligned_alloc(64, (size_t)(rows * NB * 64)) : NULL;
-            if (!acc || (vector && !va)) {
+            if (!acc || (vector && !va) || (kb > SPAN && !acc64)) {
 #pragma omp atomic write
                 failed = 1;
             } else {
 #pragma omp for schedule(static)
                 for (int64_t nbk = 0; nbk < blocks; nbk++) {
                     const int64_t n0 = nbk * NC, nc = n - n0 < NC ? n - n0 : NC;
-                    memset(acc, 0, sizeof(int32_t) * (size_t)(rows * NC));
-                    if (rows <= SMALL_ROWS) {
-                        /* few rows: a K chunk of a weight tile is read from memory once and
-                           reused from L1 by every row tile; meanwhile the next chunk (the
-                           weight is one contiguous stream) is prefetched */
-                        for (int64_t j0 = 0; j0 < nc; j0 += NB) {
-                            const uint8_t *wt = w + (n0 + j0) / NB * tile_bytes;
-                            const int cols = nc - j0 < NB ? (int)(nc - j0) : NB;
-                            if (va) memset(va, 0, (size_t)(rows * NB * 64));
-                            for (int64_t k0 = 0; k0 < kb; k0 += KCB_FEW) {
-                                const int64_t k1 = k0 + KCB_FEW < kb ? k0 + KCB_FEW : kb;
-                                /* block b of the chunk prefetches pf + b * stride, which must
-                                   stay inside the weight */
-                                const int more = (wt - w) + (PF_DIST * KCB_FEW + k1) * stride <=
-                                                 w_bytes;
-                                const uint8_t *pf = more ?
-                                    wt + PF_DIST * KCB_FEW * stride : NULL;
-                                for (int64_t i0 = 0; i0 < rows; i0 += MB)
-                                    TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1][cols - 1](
-                                        wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC, pf,
-                                        va ? va + i0 * NB * 16 : NULL);
-                            }
-                            if (va) flush(va, rows, cols, acc + j0, NC);
-                        }
-                    } else {
-                        /* many rows: an activation tile stays in L1 across the column tiles,
-                           the column block's weights in L2 across the row tiles; the second
-                           row tile prefetches the next column block */
-                        for (int64_t k0 = 0; k0 < kb; k0 += KCB) {
-                            const int64_t k1 = k0 + KCB < kb ? k0 + KCB : kb;
-                            for (int64_t i0 = 0; i0 < rows; i0 += MB)
-                                for (int64_t j0 = 0; j0 < nc; j0 += NB) {
-                                    const uint8_t *wt = w + (n0 + j0) / NB * tile_bytes;
-                                    const int fetch = i0 == MB && n0 + NC + j0 < n;
-                                    TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1]
-                                         [(nc - j0 < NB ? nc - j0 : NB) - 1](
-                                        wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC,
-                                        fetch ? wt + NC / NB * tile_bytes : NULL, NULL);
+                    if (acc64) memset(acc64, 0, sizeof(int64_t) * (size_t)(rows * NC));
+                    for (int64_t s0 = 0; s0 < kb; s0 += SPAN) {
+                        const int64_t s1 = kb - s0 < SPAN ? kb : s0 + SPAN;
+                        memset(acc, 0, sizeof(int32_t) * (size_t)(rows * NC));
+                        if (rows <= SMALL_ROWS) {
+                            /* few rows: a K chunk of a weight tile is read from memory once and
+                               reused from L1 by every row tile; meanwhile the next chunk (the
+                               weight is one contiguous stream) is prefetched */
+                            for (int64_t j0 = 0; j0 < nc; j0 += NB) {
+                                const uint8_t *wt = w + (n0 + j0) / NB * tile_bytes;
+                                const int cols = nc - j0 < NB ? (int)(nc - j0) : NB;
+                                if (va) memset(va, 0, (size_t)(rows * NB * 64));
+                                for (int64_t k0 = s0; k0 < s1; k0 += KCB_FEW) {
+                                    const int64_t k1 = k0 + KCB_FEW < s1 ? k0 + KCB_FEW : s1;
+                                    /* block b of the chunk prefetches pf + b * stride, which must
+                                       stay inside the weight */
+                                    const int more = (wt - w) + (PF_DIST * KCB_FEW + k1) *
+                                                     stride <= w_bytes;
+                                    const uint8_t *pf = more ?
+                                        wt + PF_DIST * KCB_FEW * stride : NULL;
+                                    for (int64_t i0 = 0; i0 < rows; i0 += MB)
+                                        TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1]
+                                             [cols - 1](
+                                            wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC,
+                                            pf, va ? va + i0 * NB * 16 : NULL);
                                 }
+                                if (va) flush(va, rows, cols, acc + j0, NC);
+                            }
+                        } else {
+                            /* many rows: an activation tile stays in L1 across the column tiles,
+                               the column block's weights in L2 across the row tiles; the second
+                               row tile prefetches the next column block */
+                            for (int64_t k0 = s0; k0 < s1; k0 += KCB) {
+                                const int64_t k1 = k0 + KCB < s1 ? k0 + KCB : s1;
+                                for (int64_t i0 = 0; i0 < rows; i0 += MB)
+                                    for (int64_t j0 = 0; j0 < nc; j0 += NB) {
+                                        const uint8_t *wt = w + (n0 + j0) / NB * tile_bytes;
+                                        const int fetch = i0 == MB && n0 + NC + j0 < n;
+                                        TILES[kind][(rows - i0 < MB ? rows - i0 : MB) - 1]
+                                             [(nc - j0 < NB ? nc - j0 : NB) - 1](
+                                            wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC,
+                                            fetch ? wt + NC / NB * tile_bytes : NULL, NULL);
+                                    }
+                            }
                         }
+                        if (acc64)
+                            for (int64_t r = 0; r < rows * NC; r++) acc64[r] += acc[r];
                     }
+#define SUM(r) (acc64 ? acc64[r] : (int64_t)acc[r])
                     for (int64_t i = 0; i < m; i++)
                         for (int64_t j = 0; j < nc; j++) {
-                            const int32_t *r = acc + i * per * NC + j;
+                            const int64_t r = i * per * NC + j;
                             /* undo the offsets: ternary codes are w + 1, int8 activations
                                (and the high half) are q + 128 */
-                            int64_t v = kind == INT8 ? (int64_t)r[0] - 128 * (int64_t)w_sum[n0 + j]
-                                                     : (int64_t)r[0] - rsum[i * per];
+                            int64_t v = kind == INT8 ? SUM(r) - 128 * (int64_t)w_sum[n0 + j]
+                                                     : SUM(r) - rsum[i * per];
                             if (per == 2)
-                                v = 256 * v + r[NC] - (kind == INT8 ? 0 : rsum[i * per + 1]);
+                                v = 256 * v + SUM(r + NC) - (kind == INT8 ? 0 : rsum[i * per + 1]);
                             float o = (float)v * w_scale[n0 + j] * xs[i];
                             y[i * n + n0 + j] = bias ? o + bias[n0 + j] : o;
                         }
                 }
             }
             free(acc);
+            free(acc64);
             free(va);
         }
     }

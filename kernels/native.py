@@ -1,84 +1,61 @@
-"""The native CPU kernel (cpu_linear.c): built on first use with the system C compiler, cached,
-and called through ctypes. Everything works without it: when there is no compiler, the build
-fails, or TRITON_DSL_CPU_NATIVE=0, the CPU paths fall back to torch's int8 GEMMs (kernels/cpu.py).
+"""The native CPU kernel (cpu_linear.c), called through ctypes; built once per machine by
+native_build.py. Everything works without it: when there is no compiler, the build fails, or
+TRITON_DSL_CPU_NATIVE=0, the CPU paths fall back to torch's int8 GEMMs (kernels/cpu.py), and
+the process that found out prints one line on stderr saying why.
 
-The library is built for this CPU (-march=native) into $TRITON_DSL_CACHE (default
-~/.cache/triton-dsl), named by a hash of the source, the flags, the compiler and the CPU, so a
-changed file or another machine gets its own build. Writes are atomic: concurrent first uses (DDP
-ranks, pytest workers) cannot load a half-written library.
+The C ABI is declared once, in SIGNATURES (checked against the C prototypes by the tests), and
+versioned by ABI, which the library reports through tdsl_abi(): a library of another ABI is
+refused at load.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
+import sys
 from pathlib import Path
 
 import torch
 
-from .common import cpu_info
+from .native_build import FLAGS, SOURCE, BuildError, build  # noqa: F401 (re-exported)
+from .native_build import _compiler  # noqa: F401 (the tests find the system compiler with it)
 
-SOURCE = Path(__file__).with_name("cpu_linear.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
-MAX_K = 65536  # the kernel's int32 sums hold 255 * 127 * K
+# The longest K whose int32 sums of u8 x s8 products cannot overflow (255 * 127 * 65536 < 2^31).
+# Longer rows are summed in spans of at most MAX_K and the spans added in int64 (cpu_linear.c's
+# SPAN, cpu.PackedInt8, the Triton W8A8 kernel), so every path is exact for any K; the native
+# kernel serves layers up to LIMIT_K.
+MAX_K = 65536
+LIMIT_K = 1 << 24  # the C kernel's per-row code sums are int32: Library.linear refuses more
+MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 TERNARY, INT8 = 0, 1
+ABI = 2  # cpu_linear.c's TDSL_ABI
 
-
-def _cpu_id() -> str:
-    keep = [line for line in cpu_info().splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
-
-
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return cc
-    return None
-
-
-def build(extra_flags: tuple = ()) -> Path:
-    """Compile (or find in the cache) the library; raises RuntimeError saying why it cannot."""
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler found (set CC)")
-    flags = FLAGS + list(extra_flags)
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), version, _cpu_id()])
-                         .encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("TRITON_DSL_CACHE") or Path.home() / ".cache" / "triton-dsl")
-    lib = cache / f"cpu_linear-{key}.so"
-    if lib.exists():
-        return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-    os.close(fd)
-    try:
-        run = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                             text=True)
-        if run.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {run.stderr.strip()[-400:]}")
-        os.replace(tmp, lib)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+# The exported C functions: name -> (return type, argument types), in the prototypes' order.
+SIGNATURES = {
+    "tdsl_abi": (_I32, []),
+    "tdsl_isa": (_I32, []),
+    "tdsl_tile_rows": (_I32, []),
+    # kind, x, m, k, ldx, w, n, w_scale, w_sum, bias, mode, y, threads
+    "tdsl_linear": (_I32, [_I32, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32, _P, _I32]),
+    # x, m, k, ldx, w, nib, n, group, scale, wsum, bias, y, threads
+    "tdsl_grouped_linear": (_I32, [_P, _I64, _I64, _I64, _P, _I32, _I64, _I64, _P, _P, _P, _P,
+                                   _I32]),
+}
 
 
 class Library:
     def __init__(self, path: Path):
         self.path = path
         self.dll = ctypes.CDLL(str(path))
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self.dll.tdsl_linear.argtypes = [i32, p, i64, i64, i64, p, i64, p, p, p, i32, p, i32]
-        self.dll.tdsl_linear.restype = i32
-        self.dll.tdsl_grouped_linear.argtypes = [p, i64, i64, i64, p, i32, i64, i64, p, p, p, p,
-                                                 i32]
-        self.dll.tdsl_grouped_linear.restype = i32
+        abi = self.dll.tdsl_abi() if hasattr(self.dll, "tdsl_abi") else None
+        if abi != ABI:
+            raise RuntimeError(f"{path} has C ABI {abi}, this triton-dsl needs {ABI} (a stale "
+                               f"build: delete it)")
+        for name, (restype, argtypes) in SIGNATURES.items():
+            fn = getattr(self.dll, name)
+            fn.restype, fn.argtypes = restype, argtypes
         self.isa = ISAS[self.dll.tdsl_isa()]
         self.tile_rows = self.dll.tdsl_tile_rows()
 
@@ -86,9 +63,15 @@ class Library:
                w_sum: torch.Tensor | None, bias: torch.Tensor | None, mode: int) -> torch.Tensor:
         """x fp32 [M, K] (unit stride along K); w in kind's layout (to_blocks or int8_rows, tiled
         for this library); scale fp32 [N]; w_sum int32 [N] (int8 only); bias fp32 [N] or None;
-        mode 0 = per-token int8 activations, 1 = float activations."""
+        mode 0 = per-token int8 activations, 1 = float activations. A row of x holding NaN or
+        +-Inf gives a row of NaN."""
         m, k = x.shape
         n = scale.shape[0]
+        if k > LIMIT_K:
+            raise ValueError(f"x has K={k} inputs (shape {tuple(x.shape)}); the native kernel "
+                             f"takes at most {LIMIT_K}")
+        if k == 0:  # no inputs: y = bias (the C code would allocate 0 bytes)
+            return _bias_rows(m, n, bias)
         y = torch.empty(m, n)
         if m and n:
             rc = self.dll.tdsl_linear(
@@ -104,8 +87,11 @@ class Library:
                        scale: torch.Tensor, w_sum: torch.Tensor,
                        bias: torch.Tensor | None) -> torch.Tensor:
         """Float activations x fp32 [M, K] times grouped int8 weights (grouped_layout; uint8
-        means nibbles)."""
+        means nibbles). A row of x holding NaN or +-Inf gives a row of NaN."""
         m, k = x.shape
+        if group <= 0 or group % 4 or group > MAX_GROUP or k % group:
+            raise ValueError(f"group={group} must be a multiple of 4 up to {MAX_GROUP} that "
+                             f"divides K={k} (x has shape {tuple(x.shape)})")
         y = torch.empty(m, n)
         if m and n:
             rc = self.dll.tdsl_grouped_linear(
@@ -118,12 +104,19 @@ class Library:
         return y
 
 
+def _bias_rows(m: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:
+    y = torch.zeros(m, n)
+    return y if bias is None else y.add_(bias)
+
+
 _ERROR: list = []
+FALLBACK_COST = "about 4-10x slower at batch 1: see README"
 
 
 @functools.lru_cache(maxsize=1)
 def library() -> Library | None:
-    """The loaded library, or None (then error() says why)."""
+    """The loaded library, or None (then error() says why). Cheap after the first call: the
+    runtime may call it at freeze so that no forward pass pays for the build."""
     if os.environ.get("TRITON_DSL_CPU_NATIVE", "1") == "0":
         _ERROR.append("disabled by TRITON_DSL_CPU_NATIVE=0")
         return None
@@ -131,6 +124,9 @@ def library() -> Library | None:
         return Library(build(tuple(os.environ.get("TRITON_DSL_CPU_FLAGS", "").split())))
     except (RuntimeError, OSError) as e:
         _ERROR.append(str(e))
+        if not getattr(e, "cached", False):  # said once, by the process that tried
+            print(f"triton-dsl: native CPU kernel unavailable ({e}); using torch's int8 GEMMs "
+                  f"({FALLBACK_COST})", file=sys.stderr)
         return None
 
 
@@ -188,9 +184,6 @@ def int8_rows(codes: torch.Tensor, nb: int) -> torch.Tensor:
 def from_int8_rows(tiles: torch.Tensor, n: int, k: int, nb: int) -> torch.Tensor:
     """The inverse of int8_rows."""
     return _untile(tiles, n, nb, 64).reshape(n, -1)[:, :k].contiguous()
-
-
-MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 
 
 def grouped_layout(codes: torch.Tensor, scale: torch.Tensor):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import cpu, cpu_paths
-from .common import HAS_TRITON, use_triton
+from .common import HAS_TRITON, as_rows, empty_output, use_triton
 from .int8_matmul import check_args as check_int8
 from .int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
                           int8_weight_only_matmul_ref, int8_weight_only_matmul_triton)
@@ -42,6 +42,8 @@ def _backend(x, backend):
 def _float_x(x):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype} of shape {tuple(x.shape)}")
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension [..., K], got a scalar")
 
 
 def cpu_matmul(prepacked, x, bias, activations):
@@ -51,9 +53,11 @@ def cpu_matmul(prepacked, x, bias, activations):
     if k != prepacked.k:  # the native kernel would read past the row otherwise
         raise ValueError(f"x must have {prepacked.k} features in its last dimension, got shape "
                          f"{tuple(x.shape)}")
-    x2 = x.reshape(-1, k)
+    x2 = as_rows(x)
+    if x2.numel() == 0 or prepacked.n == 0:  # an empty batch, or a layer with no inputs
+        return empty_output(x, prepacked.n, bias)
     run = prepacked.dynamic_matmul if activations == "dynamic" else prepacked.float_matmul
-    return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], -1)
+    return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], prepacked.n)
 
 
 def on_cpu_paths(x) -> bool:
@@ -71,10 +75,13 @@ def _cpu_form(tensors, spec, activations, unpack):
 
 
 def _cpu_dequantized(x, key, dequantize, bias):
-    """Without an exact int8 GEMM: fp32 matmul on a weight dequantized once and cached."""
+    """Without an exact int8 GEMM: fp32 matmul on a weight dequantized once and cached; rows
+    of x holding NaN or +-Inf give NaN rows, as on the other paths."""
     w = cpu.cached(key, dequantize, kind="dequantized")
-    return torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float()).to(
-        x.dtype)
+    y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+    y.masked_fill_(~torch.isfinite(cpu._row_absmax(as_rows(x)).reshape(*x.shape[:-1], 1)),
+                   float("nan"))
+    return y.to(x.dtype)
 
 
 def _check_act(activations):
@@ -83,23 +90,30 @@ def _check_act(activations):
 
 
 def ternary_matmul(x, packed, scale, bias=None, *, activations="none", backend="auto"):
-    """y[..., N] = x[..., K] @ (ternary W * scale)^T + bias; packed from packing.pack_ternary."""
+    """y[..., N] = x[..., K] @ (ternary W * scale)^T + bias; packed from packing.pack_ternary.
+
+    Every path follows the twins: a row of x holding NaN or +-Inf gives a row of NaN; M, N or
+    K = 0 give an [..., N] output (K = 0: the bias, or zeros); integer sums are exact for any K
+    (int8_matmul likewise)."""
     _float_x(x)
     _check_act(activations)
     be = _backend(x, backend)
     k = x.shape[-1]
+    n, _ = check_ternary(x, packed, scale, bias)
     if be == "cpu":
-        check_ternary(x, packed, scale, bias)
-        spec = cpu_paths.WeightSpec(packed.shape[0], k, ternary=True)
+        if x.numel() == 0 or n == 0:
+            return empty_output(x, n, bias)
+        spec = cpu_paths.WeightSpec(n, k, ternary=True)
         prepacked = _cpu_form((packed, scale), spec, activations, lambda p: unpack_ternary(p, k))
         if prepacked is not None:
             return cpu_matmul(prepacked, x, bias, activations)
         return _cpu_dequantized(x, (packed, scale), lambda p, s: unpack_ternary(p, k).float()
                                 * s.float().reshape(-1, 1), bias)
     if activations == "dynamic":
-        codes, xs = quantize_per_token(x.reshape(-1, k))
+        codes, xs = quantize_per_token(as_rows(x))
         run = ternary_a8_matmul_triton if be == "triton" else ternary_a8_matmul_ref
-        return run(codes, xs, packed, scale, bias, out_dtype=x.dtype).reshape(*x.shape[:-1], -1)
+        y = run(codes, xs, packed, scale, bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
     run = ternary_matmul_triton if be == "triton" else ternary_matmul_ref
     return run(x, packed, scale, bias)
 
@@ -110,10 +124,13 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
     _check_act(activations)
     be = _backend(x, backend)
     k = x.shape[-1]
+    n, _ = check_int8(x, w, scale, bias)  # before anything divides by the scale's width
     grouped = scale.dim() == 2
+    group = k // scale.shape[1] if grouped and k else None
     if be == "cpu":
-        check_int8(x, w, scale, bias)
-        spec = cpu_paths.WeightSpec(w.shape[0], k, False, k // scale.shape[1] if grouped else None)
+        if x.numel() == 0 or n == 0:
+            return empty_output(x, n, bias)
+        spec = cpu_paths.WeightSpec(n, k, False, group)
         prepacked = _cpu_form((w, scale), spec, activations, lambda c: c)
         if prepacked is not None:
             return cpu_matmul(prepacked, x, bias, activations)
@@ -122,10 +139,11 @@ def int8_matmul(x, w, scale, bias=None, *, activations="none", backend="auto"):
         if not grouped:  # per-token int8 activations, fake-quantized, on the same fp32 matmul
             return _cpu_dequantized(fake_quantize_per_token(x), (w, scale), dequantize_int8, bias)
     if activations == "dynamic":
-        codes, xs = quantize_per_token(x.reshape(-1, k))
+        codes, xs = quantize_per_token(as_rows(x))
         run = int8_w8a8_matmul_triton if be == "triton" else int8_w8a8_matmul_ref
-        return run(codes, xs, w, scale, bias, out_dtype=x.dtype).reshape(*x.shape[:-1], -1)
-    if be == "triton" and (not grouped or (k // scale.shape[1]) % 32 == 0):
+        y = run(codes, xs, w, scale, bias, out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    if be == "triton" and (group is None or group % 32 == 0):
         return int8_weight_only_matmul_triton(x, w, scale, bias)
     return int8_weight_only_matmul_ref(x, w, scale, bias)
 

@@ -8,12 +8,22 @@ import torch
 
 
 def quantize_per_token(x: torch.Tensor):
-    """int8 codes [..., K] and fp32 scales [...] with x ~= codes * scale[..., None]."""
+    """int8 codes [..., K] and fp32 scales [...] with x ~= codes * scale[..., None].
+
+    A token holding NaN or +-Inf gets a NaN scale and zero codes, so every int8-activation path
+    (which multiplies by the scale) gives NaN for its whole output row, as a float matmul with a
+    NaN input would; other tokens are unaffected. K = 0 gives scales of 1."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True)
+    if xf.shape[-1] == 0:
+        return (torch.zeros(xf.shape, dtype=torch.int8, device=x.device),
+                torch.ones(xf.shape[:-1], device=x.device))
+    amax = xf.abs().amax(dim=-1, keepdim=True)  # NaN if the token holds one, Inf for an Inf
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    codes = torch.clamp(torch.round(xf / scale), -127, 127).to(torch.int8)
-    return codes, scale.squeeze(-1)
+    scale = torch.where(torch.isfinite(amax), scale, float("nan"))
+    # x / NaN is NaN; converting NaN to int8 is undefined, so those codes become 0 (no host
+    # sync to test for them first: on a GPU that would stall every call)
+    codes = torch.clamp(torch.round(xf / scale), -127, 127).nan_to_num_(0.0)
+    return codes.to(torch.int8), scale.squeeze(-1)
 
 
 def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:

@@ -3,14 +3,20 @@
 Two forms share one kernel:
   float activations (fp16 / bf16 / fp32): W decoded to x's dtype, fp32 accumulation;
   int8 activations (W1.58A8): x = codes * x_scale per token, int8 x int8 dot, exact int32
-  accumulation, then float(acc) * scale * x_scale.
+  accumulation (|acc| <= 127 K: K up to 2^24), then float(acc) * scale * x_scale.
+
+Non-finite activations: a row of x holding NaN or +-Inf gives a row of NaN. Float kernel: such an
+x reaches every column of its row (Inf * w is +-Inf or NaN), so the epilogue's out + out * 0
+turns the row's +-Inf into NaN at no cost in the K loop; an fp32 sum of finite inputs that
+overflows reads NaN too. A8: the row's x_scale is NaN (quantize_per_token).
+Empty inputs (M, N or K = 0) give [..., N] outputs (K = 0: the bias, or zeros).
 """
 from __future__ import annotations
 
 import torch
 
-from .common import (HAS_TRITON, check_same_device, check_vector, configs, ieee_dots, launch,
-                     m_bucket, triton)
+from .common import (HAS_TRITON, as_rows, check_same_device, check_vector, configs, ieee_dots,
+                     launch, m_bucket, nan_rows, triton)
 from .packing import packed_cols, unpack_ternary
 
 if HAS_TRITON:
@@ -55,6 +61,8 @@ if HAS_TRITON:
         else:
             scale = tl.load(s_ptr + offs_n * 0)
         out = acc.to(tl.float32) * scale[None, :]
+        if not A8:  # +-Inf (from an Inf in x, which reaches every column) becomes NaN
+            out = out + out * 0.0
         finish_tile(out, y_ptr, xs_ptr, b_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
                     stride_ym, stride_yn, A8, HAS_BIAS, SPLIT_K)
 
@@ -64,6 +72,9 @@ if HAS_TRITON:
                                          reset_to_zero=["y_ptr"])(_ternary_kernel)
     _ternary_tuned_a8 = triton.autotune(configs(True), key=["M_BUCKET", "N", "K", "A8"],
                                         reset_to_zero=["y_ptr"])(_ternary_kernel)
+
+
+A8_MAX_K = 1 << 24  # |acc| <= 127 K must fit int32
 
 
 def check_args(x, packed, scale, bias, x_scale=None):
@@ -87,10 +98,11 @@ def ternary_matmul_ref(x, packed, scale, bias=None):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
     n, k = check_args(x, packed, scale, bias)
     w = unpack_ternary(packed, k).float()
-    y = (x.float().reshape(-1, k) @ w.t()) * scale.float().reshape(1, -1)
+    x2 = as_rows(x)
+    y = (x2.float() @ w.t()) * scale.float().reshape(1, -1)
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return nan_rows(y, x2).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def ternary_a8_matmul_ref(x_codes, x_scale, packed, scale, bias=None, out_dtype=torch.float32):
@@ -100,7 +112,7 @@ def ternary_a8_matmul_ref(x_codes, x_scale, packed, scale, bias=None, out_dtype=
         raise ValueError(f"x_codes must be int8, got {x_codes.dtype}")
     n, k = check_args(x_codes, packed, scale, bias, x_scale)
     w = unpack_ternary(packed, k).to(torch.int64)
-    acc = x_codes.reshape(-1, k).to(torch.int64) @ w.t()
+    acc = as_rows(x_codes).to(torch.int64) @ w.t()
     y = acc.float() * scale.float().reshape(1, -1) * x_scale.float().reshape(-1, 1)
     if bias is not None:
         y = y + bias.float()
@@ -126,21 +138,31 @@ def ternary_matmul_triton(x, packed, scale, bias=None, config=None):
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x must be fp16, bf16 or fp32, got {x.dtype}")
     n, k = check_args(x, packed, scale, bias)
-    x2 = x.reshape(-1, k)
+    x2 = as_rows(x)
     # fp32 output when split-K accumulates atomically, and for bf16, whose stores the
     # interpreter mishandles; the cast back is one cheap elementwise pass over [M, N].
     wide = config is None or config["SPLIT_K"] > 1 or x.dtype == torch.bfloat16
     out = (torch.zeros if wide else torch.empty)((x2.shape[0], n), device=x.device,
                                                    dtype=torch.float32 if wide else x.dtype)
-    _launch(x2, packed.contiguous(), scale.float().contiguous(), bias, out, False, None, config)
+    if out.numel() and k:
+        _launch(x2, packed.contiguous(), scale.float().contiguous(), bias, out, False, None,
+                config)
+    elif out.numel():  # K = 0: nothing to sum
+        out.zero_().add_(0.0 if bias is None else bias.float())
     return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def ternary_a8_matmul_triton(x_codes, x_scale, packed, scale, bias=None, out_dtype=torch.float32,
                              config=None):
     n, k = check_args(x_codes, packed, scale, bias, x_scale)
-    x2 = x_codes.reshape(-1, k)
+    if k > A8_MAX_K:
+        raise ValueError(f"x_codes of shape {tuple(x_codes.shape)} has K={k}; the W1.58A8 "
+                         f"kernel's int32 sums hold K <= {A8_MAX_K}")
+    x2 = as_rows(x_codes)
     out = torch.zeros((x2.shape[0], n), device=x_codes.device, dtype=torch.float32)
-    _launch(x2, packed.contiguous(), scale.float().contiguous(), bias, out, True,
-            x_scale.float().reshape(-1).contiguous(), config)
+    if out.numel() and k:
+        _launch(x2, packed.contiguous(), scale.float().contiguous(), bias, out, True,
+                x_scale.float().reshape(-1).contiguous(), config)
+    elif out.numel() and bias is not None:  # K = 0: nothing to sum
+        out.add_(bias.float())
     return out.to(out_dtype).reshape(*x_codes.shape[:-1], n)

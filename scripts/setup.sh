@@ -19,4 +19,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 # Build the native CPU kernel now rather than on the first forward pass (cached in
 # ~/.cache/triton-dsl; without a C compiler the CPU paths fall back to torch's int8 GEMMs).
+# A failed build is said once and remembered: after fixing the compiler, rerun with
+# TRITON_DSL_CPU_RETRY=1 (or delete the cache folder). TRITON_DSL_CC_TIMEOUT bounds it (120 s).
 python -c "from triton_dsl.kernels import native; print('CPU kernel:', native.describe())"

@@ -157,10 +157,70 @@ def test_falls_back_when_disabled_or_uncompilable(tmp_path):
     assert _run({"TRITON_DSL_CPU_FLAGS": "-mno-avx2 -mno-avx512f"}) == "native (scalar) True"
 
 
-def test_wide_layers_fall_back_to_fbgemm():
-    """Past MAX_K inputs the kernel's int32 sums could overflow: those layers take fbgemm."""
+@pytest.mark.parametrize("m", [1, 50])  # few rows (AVX-512: vector partial sums), many rows
+def test_k_past_the_int32_span_is_exact(lib, m):
+    """K = 70000: u8 x s8 sums of 255 * 127 * K would overflow int32 (past K = 66311); the
+    kernel sums spans of native.MAX_K inputs and adds them in int64."""
+    k = 70_000
+    g = torch.Generator().manual_seed(5)
+    x = 1 - torch.rand(m, k, generator=g) / 500  # codes of 127: the largest sums
+    q = torch.full((5, k), 127, dtype=torch.int8)
+    q[-1, ::3] = -127
+    s = torch.rand(5, generator=g) + 0.5
+    codes, xs = quantize_per_token(x)
+    got = lib.linear(native.INT8, x, native.int8_rows(q, lib.tile_rows), s,
+                     q.sum(dim=1, dtype=torch.int32), None, 0)
+    assert torch.equal(got, int8_w8a8_matmul_ref(codes, xs, q, s))
+    got = lib.linear(native.INT8, x, native.int8_rows(q, lib.tile_rows), s,
+                     q.sum(dim=1, dtype=torch.int32), None, 1)
+    bound = k * x.abs().amax(dim=1, keepdim=True) / 65278 * 127 * s.max()
+    assert ((got - int8_weight_only_matmul_ref(x, q, s)).abs() <= bound * 1.001).all()
+    w = torch.randint(-1, 2, (5, k), generator=g, dtype=torch.int8)
+    got = lib.linear(native.TERNARY, x, native.to_blocks(w, lib.tile_rows), s, None, None, 0)
+    assert torch.equal(got, ternary_a8_matmul_ref(codes, xs, pack_ternary(w), s))
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+def test_nonfinite_tokens_give_nan_rows(lib, mode):
+    """NaN and +-Inf in a token: its row is NaN (the max used to skip NaN, then NaN was rounded
+    to an integer, undefined in C); the other rows are unchanged."""
+    w, scale, bias, x = _case(6, 9, 200, seed=4)
+    x[1, 7], x[2, 0], x[4, 199] = float("nan"), float("inf"), -float("inf")
+    bad = torch.tensor([False, True, True, False, True, False])
+    for kind, layout, w_sum, _, s in _weights(w, scale, lib.tile_rows):
+        got = lib.linear(kind, x, layout, s, w_sum, bias, mode)
+        assert torch.isnan(got[bad]).all()
+        assert torch.equal(got[~bad], lib.linear(kind, x[~bad], layout, s, w_sum, bias, mode))
+    q, s = quantize_int8(torch.randn(9, 200), group_size=40)
+    layout = native.grouped_layout(q, s)
+    got = lib.grouped_linear(x, layout[0], 9, 40, *layout[1:], bias)
+    assert torch.isnan(got[bad]).all()
+    assert torch.equal(got[~bad], lib.grouped_linear(x[~bad], layout[0], 9, 40, *layout[1:],
+                                                     bias))
+
+
+def test_limits_are_enforced_not_assumed():
+    lib = native.library()
+    k = native.LIMIT_K + 1
+    x = torch.zeros(1, 1).expand(1, k)  # refused before any memory is read
+    with pytest.raises(ValueError, match=rf"K={k}"):
+        lib.linear(native.INT8, x, torch.zeros(1, dtype=torch.int8), torch.ones(1),
+                   torch.zeros(1, dtype=torch.int32), None, 0)
+    w, s, sums = native.grouped_layout(*quantize_int8(torch.randn(4, 1024), group_size=512))
+    with pytest.raises(ValueError, match="group=512"):
+        lib.grouped_linear(torch.randn(1, 1024), w, 4, 512, s, sums, None)
+    # K = 0: the bias, without calling the C code (which would allocate 0 bytes)
+    y = lib.linear(native.INT8, torch.zeros(2, 0), torch.zeros(0, dtype=torch.int8),
+                   torch.ones(3), torch.zeros(3, dtype=torch.int32), torch.arange(3.0), 0)
+    assert torch.equal(y, torch.arange(3.0).expand(2, 3))
+
+
+def test_wide_layers_stay_on_the_native_kernel():
+    """Layers wider than one int32 span (MAX_K) keep the native kernel, which sums spans in
+    int64 (test_k_past_the_int32_span_is_exact), and stay bit-exact; past LIMIT_K they fall
+    back to PackedInt8."""
     k = native.MAX_K + 64
-    assert cpu.native_fits(native.MAX_K) and not cpu.native_fits(k)
+    assert cpu.native_fits(k) and not cpu.native_fits(native.LIMIT_K + 1)
     w, scale, _, x = _case(1, 3, k)
     got = ternary_matmul(x, pack_ternary(w), scale, activations="dynamic", backend="cpu")
     want = ternary_matmul(x, pack_ternary(w), scale, activations="dynamic", backend="ref")

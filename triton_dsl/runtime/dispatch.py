@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu_paths
-from ..kernels.common import HAS_TRITON, interpreting, m_bucket
+from ..kernels.common import HAS_TRITON, as_rows, interpreting, m_bucket, nan_rows
 from ..kernels.per_token import fake_quantize_per_token
 from . import tuning
 
@@ -82,8 +82,14 @@ class Dense:
         self.nbytes = self.weight.numel() * self.weight.element_size()
 
     def __call__(self, mod, x, act):
-        if act == "dynamic":
-            x = fake_quantize_per_token(x)
+        if act == "dynamic":  # a non-finite row gets a NaN scale: NaN out
+            return self._linear(fake_quantize_per_token(x))
+        y = self._linear(x)
+        if not torch.isfinite(y).all():  # rare: the NaN-row rule of every other path
+            y = nan_rows(y.reshape(-1, y.shape[-1]), as_rows(x)).reshape(y.shape)
+        return y
+
+    def _linear(self, x):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), bias)
 
@@ -102,13 +108,13 @@ class Prepacked:
         self.k = parts[0][2].k
 
     def __call__(self, mod, x, act):
-        x2 = x.reshape(-1, self.k)
+        x2 = as_rows(x)
         y = None
         for i, form in enumerate(self.forms):
             run = form.dynamic_matmul if act == "dynamic" else form.float_matmul
             part = run(x2, self.bias if i == 0 else None)
             y = part if y is None else y.add_(part)
-        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
 
     def codes(self) -> torch.Tensor:
         return self.forms[0].codes()
