@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import cpu_paths
-from ..kernels.common import HAS_TRITON, as_rows, interpreting, m_bucket, nan_rows
+from ..kernels.common import HAS_TRITON, as_rows, interpreting, m_bucket
 from ..kernels.per_token import fake_quantize_per_token
 from . import tuning
 
@@ -82,16 +82,14 @@ class Dense:
         self.nbytes = self.weight.numel() * self.weight.element_size()
 
     def __call__(self, mod, x, act):
-        if act == "dynamic":  # a non-finite row gets a NaN scale: NaN out
-            return self._linear(fake_quantize_per_token(x))
-        y = self._linear(x)
-        if not torch.isfinite(y).all():  # rare: the NaN-row rule of every other path
-            y = nan_rows(y.reshape(-1, y.shape[-1]), as_rows(x)).reshape(y.shape)
-        return y
-
-    def _linear(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.weight.to(x.dtype), bias)
+        # a float matmul: non-finite inputs give what F.linear gives (NaN or +-Inf per
+        # column); with int8 activations a non-finite row has a NaN scale, so a NaN row
+        if act == "dynamic":
+            x = fake_quantize_per_token(x)
+        if x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight.to(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.weight, self.bias)
 
 
 class Prepacked:
@@ -125,6 +123,7 @@ class Prepared:
 
     def __init__(self, key):
         self.key, self.runners, self.picks = key, {}, {}
+        self.by_rows = {}  # rows -> runner: the per-call lookup, filled as rows are met
 
     @property
     def nbytes(self) -> int:
@@ -132,6 +131,11 @@ class Prepared:
 
     def prepacked(self):
         return self.runners.get("prepacked")
+
+    def forget(self, name: str):
+        """Drop a runner no choice uses any more (a dense copy that lost a measurement)."""
+        run = self.runners.pop(name, None)
+        self.by_rows = {r: v for r, v in self.by_rows.items() if v is not run}
 
 
 def stored(mod, fn):
@@ -191,9 +195,21 @@ def prepare(mod, device: torch.device, act: str) -> Prepared:
 
 
 def runner(mod, x: torch.Tensor, act: str):
-    """How ``mod`` (a FrozenLinear) runs ``x``: chosen once per batch bucket, built once."""
-    prep = prepare(mod, x.device, act)
+    """How ``mod`` (a FrozenLinear) runs ``x``: chosen once per batch bucket, built once. The
+    common case, a row count met before on the same device, is two comparisons and a lookup."""
     rows = x.numel() // max(x.shape[-1], 1)
+    prep = mod.prepared
+    if prep is not None and prep.key[0] == x.device and prep.key[1] == act \
+            and prep.key[2] == on_cpu_paths(x.device):
+        run = prep.by_rows.get(rows)
+        if run is not None:
+            return run
+    prep = prepare(mod, x.device, act)
+    run = prep.by_rows[rows] = _pick(mod, prep, x, act, rows)
+    return run
+
+
+def _pick(mod, prep: Prepared, x: torch.Tensor, act: str, rows: int):
     bucket = m_bucket(rows)
     name = prep.picks.get(bucket)
     if name is None:
@@ -209,7 +225,7 @@ def runner(mod, x: torch.Tensor, act: str):
         prep.picks[bucket] = name
         _build(mod, prep, name, makers[name])
         if "dense" not in prep.picks.values():  # a dense copy that lost: free its memory
-            prep.runners.pop("dense", None)
+            prep.forget("dense")
     return prep.runners[name]
 
 

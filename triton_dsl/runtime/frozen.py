@@ -196,7 +196,7 @@ class FrozenConv2d(nn.Module):
             convs = [v for k, v in prep.picks.items() if isinstance(k, tuple) and k[0] == "conv"]
             if "conv" not in convs and prep.picks.pop("dense-weight", None):  # the fp32 copy
                 if "dense" not in prep.picks.values():  # lost everywhere: free it
-                    prep.runners.pop("dense", None)
+                    prep.forget("dense")
         return way
 
 
