@@ -12,6 +12,7 @@ import torch
 
 from ..kernels.per_token import fake_quantize_per_token as _fake_per_token
 from ..kernels.per_token import quantize_per_token as _per_token
+from ..kernels.per_token import symmetric_quantize
 
 
 # the 16-bit precisions' torch dtypes, by their .tdsl names
@@ -66,11 +67,9 @@ def uniform_quantize(x: torch.Tensor, bits: int = 8, symmetric: bool = True,
     dims = (v.dim() - 1,) if group_size else _stat_dims(v, granularity)
     xf = v.float()
     if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        scale = xf.abs().amax(dim=dims, keepdim=True) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        codes, scale = symmetric_quantize(xf, xf.abs().amax(dim=dims, keepdim=True),
+                                          2 ** (bits - 1) - 1)
         zp = torch.zeros_like(scale, dtype=torch.int32)
-        codes = torch.clamp(torch.round(xf / scale), -qmax, qmax)
     else:
         qmax = 2 ** bits - 1
         lo = xf.amin(dim=dims, keepdim=True).clamp(max=0)
