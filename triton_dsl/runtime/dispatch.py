@@ -55,7 +55,13 @@ def affine(mod):
     return mul, bias
 
 
-class Generic:
+class Runner:
+    def bind(self, mod, act):
+        """A call x -> y for this layer and activation mode (FrozenLinear's fast path)."""
+        return lambda x: self(mod, x, act)
+
+
+class Generic(Runner):
     """The form's own path: Triton kernels or reference twins (ops.py decides); a folded
     batchnorm is applied to its output."""
     nbytes = 0
@@ -71,7 +77,7 @@ class Generic:
         return (y.float() * self.mul.to(y.device) + self.bias.to(y.device)).to(y.dtype)
 
 
-class Dense:
+class Dense(Runner):
     """fp32 matmul on the weight dequantized once (a folded batchnorm folded into it); int8
     activations fake-quantized first."""
 
@@ -91,8 +97,14 @@ class Dense:
                             None if self.bias is None else self.bias.to(x.dtype))
         return F.linear(x, self.weight, self.bias)
 
+    def bind(self, mod, act):
+        w, b = self.weight, self.bias
+        if act == "none":
+            return lambda x: F.linear(x, w, b) if x.dtype == w.dtype else self(mod, x, act)
+        return super().bind(mod, act)
 
-class Prepacked:
+
+class Prepacked(Runner):
     """One prepacked CPU form per part of the weight (TTQ has two: T and |T|), summed; a folded
     batchnorm scales every part's row scales."""
 
@@ -226,6 +238,9 @@ def _pick(mod, prep: Prepared, x: torch.Tensor, act: str, rows: int):
         _build(mod, prep, name, makers[name])
         if "dense" not in prep.picks.values():  # a dense copy that lost: free its memory
             prep.forget("dense")
+        elif "prepacked" not in prep.picks.values() and prep.prepacked() is not None:
+            mod.form.rebuild(mod, prep.prepacked().codes())  # dense won everywhere so far:
+            prep.forget("prepacked")  # keep the small stored codes, not a second form
     return prep.runners[name]
 
 

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.common import m_bucket
+from ..kernels.common import interpreting, m_bucket
 from . import compile_ops, dispatch, tuning
 from .fold import fold_batchnorm
 from .forms import form_for
-from .layers import Conv2d, Linear, im2col_conv
+from .layers import Conv2d, Linear, im2col_conv, to_torch
 
 
 class FrozenLinear(nn.Module):
@@ -45,6 +45,7 @@ class FrozenLinear(nn.Module):
         self.prepared = None  # a dispatch.Prepared: the runners and their choice per batch
         self.dense_only = False  # a grouped convolution's weight: F.conv2d on the fp32 weight
         self.fold = None  # a following batchnorm folded in (runtime/fold.py); not a child
+        self.fast = None  # (shape, dtype, device, interpreting, call): the last input's path
         compile_ops.register(self)
         with torch.no_grad():
             self.form.store(self, layer)
@@ -59,7 +60,10 @@ class FrozenLinear(nn.Module):
         if self.act_quant is not None:
             x = self.act_quant(x)
         act = self._act()
-        return dispatch.runner(self, x, act)(self, x, act)
+        run = dispatch.runner(self, x, act)
+        if self.act_quant is None:  # the next input of this shape skips all of the above
+            self.fast = (x.shape, x.dtype, x.device, interpreting(), run.bind(self, act))
+        return run(self, x, act)
 
     def prepare(self):
         """Build how the layer runs on the device of its buffers now (at freeze and load),
@@ -84,6 +88,7 @@ class FrozenLinear(nn.Module):
 
     def restore_buffers(self):
         """Put back a stored buffer a prepacked CPU form replaced, and drop the runners."""
+        self.fast = None
         if self.prepared is not None:
             pre = self.prepared.prepacked()
             self.prepared = None
@@ -114,6 +119,10 @@ class FrozenLinear(nn.Module):
     def forward(self, x):
         if torch.compiler.is_compiling():  # one custom op for the compiler (compile_ops.py)
             return torch.ops.triton_dsl.frozen_linear(x, self.op_handle)
+        fast = self.fast  # small layers at batch 1 are all overhead: keep the common call short
+        if fast is not None and fast[0] == x.shape and fast[1] == x.dtype \
+                and fast[2] == x.device and fast[3] == interpreting():
+            return fast[4](x)
         return self.matmul(x)
 
     def eager_forward(self, x):
@@ -197,11 +206,13 @@ class FrozenConv2d(nn.Module):
             if "conv" not in convs and prep.picks.pop("dense-weight", None):  # the fp32 copy
                 if "dense" not in prep.picks.values():  # lost everywhere: free it
                     prep.forget("dense")
+                    lin.fast = None
         return way
 
 
 def freeze(model: nn.Module, build: bool = True) -> nn.Module:
-    """Replace every Linear/Conv2d narrower than fp32 with its deploy form, in place, fold
+    """Replace every Linear/Conv2d narrower than fp32 with its deploy form (and fp32 ones with
+    torch's nn.Linear / nn.Conv2d), in place, fold
     batch normalization into the layer before it (runtime/fold.py), and prepare how each layer
     runs on its device (build=False leaves that to prepare(), for a model about to load other
     weights)."""
@@ -216,6 +227,8 @@ def _swap(model: nn.Module):
     for name, child in list(model.named_children()):
         if isinstance(child, (Linear, Conv2d)) and child.precision.bits < 32:
             setattr(model, name, (FrozenLinear if isinstance(child, Linear) else FrozenConv2d)(child))
+        elif isinstance(child, (Linear, Conv2d)) and child.weight.dtype == torch.float32:
+            setattr(model, name, to_torch(child))  # fp32 layers: torch's own, no quantizer calls
         else:
             _swap(child)
 

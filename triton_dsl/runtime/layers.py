@@ -65,6 +65,18 @@ class Conv2d(_QuantMixin, nn.Conv2d):
         return im2col_conv(x, self, lambda cols: F.linear(self.act_quant(cols), w, self.bias))
 
 
+def to_torch(layer: Linear | Conv2d) -> nn.Module:
+    """An fp32 layer as torch's own nn.Linear / nn.Conv2d with the same weights and state-dict
+    keys: what a frozen model runs for its fp32 layers (no quantizer calls per forward)."""
+    if isinstance(layer, Linear):
+        new = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+    else:
+        new = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                        layer.padding, layer.dilation, layer.groups, layer.bias is not None)
+    new.load_state_dict({k: v for k, v in layer.state_dict().items() if k in ("weight", "bias")})
+    return new.to(layer.weight.device).train(layer.training)
+
+
 def im2col_conv(x: torch.Tensor, conv, matmul) -> torch.Tensor:
     """A groups=1 convolution as ``matmul`` over its im2col patches: x [B, C, H, W] -> patches
     [B, L, C*kh*kw] -> matmul -> [B, out, H', W']. ``conv`` supplies kernel_size, stride,
@@ -79,4 +91,4 @@ def im2col_conv(x: torch.Tensor, conv, matmul) -> torch.Tensor:
     return y.transpose(1, 2).reshape(b, conv.out_channels, ho, wo)
 
 
-__all__ = ["Linear", "Conv2d", "Float", "im2col_conv"]
+__all__ = ["Linear", "Conv2d", "Float", "im2col_conv", "to_torch"]
