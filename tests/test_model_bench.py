@@ -5,11 +5,29 @@ import os
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
+TINY_CNN = """model TinyCnn:
+    input [1, 8, 8]
+    layer conv1: conv2d(8, kernel=3, padding=1)
+    layer bn1: batchnorm
+    relu
+    layer conv2: conv2d(16, kernel=3, padding=1)
+    relu
+    adaptive_avgpool(1)
+    flatten
+    layer head: linear(4)
+
+precision:
+    default ternary
+    layer conv1: int8
+    layer head: int8
+"""
+
+
 def test_bench_model_times_every_method(run_cli, tmp_path):
     out = tmp_path / "m.json"
-    code, stdout, err = run_cli("bench", "--device", "cpu", "--model",
-                                os.path.join(EXAMPLES, "small_cnn.tdsl"), "--batch", "1", "2",
-                                "--repeat", "4", "--json", str(out))
+    (tmp_path / "cnn.tdsl").write_text(TINY_CNN)
+    code, stdout, err = run_cli("bench", "--device", "cpu", "--model", str(tmp_path / "cnn.tdsl"),
+                                "--batch", "1", "2", "--repeat", "4", "--json", str(out))
     assert code == 0, err
     recs = json.loads(out.read_text())["records"]
     methods = {r["method"] for r in recs}
@@ -17,8 +35,9 @@ def test_bench_model_times_every_method(run_cli, tmp_path):
     assert {r["batch"] for r in recs} == {1, 2}
     by = {(r["method"], r["batch"]): r for r in recs}
     assert by[("fp32", 1)]["speedup_vs_fp32"] == 1.0
-    # the frozen CNN holds less than fp32: 2-bit and int8 codes, scales, a small dense head
-    assert by[("frozen", 1)]["weight_bytes"] < by[("fp32", 1)]["weight_bytes"]
+    # frozen layers hold codes (and dense copies only where they won): never more than fp32
+    # plus the codes
+    assert by[("frozen", 1)]["weight_bytes"] <= 1.3 * by[("fp32", 1)]["weight_bytes"]
     assert "median ms" in stdout and "frozen" in stdout
 
 
