@@ -61,7 +61,7 @@ def fbgemm_exact() -> bool:
     return engine() is not None and ("avx512_vnni" in flags or "avx_vnni" in flags)
 
 
-def _row_absmax(x: torch.Tensor) -> torch.Tensor:
+def row_absmax(x: torch.Tensor) -> torch.Tensor:
     """max |x| per row, [M, 1]; two reductions without an |x| temporary (measured 20x faster
     than vector_norm(ord=inf) on this CPU at 256 x 4096)."""
     return torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
@@ -143,7 +143,7 @@ class PackedInt8:
         """Per-token int8 quantization of float x [M, K], then the exact integer GEMM; equal to
         ops.quantize_per_token then float(acc) * w_scale * x_scale (+ bias)."""
         xf = x.float()
-        amax = _row_absmax(xf)
+        amax = row_absmax(xf)
         scale = torch.where(amax > 0, amax / 127, 1.0)
         # |x| / scale <= 127 (+ rounding), so rounding alone lands in [-127, 127]: no clamp
         rows = torch.div(xf, scale).round_()
@@ -154,7 +154,7 @@ class PackedInt8:
         """x [M, K] float @ (codes * scale)^T (+ bias) via the 16-bit split."""
         m = x.shape[0]
         xf = x.float()
-        amax = _row_absmax(xf)
+        amax = row_absmax(xf)
         step = torch.where(amax > 0, amax / 32767, 1.0)
         rows = torch.empty(2 * m, self.k)
         xi = torch.round(xf / step)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .native_build import FLAGS, SOURCE, BuildError, build  # noqa: F401 (re-exported)
-from .native_build import _compiler  # noqa: F401 (the tests find the system compiler with it)
+from .native_build import compiler  # noqa: F401 (the tests find the system compiler with it)
 
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
 # The longest K whose int32 sums of u8 x s8 products cannot overflow (255 * 127 * 65536 < 2^31).

@@ -57,7 +57,7 @@ def _cpu_id() -> str:
     return "\n".join(sorted(set(keep)))
 
 
-def _compiler() -> str | None:
+def compiler() -> str | None:
     """$CC when set (and only it: a CC that is missing is an error, not a reason to use
     another), else the first of cc, gcc, clang on PATH."""
     cc = os.environ.get("CC")
@@ -100,7 +100,7 @@ def _write_atomic(path: Path, text: str):
 def build(extra_flags: tuple = ()) -> Path:
     """Compile (or find in the cache) the library; raises BuildError saying why it cannot."""
     flags = FLAGS + list(extra_flags)
-    cc = _compiler()
+    cc = compiler()
     version = ""
     if cc is not None:
         try:

@@ -79,7 +79,7 @@ def _cpu_dequantized(x, key, dequantize, bias):
     of x holding NaN or +-Inf give NaN rows, as on the other paths."""
     w = cpu.cached(key, dequantize, kind="dequantized")
     y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
-    y.masked_fill_(~torch.isfinite(cpu._row_absmax(as_rows(x)).reshape(*x.shape[:-1], 1)),
+    y.masked_fill_(~torch.isfinite(cpu.row_absmax(as_rows(x)).reshape(*x.shape[:-1], 1)),
                    float("nan"))
     return y.to(x.dtype)
 

@@ -257,3 +257,32 @@ def test_batchnorm_folds_into_the_layer_before_it(monkeypatch):
         fresh.load_state_dict(frozen.state_dict())
         torch.testing.assert_close(fresh(x), want, atol=2e-4, rtol=1e-4)
     assert {k for k in frozen.state_dict() if "bn" in k} == {k for k in keys if "bn" in k}
+
+
+ROUND_TRIP = """model RoundTrip:
+    input [16, 6, 6]
+    layer conv: conv2d(8, kernel=3, padding=1)
+    layer bn: batchnorm
+    relu
+    flatten
+    layer fc: linear(32)
+
+precision:
+    default {p}
+"""
+
+
+@pytest.mark.parametrize("prec", PRECISIONS, ids=lambda p: p.to_source())
+def test_every_precision_round_trips_through_a_checkpoint(prec, path):
+    """conv2d and linear at every precision option: trained weights -> freeze -> a packed
+    checkpoint -> a fresh model loaded from it gives the frozen model's outputs, on every path."""
+    from triton_dsl.workflow import checkpoint as ck
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(ROUND_TRIP.format(p=prec.to_source()), "rt.tdsl")()
+    x = torch.randn(3, *net.input_shape)
+    net.train()(x)  # batchnorm statistics move off their initial values
+    frozen = rt.freeze(net.eval()).to(path)
+    with torch.no_grad():
+        want = frozen(x.to(path)).cpu()
+        again = ck.loads(ck.dumps(frozen.cpu())).to(path)
+        torch.testing.assert_close(again(x.to(path)).cpu(), want)

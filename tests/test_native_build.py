@@ -17,7 +17,7 @@ import pytest
 
 from triton_dsl.kernels import native
 
-REAL_CC = native._compiler()
+REAL_CC = native.compiler()
 needs_cc = pytest.mark.skipif(REAL_CC is None, reason="no C compiler on this machine")
 
 PROBE = """
