@@ -6,33 +6,12 @@ frozen model against the same network in fp32.
 """
 import argparse
 import os
-import statistics
 import sys
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def timings(models: dict, x, rounds: int = 60) -> dict:
-    """{name: (median ms, IQR ms)}; the models take turns in each round so that load from
-    other processes slows them alike."""
-    ts = {n: [] for n in models}
-    with torch.inference_mode():
-        for m in models.values():
-            for _ in range(5):
-                m(x)
-        for _ in range(rounds):
-            for n, m in models.items():
-                t = time.perf_counter()
-                m(x)
-                ts[n].append((time.perf_counter() - t) * 1e3)
-    out = {}
-    for n, v in ts.items():
-        q1, _, q3 = statistics.quantiles(v, n=4, method="inclusive")
-        out[n] = (statistics.median(v), q1, q3)
-    return out
 
 
 def main(argv=None) -> int:
@@ -50,6 +29,7 @@ def main(argv=None) -> int:
     from triton_dsl.lang.summary import summarize
     from triton_dsl.workflow import build, freeze_checkpoint, train_model
     from triton_dsl.workflow.data import load
+    from triton_dsl.workflow.model_bench import plain, time_models
     from triton_dsl.workflow.train import evaluate
 
     out = os.path.relpath(a.out)
@@ -70,8 +50,8 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     r = train_model(a.file, "digits", qat, epochs=a.epochs, seed=a.seed, progress=False,
                     log=lambda s: None)
-    print(f"2. trained {a.epochs} epoch{'s' * (a.epochs != 1)} on digits (seed {a.seed}) in {time.perf_counter() - t:.1f}"
-          f" s: best epoch {r['best_epoch']}, validation accuracy {r['val_acc']:.2f}%")
+    print(f"2. trained {a.epochs} epoch{'s' * (a.epochs != 1)} on digits (seed {a.seed}) in "
+          f"{time.perf_counter() - t:.1f} s: best epoch {r['best_epoch']}, validation accuracy {r['val_acc']:.2f}%")
 
     # 3. freeze: packed weights, reloaded from disk as a deployment would
     freeze_checkpoint(qat, packed)
@@ -86,12 +66,12 @@ def main(argv=None) -> int:
     # 4. speed: the frozen model against the same network, same weights, in plain fp32
     fp32 = build(a.file, fp32=True)
     fp32.load_state_dict(ck.load(qat).state_dict(), strict=False)
-    fp32.eval()
+    fp32 = plain(fp32.eval())  # torch's own nn.Linear: the baseline a PyTorch user has
     print(f"4. CPU forward time, median of 60 interleaved runs ({torch.get_num_threads()} "
           "threads, inference_mode):")
     for batch in (1, 64):
         x = torch.randn(batch, *frozen.input_shape)
-        tm = timings({"fp32": fp32, "frozen": frozen}, x)
+        tm = time_models({"fp32": fp32, "frozen": frozen}, x, repeat=60, warmup=5)
         (f_ms, f1, f3), (q_ms, q1, q3) = tm["fp32"], tm["frozen"]
         noisy = "  (within noise: the IQRs overlap)" if q1 <= f3 and f1 <= q3 else ""
         print(f"   batch {batch:>2}: fp32 {f_ms:.3f} ms (IQR {f3 - f1:.3f}), frozen {q_ms:.3f} ms"
