@@ -286,3 +286,52 @@ def test_every_precision_round_trips_through_a_checkpoint(prec, path):
         want = frozen(x.to(path)).cpu()
         again = ck.loads(ck.dumps(frozen.cpu())).to(path)
         torch.testing.assert_close(again(x.to(path)).cpu(), want)
+
+
+STATIC_CNN = """model StaticCnn:
+    input [3, 10, 10]
+    layer conv1: conv2d(16, kernel=3, padding=1)
+    layer bn1: batchnorm
+    relu
+    layer conv2: conv2d(8, kernel=3, stride=2, padding=1, bias=false)
+    layer bn2: batchnorm
+    relu
+    flatten
+    layer head: linear(4)
+
+precision:
+    default ternary(scale=absmean, activations=static)
+    layer conv2: int8(activations=static)
+    layer head: int8
+"""
+
+
+def test_static_activation_convs_run_as_int8_convolutions(monkeypatch):
+    """Calibrated (static) int8 activations: a frozen conv2d runs one oneDNN int8 convolution
+    with fp32 output, the folded batchnorm (a negative gamma too) in its scales; it equals the
+    fake-quantized model up to float rounding."""
+    from triton_dsl.kernels import cpu_conv
+    if not cpu_conv.available():
+        pytest.skip("this torch has no oneDNN quantized convolution")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(STATIC_CNN, "static.tdsl")()
+    net.train()
+    for _ in range(3):
+        net(torch.randn(8, *net.input_shape))  # the static observers calibrate while training
+    with torch.no_grad():
+        net.bn2.weight[0] = -1.5  # a negative scale after folding
+    net.eval()
+    x = torch.randn(5, *net.input_shape)
+    with torch.no_grad():
+        want = net(x)
+        frozen = rt.freeze(copy.deepcopy(net))
+        got = frozen(x)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for name in ("conv1", "conv2"):
+        runners = getattr(frozen, name).linear.prepared.runners
+        assert list(runners) == ["qconv"], (name, list(runners))  # nothing else kept
+    with torch.no_grad():  # a NaN input cannot become uint8: the float path gives NaN
+        bad = x.clone()
+        bad[0, 0, 0, 0] = float("nan")
+        assert torch.isnan(frozen(bad)[0]).all() and torch.isfinite(frozen(bad)[1:]).all()

@@ -139,8 +139,9 @@ class Ternary(_Config):
                doc="twn: mean |W| above the threshold; absmean: mean|W|; learned: TTQ positive and "
                    "negative scales; none: pure {-1, 0, +1}"),
         GRANULARITY,
-        Option("activations", "none", ("none", "dynamic"),
-               doc="dynamic: int8 activations per token (W1.58A8)"),
+        Option("activations", "none", ("none", "dynamic", "static"),
+               doc="dynamic: int8 activations per token (W1.58A8); static: one calibrated "
+                   "int8 scale (convolutions then deploy as int8 convolutions)"),
     )
 
     def __post_init__(self):

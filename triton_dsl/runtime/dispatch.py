@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu_paths
+from ..kernels import cpu_conv, cpu_paths
 from ..kernels.common import HAS_TRITON, as_rows, interpreting, m_bucket
 from ..kernels.per_token import fake_quantize_per_token
 from . import tuning
@@ -130,6 +130,28 @@ class Prepacked(Runner):
         return self.forms[0].codes()
 
 
+class QConv(Runner):
+    """A convolution with static int8 activations as one oneDNN int8 convolution (fp32 out),
+    a folded batchnorm in its scales and bias."""
+
+    def __init__(self, lin, conv):
+        q = lin.act_quant
+        x_scale, x_zp = q.scale_zero()
+        codes, scale, _ = stored(lin, lambda: lin.form.cpu_parts(lin))[0]
+        mul, self.bias = affine(lin)
+        if mul is not None:
+            scale = scale * mul
+        c = lin.in_features // (conv.kernel_size[0] * conv.kernel_size[1])
+        self.packed = cpu_conv.PackedQConv(
+            codes.reshape(conv.out_channels, c, *conv.kernel_size).contiguous(), scale,
+            float(x_scale), int(x_zp), q.symmetric, conv.stride, conv.padding, conv.dilation,
+            conv.groups)
+        self.nbytes = self.packed.nbytes
+
+    def __call__(self, x):
+        return self.packed(x, self.bias)
+
+
 class Prepared:
     """A layer's runners by name and its choice per batch bucket, for one (device, act)."""
 
@@ -235,13 +257,31 @@ def _pick(mod, prep: Prepared, x: torch.Tensor, act: str, rows: int):
         else:
             name = _heuristic(mod, makers, act)
         prep.picks[bucket] = name
-        _build(mod, prep, name, makers[name])
-        if "dense" not in prep.picks.values():  # a dense copy that lost: free its memory
-            prep.forget("dense")
-        elif "prepacked" not in prep.picks.values() and prep.prepacked() is not None:
-            mod.form.rebuild(mod, prep.prepacked().codes())  # dense won everywhere so far:
-            prep.forget("prepacked")  # keep the small stored codes, not a second form
+        run = _build(mod, prep, name, makers[name])
+        if not mod.in_conv:  # a convolution tidies its slot once it has chosen its own way
+            release_unused(mod)
+        return run
     return prep.runners[name]
+
+
+# what each convolution way needs of its FrozenLinear's runners (im2col: the matmul's picks)
+_CONV_NEEDS = {"conv": "dense", "qconv": "qconv"}
+
+
+def release_unused(mod):
+    """Free the runners no choice of the layer uses (candidates that lost a measurement): a
+    dense fp32 copy goes; a prepacked form that lost puts the stored codes back and goes.
+    A convolution's choices are kept in the same slot, keyed ("conv", bucket, shape)."""
+    prep = mod.prepared
+    convs = [v for k, v in prep.picks.items() if isinstance(k, tuple)]
+    used = {_CONV_NEEDS[v] for v in convs if v in _CONV_NEEDS}
+    if not mod.in_conv or "im2col" in convs:  # the matmul's own picks count
+        used |= {v for k, v in prep.picks.items() if not isinstance(k, tuple)}
+    for name in [n for n in prep.runners if n not in used]:
+        if name == "prepacked":
+            mod.form.rebuild(mod, prep.prepacked().codes())  # keep the small stored codes
+        prep.forget(name)
+    mod.fast = None
 
 
 def build_default(mod, device: torch.device, act: str):
@@ -257,5 +297,4 @@ def dense(mod) -> Dense:
     """The Dense runner kept in the layer's slot (for convolutions that run F.conv2d on its
     weight and bias)."""
     prep = mod.prepared or prepare(mod, next(mod.buffers()).device, "none")
-    prep.picks["dense-weight"] = "dense"  # keep it
     return _build(mod, prep, "dense", Dense)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_conv
 from ..kernels.common import interpreting, m_bucket
 from . import compile_ops, dispatch, tuning
 from .fold import fold_batchnorm
@@ -44,6 +45,7 @@ class FrozenLinear(nn.Module):
         self.mode = self.form.name  # ternary, int8, int16 or float16: what the checkpoint stores
         self.prepared = None  # a dispatch.Prepared: the runners and their choice per batch
         self.dense_only = False  # a grouped convolution's weight: F.conv2d on the fp32 weight
+        self.in_conv = False  # a FrozenConv2d's weight: its choices live in the same slot
         self.fold = None  # a following batchnorm folded in (runtime/fold.py); not a child
         self.fast = None  # (shape, dtype, device, interpreting, call): the last input's path
         compile_ops.register(self)
@@ -153,6 +155,7 @@ class FrozenConv2d(nn.Module):
         self.im2col = layer.groups == 1 and layer.padding != "same"
         self.linear = FrozenLinear(layer)
         self.linear.dense_only = not self.im2col
+        self.linear.in_conv = True
         compile_ops.register(self)
 
     def __setstate__(self, state):
@@ -170,9 +173,34 @@ class FrozenConv2d(nn.Module):
         if x.dim() != 4 or x.shape[1] * kh * kw != lin.in_features * self.groups:
             raise ValueError(f"x must be [batch, {lin.in_features * self.groups // (kh * kw)}, "
                              f"height, width], got shape {tuple(x.shape)}")
-        if self._way(x) == "im2col":
+        way = self._way(x)
+        if way == "im2col":
             return im2col_conv(x, self, lin)
+        if way == "qconv":
+            y = self.forward_qconv(x)
+            if y is not None:
+                return y
         return self.forward_conv(x)
+
+    def _qconv(self):
+        """The int8 convolution for static int8 activations (kernels/cpu_conv.py), built once
+        into the layer's slot; None where it does not apply."""
+        lin = self.linear
+        q = lin.act_quant
+        if not (self.im2col and q is not None and q.mode == "static" and int(q.batches) > 0
+                and cpu_conv.available()):
+            return None
+        spec = lin.form.cpu_spec(lin)
+        if spec is None or spec.group is not None or hasattr(lin, "scale_abs"):
+            return None  # grouped scales and TTQ's two parts have no single int8 weight
+        prep = lin.prepared
+        if "qconv" not in prep.runners:
+            prep.runners["qconv"] = dispatch.QConv(lin, self)
+        return prep.runners["qconv"]
+
+    def forward_qconv(self, x):
+        run = self._qconv()
+        return None if run is None else run(x)
 
     def forward_conv(self, x):
         lin = self.linear
@@ -194,19 +222,19 @@ class FrozenConv2d(nn.Module):
         key = ("conv", m_bucket(x.shape[0]), tuple(x.shape[1:]))
         way = prep.picks.get(key)
         if way is None:
-            way = "im2col"
+            qconv = self._qconv() is not None
+            way = "qconv" if qconv else "im2col"  # without measuring: the int8 convolution
             if tuning.enabled():
                 name = (f"conv|{self.out_channels}x{lin.in_features}|{lin.form.name}|"
                         f"{self.kernel_size}/{self.stride}/{self.padding}/{self.dilation}|"
-                        f"batch={key[1]}|{'x'.join(map(str, x.shape[1:]))}")
-                way = tuning.choose(name, {"im2col": lambda: im2col_conv(x, self, lin),
-                                           "conv": lambda: self.forward_conv(x)})
+                        f"batch={key[1]}|{'x'.join(map(str, x.shape[1:]))}|{lin.activations}")
+                ways = {"im2col": lambda: im2col_conv(x, self, lin),
+                        "conv": lambda: self.forward_conv(x)}
+                if qconv:
+                    ways["qconv"] = lambda: self.forward_qconv(x)
+                way = tuning.choose(name, ways)
             prep.picks[key] = way
-            convs = [v for k, v in prep.picks.items() if isinstance(k, tuple) and k[0] == "conv"]
-            if "conv" not in convs and prep.picks.pop("dense-weight", None):  # the fp32 copy
-                if "dense" not in prep.picks.values():  # lost everywhere: free it
-                    prep.forget("dense")
-                    lin.fast = None
+            dispatch.release_unused(lin)
         return way
 
 

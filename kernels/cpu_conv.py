@@ -1,0 +1,63 @@
+"""Int8 convolution on the CPU for layers with static (calibrated) int8 activations: oneDNN's
+quantized convolution with an fp32 output, so nothing is requantized.
+
+The activations are quantized exactly as the trainable layer's static quantizer does,
+q = clamp(round(x / s) + z, lo, hi), and enter as uint8 with a zero point (symmetric codes in
+[-127, 127] shift by 128). oneDNN sums (q - z) * w in int32, exactly, and scales by s * w_scale;
+the result is the fake-quantized convolution up to float rounding. Weights are int8 codes
+(ternary ones in {-1, 0, 1}) with a scale per output channel; a negative scale (a folded
+batchnorm with a negative gamma) moves its sign into the codes, so oneDNN only sees positive
+scales. An input holding NaN cannot become uint8: the call returns None and the layer takes its
+float path.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def available() -> bool:
+    """Whether this torch has oneDNN's quantized convolution (x86 builds do)."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.onednn, "qconv2d_pointwise"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedQConv:
+    """A convolution weight [O, C/groups, kh, kw] of int8 codes with per-channel scales,
+    prepacked for static int8 activations of scale ``x_scale`` and zero point ``x_zp``."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, x_scale: float, x_zp: int,
+                 symmetric: bool, stride, padding, dilation, groups: int):
+        if codes.dtype != torch.int8 or codes.dim() != 4:
+            raise ValueError(f"codes must be 4-d int8, got {codes.dtype} of shape "
+                             f"{tuple(codes.shape)}")
+        scale = scale.float().reshape(-1)
+        flip = scale < 0
+        self.codes = torch.where(flip[:, None, None, None], -codes, codes).contiguous()
+        self.w_scale = scale.abs().contiguous()
+        self.w_zp = torch.zeros(scale.numel(), dtype=torch.long)
+        self.x_scale, self.symmetric = float(x_scale), symmetric
+        self.x_zp = 128 if symmetric else int(x_zp)  # symmetric int8 codes enter as uint8 + 128
+        self.args = (list(stride), list(padding), list(dilation), int(groups))
+        self.packed = torch.ops.onednn.qconv_prepack(self.codes, self.w_scale, self.x_scale,
+                                                     self.x_zp, *self.args, None)
+        self.nbytes = self.codes.numel() + 4 * scale.numel()
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """fp32 output of the convolution of x [B, C, H, W] quantized with the static scale."""
+        q = torch.round(x.float() / self.x_scale)
+        if self.symmetric:
+            q.clamp_(-127, 127).add_(128)
+        else:
+            q.add_(self.x_zp).clamp_(0, 255)
+        bad = torch.isnan(q).any()  # NaN cannot become uint8: such inputs take the float path
+        if bad:
+            return None
+        qx = q.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        y = torch.ops.onednn.qconv2d_pointwise(
+            qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,
+            None if bias is None else bias.float(), *self.args, 1.0, 0, torch.float32, "none",
+            [], "")
+        return y.to(x.dtype)
