@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from . import native
+
 
 def available() -> bool:
     """Whether this torch has oneDNN's quantized convolution (x86 builds do)."""
@@ -45,19 +47,28 @@ class PackedQConv:
                                                      self.x_zp, *self.args, None)
         self.nbytes = self.codes.numel() + 4 * scale.numel()
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """fp32 output of the convolution of x [B, C, H, W] quantized with the static scale."""
-        q = torch.round(x.float() / self.x_scale)
-        if self.symmetric:
-            q.clamp_(-127, 127).add_(128)
-        else:
-            q.add_(self.x_zp).clamp_(0, 255)
-        bad = torch.isnan(q).any()  # NaN cannot become uint8: such inputs take the float path
-        if bad:
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """fp32 output of the convolution of x [B, C, H, W] quantized with the static scale;
+        None when x holds a NaN."""
+        qx = self._quantize(x.float())
+        if qx is None:
             return None
-        qx = q.to(torch.uint8).contiguous(memory_format=torch.channels_last)
         y = torch.ops.onednn.qconv2d_pointwise(
             qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,
             None if bias is None else bias.float(), *self.args, 1.0, 0, torch.float32, "none",
             [], "")
         return y.to(x.dtype)
+
+    def _quantize(self, x: torch.Tensor) -> torch.Tensor | None:
+        """uint8 codes of x in its own memory layout (the previous int8 convolution's output is
+        channels-last): the native kernel's one pass where it is built, else torch ops."""
+        lo, hi = (1, 255) if self.symmetric else (0, 255)  # symmetric: [-127, 127] + 128
+        lib = native.library()
+        if lib is not None:
+            if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+                x = x.contiguous(memory_format=torch.channels_last)
+            return lib.quantize_u8(x, self.x_scale, self.x_zp, lo, hi)
+        if torch.isnan(x.sum()):  # one reduction, no mask (+Inf + -Inf also lands here)
+            return None
+        q = torch.round(x / self.x_scale).add_(self.x_zp).clamp_(lo, hi)
+        return q.to(torch.uint8)

@@ -87,7 +87,7 @@ enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
 
 /* The ABI version: native.py's SIGNATURES table declares this file's exported functions; bump
    both together when a signature or a layout changes, so a stale cached library is refused. */
-#define TDSL_ABI 2
+#define TDSL_ABI 3
 int tdsl_abi(void) { return TDSL_ABI; }
 int tdsl_isa(void) { return TDSL_ISA; }
 int tdsl_tile_rows(void) { return NB; } /* the weight layout's rows per tile */
@@ -566,4 +566,22 @@ int tdsl_grouped_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const
     free(rsum);
     free(xs);
     return failed ? -1 : 0;
+}
+
+/* Static int8 activations for the int8 convolution (kernels/cpu_conv.py), in one pass: codes
+   clamp(nearbyint(x / scale) + zp, lo, hi) as uint8, x / scale rounded half to even exactly as
+   the runtime's static quantizer (torch.round(x / s)) does, so the codes are identical. Returns
+   1 when x holds a NaN (no uint8 stands for it: the caller takes its float path), else 0. */
+int tdsl_quantize_u8(const float *x, int64_t n, float scale, int zp, int lo, int hi,
+                     uint8_t *out, int threads) {
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (n >= 65536)
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i] / scale;
+        float r = nearbyintf(v) + (float)zp;
+        r = r < (float)lo ? (float)lo : r > (float)hi ? (float)hi : r;
+        bad |= v != v;
+        out[i] = (uint8_t)(v == v ? r : 0.0f); /* converting NaN is undefined */
+    }
+    return bad;
 }

@@ -29,9 +29,9 @@ MAX_K = 65536
 LIMIT_K = 1 << 24  # the C kernel's per-row code sums are int32: Library.linear refuses more
 MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 TERNARY, INT8 = 0, 1
-ABI = 2  # cpu_linear.c's TDSL_ABI
+ABI = 3  # cpu_linear.c's TDSL_ABI
 
-_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The exported C functions: name -> (return type, argument types), in the prototypes' order.
 SIGNATURES = {
     "tdsl_abi": (_I32, []),
@@ -42,6 +42,8 @@ SIGNATURES = {
     # x, m, k, ldx, w, nib, n, group, scale, wsum, bias, y, threads
     "tdsl_grouped_linear": (_I32, [_P, _I64, _I64, _I64, _P, _I32, _I64, _I64, _P, _P, _P, _P,
                                    _I32]),
+    # x, n, scale, zp, lo, hi, out, threads
+    "tdsl_quantize_u8": (_I32, [_P, _I64, _F32, _I32, _I32, _I32, _P, _I32]),
 }
 
 
@@ -82,6 +84,15 @@ class Library:
             if rc != 0:
                 raise MemoryError("native linear: could not allocate scratch memory")
         return y
+
+    def quantize_u8(self, x: torch.Tensor, scale: float, zp: int, lo: int, hi: int):
+        """uint8 codes clamp(round(x / scale) + zp, lo, hi) of fp32 x, in x's memory layout
+        (contiguous in some memory format), or None when x holds a NaN."""
+        out = torch.empty_like(x, dtype=torch.uint8)
+        if x.numel() and self.dll.tdsl_quantize_u8(x.data_ptr(), x.numel(), scale, zp, lo, hi,
+                                                   out.data_ptr(), torch.get_num_threads()):
+            return None
+        return out
 
     def grouped_linear(self, x: torch.Tensor, w: torch.Tensor, n: int, group: int,
                        scale: torch.Tensor, w_sum: torch.Tensor,
