@@ -166,8 +166,11 @@ def _kind_rule(r, scope: Scope, diags):
         return []
     matched = [t for t in scope.targets if t.kind == r.target]
     if not matched and not scope.hidden(r):
+        other = [o for o in scope.others if o[1] == r.target]  # a subclass, already quantized
+        why = f" that can take a precision ('{other[0][0]}' is one, {other[0][2]})" if other \
+            else ""
         diags.append(Diagnostic("E503", f"rule matches no {noun}: the model has no {r.target} "
-                                f"{noun}", r.pos.line, r.pos.col, width=len(r.target)))
+                                f"{noun}{why}", r.pos.line, r.pos.col, width=len(r.target)))
     return matched
 
 
