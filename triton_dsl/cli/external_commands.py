@@ -11,9 +11,9 @@ from .common import EXIT_INPUT, EXIT_OK
 
 def cmd_plan(args) -> int:
     from ..lang.diagnostics import TdslError
-    from ..lang.external import read_rules
+    from ..lang.external import check_rules, read_rules
     from ..workflow.factory import FactoryError, build_model
-    rules = read_rules(args.rules)  # the rules first: a bad file fails before any import
+    rules = check_rules(read_rules(args.rules))  # a bad file fails before any import
     if not rules.ok:
         print(str(TdslError(rules.path, rules.text, rules.diagnostics)), file=sys.stderr)
         return EXIT_INPUT

@@ -83,6 +83,26 @@ def parse_rules(text: str, path: str = "<rules>") -> Rules:
     return Rules(path, text, sections, diags)
 
 
+class _Any(tuple):
+    """Every kind, for checking rules before a model is known."""
+
+    def __contains__(self, item):
+        return True
+
+
+def check_rules(rules: Rules) -> Rules:
+    """The problems a rules file has whatever the model (syntax, precisions, options, two
+    defaults), found by the same engine with every name hidden: a command that builds the
+    model (`triton-dsl plan`) reports them before that expensive step."""
+    if rules.ok:
+        diags: list[Diagnostic] = []
+        scope = Scope([], [], _Any(), _Any(), noun="module", external=True,
+                      hidden=lambda rule: True)
+        resolve(rules.sections, scope, diags)
+        rules.diagnostics = sorted(rules.diagnostics + diags, key=lambda d: (d.line, d.col))
+    return rules
+
+
 def plan(rules: Rules, modules: list, other_bytes: int = 0, model: str = "model") -> Plan:
     """Resolve the rules against the modules of an existing model; raises TdslError, listing
     every problem, each at its place in the rules file."""
@@ -109,4 +129,4 @@ def plan(rules: Rules, modules: list, other_bytes: int = 0, model: str = "model"
     return Plan(rules.path, model, entries, other_bytes)
 
 
-__all__ = ["MODULE_KINDS", "Module", "Rules", "read_rules", "parse_rules", "plan"]
+__all__ = ["MODULE_KINDS", "Module", "Rules", "read_rules", "parse_rules", "check_rules", "plan"]
