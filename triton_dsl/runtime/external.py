@@ -90,7 +90,7 @@ def plan(model: nn.Module, rules) -> Plan:
     """What ``rules`` (a path, or a rules file's text) would do to ``model``; changes nothing.
     Raises TdslError with every problem, each at its place in the rules file."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"plan() takes a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     r = _rules(rules)
     modules, other = describe(model)
     return resolve(r, modules, other, type(model).__name__)
@@ -99,12 +99,15 @@ def plan(model: nn.Module, rules) -> Plan:
 def quantize(model: nn.Module, rules) -> Plan:
     """Replace the modules the rules select, in place, with trainable quantized layers (fake
     quantization, straight-through gradients) holding the same weights; returns the plan.
-    Nothing changes when the rules have an error."""
-    p = plan(model, rules)
+    Nothing changes when the rules have an error. The model remembers the rules' text
+    (``tdsl_rules``, in the order applied) so that a checkpoint can apply them again."""
+    r = _rules(rules)
+    p = plan(model, r)
     for e in p.quantized:
         parent, _, leaf = e.name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, leaf, _qat(getattr(owner, leaf), e.kind, e.precision))
+    model.__dict__["tdsl_rules"] = [*model.__dict__.get("tdsl_rules", []), r.text]
     return p
 
 

@@ -25,7 +25,7 @@ from .checkpoint_format import (FORMAT, CheckpointError, check_format, digest, p
                                 validate)
 
 __all__ = ["FORMAT", "CheckpointError", "save", "dumps", "read", "load", "loads", "history",
-           "normalization", "is_frozen"]
+           "normalization", "is_frozen", "save_quantized", "load_quantized"]
 
 
 def is_frozen(model) -> bool:
@@ -127,6 +127,10 @@ def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
     """load() from bytes; ``name`` only names the file in messages."""
     from ..runtime.frozen import freeze, prepare
     tensors, meta, fields, infos = _parse(blob, name)
+    if "external" in meta:
+        raise CheckpointError(f"{name} holds an existing {meta['model']} quantized by rules, "
+                              "not a compiled .tdsl model: build that model and call "
+                              "triton_dsl.checkpoint.load_quantized(path, model)")
     if expect_model is not None and meta["model"] != expect_model:
         raise CheckpointError(f"{name} holds model {meta['model']!r}, not {expect_model!r}")
     cls = _compile(meta, name)
@@ -158,6 +162,18 @@ def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
         prepare(model)  # the native library and CPU layouts now, not in the first forward pass
     model.checkpoint_meta = meta
     return model
+
+
+def save_quantized(model, path: str) -> int:
+    """Save an existing model quantized by triton_dsl.quantize (checkpoint_external.py)."""
+    from .checkpoint_external import save_quantized as _save
+    return _save(model, path)
+
+
+def load_quantized(path: str, model):
+    """Apply a save_quantized() checkpoint to a freshly built ``model`` (checkpoint_external.py)."""
+    from .checkpoint_external import load_quantized as _load
+    return _load(path, model)
 
 
 def _compile(meta: dict, name: str):
