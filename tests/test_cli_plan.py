@@ -101,3 +101,17 @@ def test_check_accepts_a_rules_file(run_cli, here, tmp_path):
     (tmp_path / "block.tdsl").write_text("block B:\n    relu\n")
     code, _, err = run_cli("check", "block.tdsl")
     assert code == 1 and "E106" in err  # not a rules file: no model is still the problem
+
+
+def test_bench_an_existing_model(run_cli, here, tmp_path):
+    out_json = str(tmp_path / "b.json")
+    code, out, err = run_cli("bench", "--model", f"{here}:mlp", "--rules", "rules.tdsl",
+                             "--input-shape", "16", "--batch", "1", "--repeat", "3",
+                             "--device", "cpu", "--json", out_json)
+    assert code == 0, err
+    recs = json.load(open(out_json))["records"]
+    assert [r["method"] for r in recs] == ["float", "frozen"]
+    assert recs[1]["weight_bytes"] < recs[0]["weight_bytes"] or recs[1]["noisy"] is not None
+    code, _, err = run_cli("bench", "--model", f"{here}:mlpp", "--rules", "rules.tdsl",
+                           "--device", "cpu")
+    assert code == 1 and "did you mean 'mlp'?" in err
