@@ -115,3 +115,14 @@ def test_bench_an_existing_model(run_cli, here, tmp_path):
     code, _, err = run_cli("bench", "--model", f"{here}:mlpp", "--rules", "rules.tdsl",
                            "--device", "cpu")
     assert code == 1 and "did you mean 'mlp'?" in err
+
+
+def test_rules_examples_check_clean(run_cli):
+    import glob
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rules = [p for p in glob.glob(os.path.join(root, "examples", "*.tdsl"))
+             if not any(l.startswith("model ") for l in open(p))]
+    assert len(rules) >= 3
+    code, out, err = run_cli("check", *rules)
+    assert code == 0 and err == "" and out.count("ok (rules for existing models") == len(rules)
