@@ -4,7 +4,7 @@ import pytest
 
 from triton_dsl.lang.diagnostics import TdslError
 from triton_dsl.lang.external import Module, parse_rules, plan, read_rules
-from triton_dsl.lang.rules import suggest_pattern
+from triton_dsl.lang.diagnostics import suggest_pattern
 
 # a Llama-like model as the runtime would describe it (lang/external.Module records)
 MODULES = [Module("model.embed_tokens", "Embedding", why="which precision rules cannot select")]

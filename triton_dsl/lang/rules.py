@@ -13,7 +13,6 @@ checked once, for the winner only: a rule that a later, stronger rule overrides 
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
 import re
@@ -21,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .bind import bind
-from .diagnostics import Diagnostic, suggest
+from .diagnostics import Diagnostic, suggest, suggest_pattern
+from .fits import SKIP, fits, one_per_place
 from .kinds import KINDS, QUANTIZABLE
 from .limits import MAX_RULES
 from .precision import FP32, REGISTRY
 
 _RANK = {"layer_exact": 3, "layer_pattern": 2, "kind": 1, "default": 0}
-SKIP = "skip"  # the precision word that keeps an existing module as it is (external scopes only)
 
 
 @dataclass(frozen=True)
@@ -112,10 +111,11 @@ def resolve(sections, scope: Scope, diags) -> tuple[dict, set]:
             if t.name not in best or key > best[t.name][:2]:
                 best[t.name] = key + (prec, r)
     fallback = SKIP if scope.external else FP32
-    table = {}
+    table, misfits = {}, []
     for t in quant:
         rank, _, prec, rule = best.get(t.name, (None, None, fallback, None))
-        table[t.name] = prec if rule is None or _fits(prec, t, rule, scope, diags) else fallback
+        table[t.name] = prec if rule is None or fits(prec, t, rule, scope, misfits) else fallback
+    diags += one_per_place(misfits, scope.noun)
     return table, {n for n, b in best.items() if b[0] == _RANK["layer_exact"]}
 
 
@@ -199,25 +199,6 @@ def _layer_rule(r, scope: Scope, by_name, diags):
     return matched, "layer_pattern" if is_pattern else "layer_exact"
 
 
-def suggest_pattern(pattern: str, names) -> str | None:
-    """For a pattern that matches nothing: the same pattern with one misspelt dotted part
-    replaced by the closest part real names have at that depth, when that then matches
-    (model.layer.*.mlp.* -> model.layers.*.mlp.*)."""
-    parts = pattern.split(".")
-    names = list(names)[:10000]
-    for i, part in enumerate(parts):
-        if any(c in part for c in "*?"):
-            continue
-        at = {n.split(".")[i] for n in names if n.count(".") >= i}
-        if part in at:
-            continue
-        for close in difflib.get_close_matches(part, sorted(at)[:500], n=3, cutoff=0.6):
-            fixed = ".".join(parts[:i] + [close] + parts[i + 1:])
-            if any(_matcher(fixed)(n) for n in names):
-                return f"did you mean '{fixed}'?"
-    return None
-
-
 def _precision(call, scope: Scope, diags):
     if call.name == SKIP:
         if not scope.external:
@@ -245,36 +226,3 @@ def _precision(call, scope: Scope, diags):
     except ValueError as e:
         diags.append(Diagnostic("E502", str(e), call.pos.line, call.pos.col, width=len(call.name)))
         return None
-
-
-def _fits(prec, t: Target, rule, scope: Scope, diags) -> bool:
-    """Whether the winning precision fits its target, checked before any work: modules the
-    runtime cannot replace, dynamic activations on convolutions, packing alignment."""
-    call = rule.precision
-    if prec == SKIP:
-        return True
-    if t.problem:
-        diags.append(Diagnostic("E511", f"{t.name} cannot take {prec.to_source()}: {t.problem}",
-                                call.pos.line, call.pos.col, f"keep it as it is with a rule "
-                                f"`layer {t.name}: skip`", len(call.name)))
-        return False
-    if getattr(prec, "activations", "none") == "dynamic" and not t.dynamic_ok:
-        kind = "conv2d" if not scope.external else t.kind
-        diags.append(Diagnostic("E509", f"{t.name}: activations=dynamic on a {kind} needs "
-                                "groups=1 and a numeric padding", call.pos.line, call.pos.col,
-                                f"quantize this {scope.noun}'s weights only, or use "
-                                "activations=static", len(call.name)))
-        return False
-    g = getattr(prec, "group_size", None)
-    if g and t.weight[1] % g:
-        pos = next((a.value.pos for a in call.args if a.name == "group_size"), call.pos)
-        diags.append(Diagnostic("E508", f"group_size={g} does not divide {t.name}'s "
-                                f"{t.weight[1]} input weights per output", pos.line, pos.col,
-                                "pick a divisor: " + ", ".join(
-                                    map(str, _divisors(t.weight[1])[:8]))))
-        return False
-    return True
-
-
-def _divisors(n):
-    return [d for d in range(8, min(n, 1024) + 1) if n % d == 0]

@@ -14,15 +14,15 @@ allocating) and every stored code; each failure is one line naming the field.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
 from ..version import __version__
 from ..files import write_atomic
 from . import checkpoint_codes as C
-from .checkpoint_format import (FORMAT, CheckpointError, check_format, digest, parse_header,
-                                validate)
+from .checkpoint_format import FORMAT, CheckpointError, digest
+from .checkpoint_format import parse as _parse
+from .checkpoint_format import read_file as _read_file
 
 __all__ = ["FORMAT", "CheckpointError", "save", "dumps", "read", "load", "loads", "history",
            "normalization", "is_frozen", "save_quantized", "load_quantized"]
@@ -84,32 +84,6 @@ def _verify(model, blob: bytes, path: str):
     if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=1e-5, equal_nan=True):
         raise CheckpointError(f"{path}: not written: the model rebuilt from it computes "
                               "different outputs")
-
-
-def _read_file(path: str) -> bytes:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _parse(blob: bytes, name: str):
-    """(tensors, metadata, checked fields, tensor headers); raises CheckpointError."""
-    from safetensors.torch import load as st_load
-    infos, meta = parse_header(blob, name)
-    check_format(meta, name, __version__)
-    fields = validate(meta, name)
-    try:
-        tensors = st_load(blob)
-    except Exception as e:  # safetensors reports bad offsets and truncation as various errors
-        raise CheckpointError(f"{name}: not a readable safetensors file (truncated or corrupt: "
-                              f"{' '.join(str(e).split())})") from None
-    if digest(meta, tensors) != meta["sha256"]:
-        raise CheckpointError(f"{name}: contents do not match their SHA-256: the file is corrupt")
-    return tensors, meta, fields, infos
 
 
 def read(path: str) -> tuple[dict, dict]:

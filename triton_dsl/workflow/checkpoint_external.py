@@ -18,12 +18,16 @@ import json
 from ..files import write_atomic
 from ..version import __version__
 from . import checkpoint_codes as C
-from .checkpoint import _parse, _read_file, is_frozen
-from .checkpoint_format import FORMAT, CheckpointError, digest
+from .checkpoint_format import FORMAT, CheckpointError, digest, parse, read_file
 
 
 def identity(model) -> str:
     return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
+def _frozen(model) -> bool:
+    from ..runtime.frozen import FrozenConv2d, FrozenLinear
+    return any(isinstance(m, (FrozenLinear, FrozenConv2d)) for m in model.modules())
 
 
 def dumps_quantized(model) -> bytes:
@@ -41,7 +45,7 @@ def dumps_quantized(model) -> bytes:
         seen.add(v.data_ptr())
         tensors[k] = (C.encode(v, encodings[k]) if k in encodings else v).contiguous()
     meta = {"format": FORMAT, "triton_dsl_version": __version__, "model": type(model).__name__,
-            "tdsl_source": "\n".join(rules), "kind": "frozen" if is_frozen(model) else
+            "tdsl_source": "\n".join(rules), "kind": "frozen" if _frozen(model) else
             "trainable", "fp32": "false", "encodings": json.dumps(encodings, sort_keys=True),
             "external": json.dumps({"class": identity(model), "rules": rules})}
     meta["sha256"] = digest(meta, tensors)
@@ -76,7 +80,7 @@ def load_quantized(path: str, model):
     from ..lang.diagnostics import TdslError
     from ..runtime.external import quantize
     from ..runtime.frozen import freeze, prepare
-    tensors, meta, fields, _ = _parse(_read_file(path), path)
+    tensors, meta, fields, _ = parse(read_file(path), path)
     ext = _external(meta, path)
     if ext["class"] != identity(model):
         raise CheckpointError(f"{path} was saved from a {ext['class']}, not a {identity(model)}")
