@@ -79,6 +79,14 @@ def test_quantize_keeps_the_parameters_themselves():
     assert net.conv.padding == (1, 1) and net.conv.stride == (1, 1)
 
 
+def test_a_shared_module_is_replaced_everywhere():
+    shared = nn.Linear(8, 8)
+    m = nn.Sequential(shared, nn.ReLU(), shared)
+    p = triton_dsl.quantize(m, "precision:\n    default int8\n")
+    assert [e.name for e in p.entries] == ["0"]  # named once, as named_modules() lists it
+    assert isinstance(m[0], rt.Linear) and m[2] is m[0]
+
+
 def test_conv1d_becomes_a_linear_with_the_weight_transposed():
     torch.manual_seed(0)
     c = nn.Sequential(Conv1D(16, 24))

@@ -103,10 +103,12 @@ def quantize(model: nn.Module, rules) -> Plan:
     (``tdsl_rules``, in the order applied) so that a checkpoint can apply them again."""
     r = _rules(rules)
     p = plan(model, r)
-    for e in p.quantized:
-        parent, _, leaf = e.name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, leaf, _qat(getattr(owner, leaf), e.kind, e.precision))
+    new = {id(model.get_submodule(e.name)): _qat(model.get_submodule(e.name), e.kind,
+                                                 e.precision) for e in p.quantized}
+    for owner in list(model.modules()):  # every place a module is used, should it be shared
+        for leaf, child in list(owner._modules.items()):  # named_children() lists each once
+            if id(child) in new:
+                setattr(owner, leaf, new[id(child)])
     model.__dict__["tdsl_rules"] = [*model.__dict__.get("tdsl_rules", []), r.text]
     return p
 
