@@ -125,3 +125,10 @@ def test_cli_plan_on_the_example(run_cli, monkeypatch):
                              "examples.hf_models:tiny_llama")
     assert code == 0, err
     assert out.startswith("LlamaForCausalLM with examples/hf_llama_rules.tdsl: 14 of 15 modules")
+
+
+def test_example_script_runs(capsys):
+    import hf_quantize
+    assert hf_quantize.main(["--tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM with" in out and "frozen generates:" in out
