@@ -26,10 +26,10 @@ def bench_arguments(ap):
                     "--rules, PKG.MODULE:FACTORY: an existing model, float against frozen")
     ap.add_argument("--rules", metavar="RULES.tdsl", help="with --model PKG.MODULE:FACTORY: "
                     "the precision rules to apply to the model the factory builds")
-    ap.add_argument("--tokens", type=int, default=1, help="with --rules, for language models: "
-                    "tokens per input (1: one decoding step)")
-    ap.add_argument("--input-shape", type=int, nargs="+", metavar="D", help="with --rules, for "
-                    "models without a vocabulary: one input's shape, without the batch")
+    ap.add_argument("--tokens", type=_positive_int, default=1, help="with --rules, for "
+                    "language models: tokens per input (1: one decoding step)")
+    ap.add_argument("--input-shape", type=_positive_int, nargs="+", metavar="D", help="with "
+                    "--rules, for models without a vocabulary: one input's shape, no batch")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], metavar="B",
                     help="batch sizes for --model")
     ap.add_argument("--compile", action="store_true",
