@@ -118,6 +118,19 @@ def test_frozen_resnet_compiles(monkeypatch):
     torch.testing.assert_close(got, want)
 
 
+def test_frozen_llama_compiles_in_one_graph():
+    """Each frozen projection is one custom op (runtime/compile_ops.py): no graph break."""
+    torch._dynamo.reset()
+    model = tiny_llama()
+    triton_dsl.quantize(model, LLAMA_RULES)
+    rt.freeze(model)
+    with torch.no_grad():
+        want = model(PROMPT).logits
+        assert torch._dynamo.explain(model)(PROMPT).graph_break_count == 0
+        got = torch.compile(model, backend="aot_eager")(PROMPT).logits
+    torch.testing.assert_close(got, want)
+
+
 def test_cli_plan_on_the_example(run_cli, monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "path", list(sys.path))
