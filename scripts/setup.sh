@@ -14,7 +14,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # torch first and pinned: an open range could pull a multi-GB CUDA build; 2.13.0 is the CPU
   # build this project's machines carry.
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[dev]"
+  # hf: transformers, so the tests of rules files on Hugging Face models run in CI too
+  python -m pip install -q -e ".[dev,hf]"
   touch "$stamp"
 fi
 # Build the native CPU kernel now rather than on the first forward pass (cached in

@@ -2,6 +2,7 @@
 
     Net = triton_dsl.load("model.tdsl")     # the nn.Module class, compiled in memory
     source = triton_dsl.compile("model.tdsl")  # the generated Python source
+    plan = triton_dsl.quantize(model, "rules.tdsl")  # a precision section applied to any module
 
 The package is layered, and imports flow one way (tests/test_layers.py enforces it):
     lang/      .tdsl text -> AST -> checked IR -> Python source, summary, fmt (no torch)
@@ -13,10 +14,11 @@ The package is layered, and imports flow one way (tests/test_layers.py enforces 
 Importing this package imports neither torch nor triton; the runtime does, when a model is built.
 """
 from .version import __version__
-from .api import Diagnostic, TdslError, check, compile, load, load_module, load_source
+from .api import (Diagnostic, TdslError, calibrate, check, compile, load, load_module,
+                  load_source, plan, quantize)
 
-__all__ = ["load", "load_source", "load_module", "compile", "check", "TdslError", "Diagnostic",
-           "__version__"]
+__all__ = ["load", "load_source", "load_module", "compile", "check", "plan", "quantize",
+           "calibrate", "TdslError", "Diagnostic", "__version__"]
 
 
 def __getattr__(name):

@@ -14,8 +14,8 @@ from .lang.codegen import generate
 from .lang.diagnostics import Diagnostic, TdslError
 from .lang.frontend import Result, check_file
 
-__all__ = ["check", "compile", "load", "load_source", "load_module", "Result", "Diagnostic",
-           "TdslError"]
+__all__ = ["check", "compile", "load", "load_source", "load_module", "plan", "quantize",
+           "calibrate", "Result", "Diagnostic", "TdslError"]
 
 
 def check(path: str) -> Result:
@@ -53,3 +53,26 @@ def load_module(path: str) -> types.ModuleType:
     """The whole generated module (every model of the file) without writing it to disk."""
     from .runtime.build import load_module as _load_module
     return _load_module(path)
+
+
+def plan(model, rules):
+    """What a rules file (a path, or its text: `precision:` and rules) would do to an existing
+    ``model``: each Linear, Conv2d and Conv1D module's precision, bits and packed bytes, and the
+    totals. Changes nothing; raises TdslError with every problem in the rules."""
+    from .runtime.external import plan as _plan
+    return _plan(model, rules)
+
+
+def quantize(model, rules):
+    """Apply a rules file to an existing ``model`` in place: each selected module becomes a
+    trainable quantized layer holding the same weights (then ``runtime.freeze(model)`` packs
+    it). Returns the plan; raises TdslError, changing nothing, when the rules have an error."""
+    from .runtime.external import quantize as _quantize
+    return _quantize(model, rules)
+
+
+def calibrate(model, batches) -> int:
+    """Observe static activation ranges (activations=static) on the user's own batches:
+    tensors (model(x)), tuples (model(*b)) or dicts (model(**b)). Returns the batches seen."""
+    from .runtime.external import calibrate as _calibrate
+    return _calibrate(model, batches)

@@ -2,14 +2,14 @@
 
 The parser and dispatch live here; each command lives with its kind (lang_commands: check,
 compile, summary, fmt, which import neither torch nor triton; workflow_commands: the rest, which
-import torch only when they run).
+import torch only when they run; external_commands: plan, for models that already exist).
 """
 from __future__ import annotations
 
 import sys
 
 from ..version import __version__
-from . import lang_commands, workflow_commands
+from . import external_commands, lang_commands, workflow_commands
 from .common import EXIT_OK, EXIT_USAGE, Parser
 
 
@@ -20,6 +20,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     lang_commands.add_commands(sub)
     workflow_commands.add_commands(sub)
+    external_commands.add_commands(sub)
     return p
 
 

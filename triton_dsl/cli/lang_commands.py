@@ -13,13 +13,35 @@ def cmd_check(args) -> int:
     failed = 0
     for path in args.files:
         r = check_file(path)
-        if report(r):
+        rules = _as_rules(r)
+        if rules is not None:  # precision sections only: rules for existing models
+            if rules.diagnostics:
+                print(render_all(path, rules.text, rules.diagnostics), file=sys.stderr)
+            if rules.ok:
+                n = sum(len(s.rules) for s in rules.sections)
+                print(f"{display_name(path)}: ok (rules for existing models: {n} "
+                      f"rule{'s' * (n != 1)})")
+            else:
+                failed += 1
+        elif report(r):
             names = ", ".join(m.name for m in r.models)
             print(f"{display_name(path)}: ok ({len(r.models)} model{'s' * (len(r.models) != 1)}: "
                   f"{names})")
         else:
             failed += 1
     return EXIT_INPUT if failed else EXIT_OK
+
+
+def _as_rules(r):
+    """A file with no model whose every definition is an unnamed precision section, checked as
+    a rules file (lang/external.py); None for any other file."""
+    from ..lang.external import check_rules, parse_rules
+    if r.text is None or not any(d.code == "E106" for d in r.diagnostics):
+        return None
+    rules = parse_rules(r.text, r.path)
+    if not rules.sections or any(d.code == "E513" for d in rules.diagnostics):
+        return None
+    return check_rules(rules)
 
 
 def cmd_compile(args) -> int:

@@ -22,7 +22,14 @@ def bench_arguments(ap):
     ap.add_argument("--methods", nargs="+", metavar="METHOD")
     ap.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
     ap.add_argument("--model", metavar="FILE.tdsl", help="time a whole model instead: frozen "
-                    "against fp32 and torch's int8 deployment of the same architecture")
+                    "against fp32 and torch's int8 deployment of the same architecture; with "
+                    "--rules, PKG.MODULE:FACTORY: an existing model, float against frozen")
+    ap.add_argument("--rules", metavar="RULES.tdsl", help="with --model PKG.MODULE:FACTORY: "
+                    "the precision rules to apply to the model the factory builds")
+    ap.add_argument("--tokens", type=_positive_int, default=1, help="with --rules, for "
+                    "language models: tokens per input (1: one decoding step)")
+    ap.add_argument("--input-shape", type=_positive_int, nargs="+", metavar="D", help="with "
+                    "--rules, for models without a vocabulary: one input's shape, no batch")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], metavar="B",
                     help="batch sizes for --model")
     ap.add_argument("--compile", action="store_true",
@@ -38,10 +45,14 @@ def _add_bench(sub):
 def cmd_bench(args) -> int:
     from ..lang.diagnostics import TdslError
     from ..workflow import bench
+    from ..workflow.factory import FactoryError
     try:
         return bench.run_cli(args)
-    except TdslError as e:  # --model FILE.tdsl with errors
+    except TdslError as e:  # --model FILE.tdsl or --rules with errors
         print(str(e), file=sys.stderr)
+        return EXIT_INPUT
+    except FactoryError as e:  # --model PKG.MODULE:FACTORY that gives no model
+        print(f"triton-dsl: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except ValueError as e:
         print(f"triton-dsl: error: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ from .kinds import KINDS, QUANTIZABLE
 from .limits import MAX_SIZE
 from .names import alternative, model_name_problem
 from .precision import FP32, Ternary
-from .rules import resolve
+from .rules import resolve_layers
 
 
 def check(tree: ast.File, text: str, all_fp32: bool = False
@@ -91,7 +91,7 @@ def _model(m: ast.Model, expander, sections, text, path, diags, all_fp32=False
             shape = tuple(vals)
     nodes, _ = expander.model(m.body, shape)
     layers = list(ir.walk(nodes))
-    table, explicit = resolve(sections, layers, expander, diags)
+    table, explicit = resolve_layers(sections, layers, expander, diags)
     if all_fp32:
         table = {name: FP32 for name in table}
     _warn(m, layers, table, explicit, diags)

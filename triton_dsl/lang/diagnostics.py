@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import difflib
+import fnmatch
 from dataclasses import dataclass
 
 
@@ -50,6 +51,25 @@ def suggest(word: str, choices) -> str | None:
         return f"did you mean '{close[0]}'?"
     if 0 < len(choices) <= 12:
         return "expected one of: " + ", ".join(choices)
+    return None
+
+
+def suggest_pattern(pattern: str, names) -> str | None:
+    """For a pattern that matches nothing: the same pattern with one misspelt dotted part
+    replaced by the closest part real names have at that depth, when that then matches
+    (model.layer.*.mlp.* -> model.layers.*.mlp.*)."""
+    parts = pattern.split(".")
+    names = list(names)[:10000]
+    for i, part in enumerate(parts):
+        if any(c in part for c in "*?"):
+            continue
+        at = {n.split(".")[i] for n in names if n.count(".") >= i}
+        if part in at:
+            continue
+        for close in difflib.get_close_matches(part, sorted(at)[:500], n=3, cutoff=0.6):
+            fixed = ".".join(parts[:i] + [close] + parts[i + 1:])
+            if any(fnmatch.fnmatchcase(n, fixed) for n in names):
+                return f"did you mean '{fixed}'?"
     return None
 
 

@@ -24,7 +24,8 @@ register_forward_hook register_forward_pre_hook register_full_backward_hook
 register_full_backward_pre_hook register_load_state_dict_post_hook
 register_load_state_dict_pre_hook register_module register_parameter register_state_dict_post_hook
 register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule share_memory state_dict
-to to_empty train training type xpu zero_grad""".split())
+to to_empty train training type xpu zero_grad""".split()) | {
+    "smart_apply"}  # added to every nn.Module by transformers (5.x) once it builds a model
 
 # What the compiled model's base class (runtime/model.py), the generated class body and the
 # checkpoint loader (model.checkpoint_meta) add to a model instance.

@@ -1,17 +1,27 @@
-"""The one rule engine: which precision each linear/conv2d layer gets, and rules that match nothing.
+"""The one rule engine: which precision each target gets, and rules that match nothing.
 
-Precedence: exact name > pattern > layer kind > model default; among rules of the same rank the
-later one in the file wins. A rule that matches no layer is an error, unless an earlier error kept
-a layer it may name from being resolved (one mistake, one message).
+A target is anything a rule can select: a linear/conv2d layer of a model declared in a .tdsl file
+(``resolve_layers``), or a module of an existing PyTorch model (lang/external.py builds those from
+the names, classes and weight shapes the runtime reads). Both go through ``resolve`` below, so
+both get the same precedence and the same messages.
+
+Precedence: exact name > pattern > kind > default; among rules of the same rank the later one in
+the file wins. A rule that matches no target is an error, unless an earlier error kept a layer it
+may name from being resolved (one mistake, one message). Whether the winning precision fits its
+target (group sizes, dynamic activations on convolutions, modules the runtime cannot replace) is
+checked once, for the winner only: a rule that a later, stronger rule overrides is not blamed.
 """
 from __future__ import annotations
 
 import fnmatch
 import functools
 import re
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .bind import bind
-from .diagnostics import Diagnostic, suggest
+from .diagnostics import Diagnostic, suggest, suggest_pattern
+from .fits import SKIP, fits, one_per_place
 from .kinds import KINDS, QUANTIZABLE
 from .limits import MAX_RULES
 from .precision import FP32, REGISTRY
@@ -19,12 +29,56 @@ from .precision import FP32, REGISTRY
 _RANK = {"layer_exact": 3, "layer_pattern": 2, "kind": 1, "default": 0}
 
 
-def resolve(sections, layers, expander, diags) -> tuple[dict, set]:
-    """({layer name: precision} for every quantizable layer, the names whose precision an exact
-    `layer NAME:` rule chose); reports every rule problem."""
-    quant = [l for l in layers if l.kind in QUANTIZABLE]
-    by_name = {l.name: l for l in quant}
-    best: dict[str, tuple] = {}  # layer name -> (rank, order, precision)
+@dataclass(frozen=True)
+class Target:
+    """One thing a rule can select: its qualified name, its kind (a layer kind of the language,
+    or an existing module's class name) and its weight as a matmul, (N outputs, K inputs each)."""
+    name: str
+    kind: str
+    weight: tuple
+    bias: bool = False
+    dynamic_ok: bool = True  # False for grouped or padding='same' convolutions (E509)
+    problem: str | None = None  # why it cannot be replaced at all (E511), for existing modules
+
+
+def _no_hidden(rule) -> bool:
+    return False
+
+
+@dataclass
+class Scope:
+    """What the rules of one section list are matched against, and how messages name it."""
+    targets: list  # of Target, in model order
+    others: list  # (name, kind, why) of layers or modules a rule cannot select
+    kinds: tuple  # the kinds that take a precision
+    known_kinds: tuple  # every kind a kind rule may name (those not in ``kinds``: E504)
+    noun: str = "layer"
+    kind_without: str = "have no weights to quantize"  # E504, after "'relu' layers"
+    external: bool = False  # `skip` is allowed, and a target no rule selects stays as it is
+    hidden: Callable = _no_hidden  # may this rule name something an earlier error hid?
+    suggest: Callable = suggest
+    extra_names: list = field(default_factory=list)  # more names for did-you-mean
+
+
+def resolve_layers(sections, layers, expander, diags) -> tuple[dict, set]:
+    """resolve() for the linear/conv2d layers of a model declared in a .tdsl file."""
+    targets = [Target(l.name, l.kind, l.weight, l.bias, l.kind != "conv2d" or (
+        l.arg("groups") == 1 and l.arg("padding") != "same")) for l in layers
+        if l.kind in QUANTIZABLE]
+    scope = Scope(targets, [(l.name, l.kind, None) for l in layers if l.kind not in QUANTIZABLE],
+                  QUANTIZABLE, tuple(KINDS), hidden=lambda r: _hidden(r, expander),
+                  suggest=expander.suggest,
+                  extra_names=[u.name for u in expander.unresolved if u.name])
+    return resolve(sections, scope, diags)
+
+
+def resolve(sections, scope: Scope, diags) -> tuple[dict, set]:
+    """({target name: precision, or SKIP} for every target, the names whose precision an exact
+    `layer NAME:` rule chose); reports every rule problem. A target no rule selects gets fp32,
+    or SKIP in an external scope."""
+    quant = scope.targets
+    by_name = {t.name: t for t in quant}
+    best: dict[str, tuple] = {}  # target name -> (rank, order, precision, rule)
     seen_default = None
     order = 0
     for r in (r for sec in sections for r in sec.rules):
@@ -34,40 +88,44 @@ def resolve(sections, layers, expander, diags) -> tuple[dict, set]:
                                     r.pos.line, r.pos.col, "use patterns (stage*.conv?) or kind "
                                     "rules to cover many layers with one rule"))
             break
-        prec = _precision(r.precision, diags)
+        prec = _precision(r.precision, scope, diags)
         if r.kind == "default":
             if seen_default:
                 diags.append(Diagnostic("E505", f"a second default precision (first on line "
                                         f"{seen_default})", r.pos.line, r.pos.col))
             seen_default = r.pos.line
             matched, rank = quant, "default"
-            if not quant and not _hidden(r, expander):
-                diags.append(Diagnostic("E503", "default rule matches no layer: the model has no "
-                                        + " or ".join(QUANTIZABLE) + " layer", r.pos.line,
-                                        r.pos.col, "remove the precision section, or add a "
-                                        "layer that has weights", len("default")))
+            if not quant and not scope.hidden(r):
+                diags.append(Diagnostic("E503", f"default rule matches no {scope.noun}: the model "
+                                        f"has no {' or '.join(scope.kinds)} {scope.noun}",
+                                        r.pos.line, r.pos.col, "remove the precision section, or "
+                                        f"add a {scope.noun} that has weights", len("default")))
         elif r.kind == "kind":
-            matched, rank = _kind_rule(r, quant, expander, diags), "kind"
+            matched, rank = _kind_rule(r, scope, diags), "kind"
         else:
-            matched, rank = _layer_rule(r, layers, quant, by_name, expander, diags)
+            matched, rank = _layer_rule(r, scope, by_name, diags)
         if prec is None:
             continue
-        for l in matched:
-            if _fits(prec, l, r, diags):
-                key = (_RANK[rank], order)
-                if l.name not in best or key > best[l.name][:2]:
-                    best[l.name] = key + (prec,)
-    table = {l.name: best[l.name][2] if l.name in best else FP32 for l in quant}
+        for t in matched:
+            key = (_RANK[rank], order)
+            if t.name not in best or key > best[t.name][:2]:
+                best[t.name] = key + (prec, r)
+    fallback = SKIP if scope.external else FP32
+    table, misfits = {}, []
+    for t in quant:
+        rank, _, prec, rule = best.get(t.name, (None, None, fallback, None))
+        table[t.name] = prec if rule is None or fits(prec, t, rule, scope, misfits) else fallback
+    diags += one_per_place(misfits, scope.noun)
     return table, {n for n, b in best.items() if b[0] == _RANK["layer_exact"]}
 
 
-def _precision_help(name: str) -> str | None:
+def _precision_help(name: str, scope: Scope) -> str | None:
     m = re.fullmatch(r"(u?int|fp|float)(\d+)", name)
     if m and m.group(1) in ("int", "uint") and 2 <= int(m.group(2)) <= 8 and name != "int8":
         return f"write int(bits={int(m.group(2))}) for {int(m.group(2))}-bit integer weights"
     if m and m.group(2) in ("16", "32"):
         return "for 16 or 32 bits use fp16, bf16 or fp32"
-    return suggest(name, REGISTRY)
+    return suggest(name, list(REGISTRY) + [SKIP] * scope.external)
 
 
 def _hidden(r, expander) -> bool:
@@ -95,49 +153,68 @@ def _matcher(pattern: str):
     return re.compile(fnmatch.translate(pattern)).match
 
 
-def _kind_rule(r, quant, expander, diags):
-    if r.target not in KINDS:
-        diags.append(Diagnostic("E201", f"unknown layer kind '{r.target}'", r.pos.line, r.pos.col,
-                                suggest(r.target, KINDS), len(r.target)))
+def _kind_rule(r, scope: Scope, diags):
+    noun = scope.noun
+    if r.target not in scope.known_kinds:
+        diags.append(Diagnostic("E201", f"unknown {noun} kind '{r.target}'", r.pos.line,
+                                r.pos.col, suggest(r.target, scope.known_kinds), len(r.target)))
         return []
-    if r.target not in QUANTIZABLE:
-        diags.append(Diagnostic("E504", f"'{r.target}' layers have no weights to quantize",
+    if r.target not in scope.kinds:
+        diags.append(Diagnostic("E504", f"'{r.target}' {noun}s {scope.kind_without}",
                                 r.pos.line, r.pos.col, "precision applies to: " +
-                                ", ".join(QUANTIZABLE), len(r.target)))
+                                ", ".join(scope.kinds), len(r.target)))
         return []
-    matched = [l for l in quant if l.kind == r.target]
-    if not matched and not _hidden(r, expander):
-        diags.append(Diagnostic("E503", f"rule matches no layer: the model has no {r.target} layer",
-                                r.pos.line, r.pos.col, width=len(r.target)))
+    matched = [t for t in scope.targets if t.kind == r.target]
+    if not matched and not scope.hidden(r):
+        other = [o for o in scope.others if o[1] == r.target]  # a subclass, already quantized
+        why = f" that can take a precision ('{other[0][0]}' is one, {other[0][2]})" if other \
+            else ""
+        diags.append(Diagnostic("E503", f"rule matches no {noun}: the model has no {r.target} "
+                                f"{noun}{why}", r.pos.line, r.pos.col, width=len(r.target)))
     return matched
 
 
-def _layer_rule(r, layers, quant, by_name, expander, diags):
+def _layer_rule(r, scope: Scope, by_name, diags):
     is_pattern = any(c in r.target for c in "*?")
     if is_pattern:
         match = _matcher(r.target)
-        matched = [l for l in quant if match(l.name)]
+        matched = [t for t in scope.targets if match(t.name)]
     else:
         matched = [by_name[r.target]] if r.target in by_name else []
-    if not matched and not _hidden(r, expander):
-        other = [l for l in layers if l.kind not in QUANTIZABLE and  # those matched no rule
-                 (l.name == r.target or is_pattern and match(l.name))]
+    if not matched and not scope.hidden(r):
+        noun = scope.noun
+        other = [o for o in scope.others  # those matched no rule
+                 if o[0] == r.target or is_pattern and match(o[0])]
         if other:
-            msg = f"'{other[0].name}' is a {other[0].kind} layer, which has no weights to quantize"
-            help_ = "precision applies to: " + ", ".join(QUANTIZABLE)
+            name, kind, why = other[0]
+            msg = f"'{name}' is a {kind} {noun}, {why or 'which has no weights to quantize'}"
+            help_ = "precision applies to: " + ", ".join(scope.kinds)
         else:
-            msg = f"rule matches no layer: no layer {'matches' if is_pattern else 'is named'} " \
+            msg = f"rule matches no {noun}: no {noun} {'matches' if is_pattern else 'is named'} " \
                   f"'{r.target}'"
-            names = [l.name for l in quant] + [u.name for u in expander.unresolved if u.name]
-            help_ = expander.suggest(r.target, names)
+            names = [t.name for t in scope.targets] + scope.extra_names
+            help_ = (suggest_pattern(r.target, names) if is_pattern else None) or \
+                scope.suggest(r.target, names)
         diags.append(Diagnostic("E503", msg, r.pos.line, r.pos.col, help_, len(r.target)))
     return matched, "layer_pattern" if is_pattern else "layer_exact"
 
 
-def _precision(call, diags):
+def _precision(call, scope: Scope, diags):
+    if call.name == SKIP:
+        if not scope.external:
+            diags.append(Diagnostic("E512", "'skip' keeps an existing module as it is; a layer "
+                                    "declared in this file always has a precision",
+                                    call.pos.line, call.pos.col, "write fp32 to keep it in full "
+                                    "precision", len(call.name)))
+            return None
+        if call.args:
+            diags.append(Diagnostic("E301", "skip takes no arguments", call.pos.line,
+                                    call.pos.col, "write skip alone", len(call.name)))
+            return None
+        return SKIP
     if call.name not in REGISTRY:
         diags.append(Diagnostic("E501", f"unknown precision '{call.name}'", call.pos.line,
-                                call.pos.col, _precision_help(call.name), len(call.name)))
+                                call.pos.col, _precision_help(call.name, scope), len(call.name)))
         return None
     ctor, options, positional = REGISTRY[call.name]
     args = bind(options, positional, call, {}, call.name, diags)
@@ -149,28 +226,3 @@ def _precision(call, diags):
     except ValueError as e:
         diags.append(Diagnostic("E502", str(e), call.pos.line, call.pos.col, width=len(call.name)))
         return None
-
-
-def _fits(prec, layer, rule, diags) -> bool:
-    """Packing alignment checked before any work: group sizes must divide the reduction."""
-    if getattr(prec, "activations", "none") == "dynamic" and layer.kind == "conv2d" and (
-            layer.arg("groups") != 1 or layer.arg("padding") == "same"):
-        diags.append(Diagnostic("E509", f"{layer.name}: activations=dynamic on a conv2d needs "
-                                "groups=1 and a numeric padding", rule.precision.pos.line,
-                                rule.precision.pos.col, "quantize this layer's weights only, "
-                                "or use activations=static", len(rule.precision.name)))
-        return False
-    g = getattr(prec, "group_size", None)
-    if g and layer.weight[1] % g:
-        pos = next((a.value.pos for a in rule.precision.args if a.name == "group_size"),
-                   rule.precision.pos)
-        diags.append(Diagnostic("E508", f"group_size={g} does not divide {layer.name}'s "
-                                f"{layer.weight[1]} input weights per output", pos.line, pos.col,
-                                "pick a divisor: " + ", ".join(
-                                    map(str, _divisors(layer.weight[1])[:8]))))
-        return False
-    return True
-
-
-def _divisors(n):
-    return [d for d in range(8, min(n, 1024) + 1) if n % d == 0]

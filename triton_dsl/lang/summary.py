@@ -23,22 +23,26 @@ from .precision import Binary, Float, Int, Ternary, learned_params, storage_bits
 
 
 def layer_bytes(l: ir.Layer) -> int:
-    p = l.precision
-    if p is None:
+    if l.precision is None:
         return 4 * (l.params + l.buffers)
-    n, k = l.weight
+    return weight_bytes(l.precision, *l.weight, l.bias)
+
+
+def weight_bytes(p, n: int, k: int, bias: bool) -> int:
+    """Packed bytes of an [n, k] weight (and an n-long bias) at precision ``p``; also what a
+    precision section applied to an existing module counts (lang/plan.py)."""
     if isinstance(p, Float):
-        return storage_bits(p) // 8 * (n * k + n * l.bias)
+        return storage_bits(p) // 8 * (n * k + n * bias)
     weights = n * math.ceil(k * storage_bits(p) / 8)
     per = n if p.granularity == "per_channel" else 1
     if isinstance(p, Int):
         scales = n * (k // p.group_size) if p.group_size else per
-        return weights + 4 * scales + 4 * (p.activations == "static") + 4 * n * l.bias
+        return weights + 4 * scales + 4 * (p.activations == "static") + 4 * n * bias
     if isinstance(p, Ternary):
         scales = per * {"none": 0, "learned": 2}.get(p.scale, 1)
-        return weights + 4 * scales + 4 * n * l.bias
+        return weights + 4 * scales + 4 * n * bias
     if isinstance(p, Binary):
-        return weights + 4 * per + 4 * n * l.bias
+        return weights + 4 * per + 4 * n * bias
     raise TypeError(f"no size rule for {p!r}")
 
 

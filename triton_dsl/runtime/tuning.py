@@ -66,8 +66,10 @@ def _time(fn) -> float:
 
 def fastest(candidates: dict) -> str:
     """The name of the fastest of ``candidates`` (name -> a call that runs once), by the median
-    of ROUNDS interleaved rounds after one warm-up call each."""
-    with torch.inference_mode():
+    of ROUNDS interleaved rounds after one warm-up call each. Under no_grad, not inference_mode:
+    a runner built here (a dense weight) must stay usable where autograd records, as in a frozen
+    layer after a module whose parameters require gradients."""
+    with torch.no_grad():
         for fn in candidates.values():
             fn()
         times = {name: [] for name in candidates}

@@ -277,7 +277,15 @@ def run_cli(a) -> int:
     if a.device == "cpu" and not getattr(a, "model", None):
         env["stream_read_gbs"] = stream_read_gbs()
         print(f"streaming read bandwidth, measured now: {env['stream_read_gbs']} GB/s")
-    if getattr(a, "model", None):
+    if getattr(a, "rules", None):
+        from . import external_bench
+        if not getattr(a, "model", None):
+            raise ValueError("--rules needs --model PKG.MODULE:FACTORY")
+        if a.device != "cpu":
+            raise ValueError("--model times the CPU deployment; use --device cpu")
+        print(external_bench.HEADER)
+        recs = external_bench.run(a.model, a.rules, a.batch, a.repeat, a.tokens, a.input_shape)
+    elif getattr(a, "model", None):
         from . import model_bench
         if a.device != "cpu":
             raise ValueError("--model times the CPU deployment; use --device cpu")

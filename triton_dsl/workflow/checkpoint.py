@@ -14,18 +14,18 @@ allocating) and every stored code; each failure is one line naming the field.
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
 from ..version import __version__
 from ..files import write_atomic
 from . import checkpoint_codes as C
-from .checkpoint_format import (FORMAT, CheckpointError, check_format, digest, parse_header,
-                                validate)
+from .checkpoint_format import FORMAT, CheckpointError, digest
+from .checkpoint_format import parse as _parse
+from .checkpoint_format import read_file as _read_file
 
 __all__ = ["FORMAT", "CheckpointError", "save", "dumps", "read", "load", "loads", "history",
-           "normalization", "is_frozen"]
+           "normalization", "is_frozen", "save_quantized", "load_quantized"]
 
 
 def is_frozen(model) -> bool:
@@ -86,32 +86,6 @@ def _verify(model, blob: bytes, path: str):
                               "different outputs")
 
 
-def _read_file(path: str) -> bytes:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _parse(blob: bytes, name: str):
-    """(tensors, metadata, checked fields, tensor headers); raises CheckpointError."""
-    from safetensors.torch import load as st_load
-    infos, meta = parse_header(blob, name)
-    check_format(meta, name, __version__)
-    fields = validate(meta, name)
-    try:
-        tensors = st_load(blob)
-    except Exception as e:  # safetensors reports bad offsets and truncation as various errors
-        raise CheckpointError(f"{name}: not a readable safetensors file (truncated or corrupt: "
-                              f"{' '.join(str(e).split())})") from None
-    if digest(meta, tensors) != meta["sha256"]:
-        raise CheckpointError(f"{name}: contents do not match their SHA-256: the file is corrupt")
-    return tensors, meta, fields, infos
-
-
 def read(path: str) -> tuple[dict, dict]:
     """(tensors as stored, metadata), verified; raises CheckpointError with the reason."""
     tensors, meta, _, _ = _parse(_read_file(path), path)
@@ -127,6 +101,10 @@ def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
     """load() from bytes; ``name`` only names the file in messages."""
     from ..runtime.frozen import freeze, prepare
     tensors, meta, fields, infos = _parse(blob, name)
+    if "external" in meta:
+        raise CheckpointError(f"{name} holds an existing {meta['model']} quantized by rules, "
+                              "not a compiled .tdsl model: build that model and call "
+                              "triton_dsl.checkpoint.load_quantized(path, model)")
     if expect_model is not None and meta["model"] != expect_model:
         raise CheckpointError(f"{name} holds model {meta['model']!r}, not {expect_model!r}")
     cls = _compile(meta, name)
@@ -158,6 +136,18 @@ def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
         prepare(model)  # the native library and CPU layouts now, not in the first forward pass
     model.checkpoint_meta = meta
     return model
+
+
+def save_quantized(model, path: str) -> int:
+    """Save an existing model quantized by triton_dsl.quantize (checkpoint_external.py)."""
+    from .checkpoint_external import save_quantized as _save
+    return _save(model, path)
+
+
+def load_quantized(path: str, model):
+    """Apply a save_quantized() checkpoint to a freshly built ``model`` (checkpoint_external.py)."""
+    from .checkpoint_external import load_quantized as _load
+    return _load(path, model)
 
 
 def _compile(meta: dict, name: str):

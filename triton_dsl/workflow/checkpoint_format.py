@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 
 import torch
@@ -164,3 +165,32 @@ def validate(meta: dict, name: str) -> dict:
         if field in meta:
             _json(meta, field, name, dict)
     return out
+
+
+def read_file(path: str) -> bytes:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def parse(blob: bytes, name: str):
+    """(tensors, metadata, checked fields, tensor headers) of a checkpoint's bytes: header,
+    format, metadata and SHA-256 checked; raises CheckpointError."""
+    from safetensors.torch import load as st_load
+
+    from ..version import __version__
+    infos, meta = parse_header(blob, name)
+    check_format(meta, name, __version__)
+    fields = validate(meta, name)
+    try:
+        tensors = st_load(blob)
+    except Exception as e:  # safetensors reports bad offsets and truncation as various errors
+        raise CheckpointError(f"{name}: not a readable safetensors file (truncated or corrupt: "
+                              f"{' '.join(str(e).split())})") from None
+    if digest(meta, tensors) != meta["sha256"]:
+        raise CheckpointError(f"{name}: contents do not match their SHA-256: the file is corrupt")
+    return tensors, meta, fields, infos
