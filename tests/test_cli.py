@@ -39,7 +39,9 @@ def test_examples_compile_import_and_run(path, tmp_path, run_cli):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     for name in mod.__all__:
-        net = getattr(mod, name)().eval()
+        net = getattr(mod, name)()
+        net(torch.randn(4, *net.input_shape))  # a training step calibrates static activations
+        net.eval()
         y = net(torch.randn(2, *net.input_shape))
         assert y.shape[0] == 2 and torch.isfinite(y).all()
 
