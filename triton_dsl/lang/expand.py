@@ -41,6 +41,7 @@ class Expander:
         self.stack: list[str] = []  # blocks being expanded, to catch recursion
         self.unresolved: list[Unresolved] = []  # of the model being expanded
         self.top = None  # the model-level statement being expanded, where a limit error points
+        self.tokens = None  # (vocab, max_len) while expanding a model with token input
 
     def error(self, code, msg, pos, help=None, width=1):
         self.diags.append(Diagnostic(code, msg, pos.line, pos.col, help, width))
@@ -55,9 +56,10 @@ class Expander:
             self.suggestions += 1
         return suggest(word, choices)
 
-    def model(self, stmts, shape):
-        """Expand a model body; returns (nodes, out_shape)."""
-        self.stack, self.unresolved, self.top = [], [], None
+    def model(self, stmts, shape, tokens=None):
+        """Expand a model body; returns (nodes, out_shape). tokens: (vocab, max_len) when the
+        input is token ids (shape is then (max_len,))."""
+        self.stack, self.unresolved, self.top, self.tokens = [], [], None, tokens
         return self.body(stmts, shape, "", {}, Scope())
 
     def body(self, stmts, shape, prefix: str, env: dict, names: Scope):
@@ -148,7 +150,9 @@ class Expander:
             self.unresolved.append(Unresolved(prefix + local, kind))
             return None, None
         try:
+            self.fits_sequence(spec, shape, args)
             inf: Inferred = spec.infer(shape, args)
+            parts = spec.parts(shape, args) if spec.parts else None
         except ShapeError as e:
             pos = _arg_pos(s.call, spec.positional, e.arg)
             self.error("E401", f"{prefix + local}: {e}", pos, f"input shape is {list(shape)}",
@@ -157,9 +161,49 @@ class Expander:
             return None, None
         if not self.spend(1, inf.params):
             return None, None
+        if parts is not None:
+            return self.composite(s, kind, args, parts, prefix + local, shape, inf.shape)
         node = ir.Layer(prefix + local, kind, tuple(args.items()), shape, inf.shape, inf.params,
                         inf.buffers, inf.weight, inf.bias, None, s.pos.line, s.pos.col)
         return node, inf.shape
+
+    def fits_sequence(self, spec: Kind, shape, args):
+        """Token models: ids [seq] go through an embedding first, and every later layer must
+        work for any sequence length up to max_len. Adds the vocabulary to an embedding's
+        options. Raises ShapeError."""
+        if spec.name == "embedding":
+            if self.tokens is None:
+                raise ShapeError("embedding needs token ids: declare the model's input as "
+                                 "tokens(vocab=..., max_len=...)")
+            if len(shape) != 1:
+                raise ShapeError(f"embedding needs token ids [seq], got {list(shape)} (a model "
+                                 "embeds its input once)")
+            args["vocab"] = self.tokens[0]
+            return
+        if self.tokens is None:
+            return
+        if len(shape) == 1:
+            raise ShapeError(f"{spec.name} cannot take token ids; embed them first, e.g. "
+                             "layer embed: embedding(256)")
+        if not spec.per_position:
+            raise ShapeError(f"{spec.name} mixes the positions of a token sequence, whose "
+                             "length varies at run time (up to max_len)")
+        if spec.name == "softmax" and args["dim"] not in (-1, len(shape) - 1):
+            raise ShapeError("softmax over positions depends on the sequence length; use "
+                             "dim=-1", "dim")
+
+    def composite(self, s, kind, args, parts, qualified, shape, out):
+        """Attention or mlp: its named sublayers, each an ordinary layer."""
+        body = []
+        for local, sub, sub_args, sub_shape in parts:
+            inf = KINDS[sub].infer(sub_shape, sub_args)
+            if not self.spend(1, inf.params):
+                return None, None
+            body.append(ir.Layer(f"{qualified}.{local}", sub, tuple(sub_args.items()), sub_shape,
+                                 inf.shape, inf.params, inf.buffers, inf.weight, inf.bias, None,
+                                 s.pos.line, s.pos.col))
+        return ir.Composite(qualified, kind, tuple(args.items()), tuple(body), shape, out,
+                            s.pos.line, s.pos.col), out
 
     def instance(self, s, block: ast.Block, shape, qualified, env):
         if block.name in self.stack:

@@ -4,6 +4,7 @@ Shapes exclude the batch dimension: an image is [C, H, W], a feature vector [F],
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -37,6 +38,12 @@ class Kind:
     infer: Callable = None  # (shape, args: dict) -> Inferred
     quantizable: bool = False
     doc: str = ""
+    # acts on each position of a [seq, dim] sequence alone (or mixes them as attention does, for
+    # any length): allowed in a token model, whose sequence length varies at run time
+    per_position: bool = False
+    # a layer built of named sublayers (attention's q, k, v, o): (in_shape, args) ->
+    # [(local name, kind, args, in_shape)]; each becomes an ordinary layer that rules select
+    parts: Callable | None = None
 
 
 def _pair(v):
@@ -174,4 +181,14 @@ KINDS = {k.name: k for k in [
          ("p",), _same, doc="dropout while training"),
 ]}
 
+# Per-position kinds (softmax only over the last dimension: the expander checks its dim).
+for _k in ("linear", "layernorm", "relu", "gelu", "silu", "tanh", "sigmoid", "softmax",
+           "ternary_act", "dropout"):
+    KINDS[_k] = dataclasses.replace(KINDS[_k], per_position=True)
+
+# Sequence kinds (embedding, rmsnorm, attention, mlp) live in seq_kinds.py; imported here, at
+# the end, because they are built from the helpers above.
+from .seq_kinds import SEQUENCE_KINDS  # noqa: E402
+
+KINDS.update(SEQUENCE_KINDS)
 QUANTIZABLE = tuple(k for k, v in KINDS.items() if v.quantizable)

@@ -77,7 +77,8 @@ def _hidden(r, expander) -> bool:
         return True
     is_pattern = any(c in r.target for c in "*?")
     for u in expander.unresolved:
-        opaque = u.kind not in KINDS  # an unknown kind or a block: any layer may be inside
+        # an unknown kind, a block, or attention/mlp: any layer may be inside
+        opaque = u.kind not in KINDS or KINDS[u.kind].parts is not None
         if not (opaque or u.kind in QUANTIZABLE):
             continue
         if r.kind == "default" or r.kind == "kind" and (opaque or u.kind == r.target):

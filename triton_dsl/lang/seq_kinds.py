@@ -1,0 +1,108 @@
+"""Layer kinds for token sequences: embedding, rmsnorm, attention and mlp. No torch here.
+
+A token model's input is token ids of shape [seq]; after the embedding every shape is
+[seq, dim]. Shapes are inferred with seq = max_len; at run time any length up to it works, since
+these kinds act on each position alone or, as attention does, on however many there are.
+
+Attention and mlp are composite: their projections are ordinary ``linear`` layers named
+``NAME.q``, ``NAME.k``, ``NAME.v``, ``NAME.o`` and ``NAME.up``, ``NAME.gate``, ``NAME.down``, so
+precision rules select them like any other layer (``blocks.*.attn.*``) and they are the
+state-dict keys of the generated module.
+"""
+from __future__ import annotations
+
+from .kinds import Inferred, Kind, ShapeError, _need_rank
+from .limits import MAX_SIZE
+from .options import Option
+
+_POS = dict(number="int", lo=1, hi=MAX_SIZE)
+_BIAS = Option("bias", False, (True, False), doc="learned biases on the projections")
+_SUB_NORM = Option("sub_norm", False, (True, False),
+                   doc="an rmsnorm before the output projection (BitNet's sub-norm)")
+
+
+def _embedding(shape, a):
+    # the expander adds the model's vocabulary to the options and checks the input is token ids
+    return Inferred(tuple(shape) + (a["dim"],), a["vocab"] * a["dim"])
+
+
+def _rmsnorm(shape, a):
+    return Inferred(shape, shape[-1])
+
+
+def _head_dims(shape, a):
+    _need_rank("attention", shape, (2,), "[seq, dim] (embed token ids first)")
+    dim, heads = shape[-1], a["heads"]
+    kv = a["kv_heads"] if a["kv_heads"] is not None else heads
+    if dim % heads:
+        raise ShapeError(f"heads={heads} does not divide the width {dim}", "heads")
+    if kv > heads or heads % kv:
+        raise ShapeError(f"kv_heads={kv} does not divide heads={heads}", "kv_heads")
+    head_dim = dim // heads
+    if a["rotary"] and head_dim % 2:
+        raise ShapeError(f"rotary embeddings need an even head dimension; {dim} / {heads} "
+                         f"heads = {head_dim}", "rotary")
+    return dim, kv * head_dim
+
+
+def _attention(shape, a):
+    _head_dims(shape, a)
+    return Inferred(tuple(shape))
+
+
+def _attention_parts(shape, a):
+    dim, kv_width = _head_dims(shape, a)
+    out = [("q", "linear", _linear(dim, a), shape),
+           ("k", "linear", _linear(kv_width, a), shape),
+           ("v", "linear", _linear(kv_width, a), shape)]
+    if a["sub_norm"]:
+        out.append(("o_norm", "rmsnorm", {"eps": 1e-6}, shape))
+    return out + [("o", "linear", _linear(dim, a), shape)]
+
+
+def _linear(n, a):
+    return {"out_features": n, "bias": a["bias"]}
+
+
+def _mlp(shape, a):
+    _need_rank("mlp", shape, (1, 2, 3), "[features] (or [seq, dim])")
+    return Inferred(tuple(shape))
+
+
+def _mlp_parts(shape, a):
+    hidden = tuple(shape[:-1]) + (a["hidden"],)
+    out = [("up", "linear", _linear(a["hidden"], a), shape)]
+    if a["gate"]:
+        out.append(("gate", "linear", _linear(a["hidden"], a), shape))
+    if a["sub_norm"]:
+        out.append(("down_norm", "rmsnorm", {"eps": 1e-6}, hidden))
+    return out + [("down", "linear", _linear(shape[-1], a), hidden)]
+
+
+SEQUENCE_KINDS = {k.name: k for k in [
+    Kind("embedding", (Option("dim", None, required=True, **_POS, doc="embedding width"),),
+         ("dim",), _embedding, doc="token ids [seq] -> vectors [seq, dim] (vocab from the input)",
+         per_position=True),
+    Kind("rmsnorm", (Option("eps", 1e-6, number="float", lo=0, hi=1,
+                            doc="added to the mean square"),),
+         (), _rmsnorm, doc="root-mean-square normalization over the last dimension",
+         per_position=True),
+    Kind("attention", (
+        Option("heads", None, required=True, **_POS, doc="attention heads; divide the width"),
+        Option("kv_heads", None, (None,), **_POS,
+               doc="key/value heads (grouped-query attention); divide heads; default heads"),
+        Option("causal", True, (True, False), doc="each position sees only earlier ones"),
+        Option("rotary", True, (True, False), doc="rotary position embeddings on q and k"),
+        _BIAS, _SUB_NORM),
+        ("heads",), _attention, doc="multi-head self-attention with q, k, v, o projections",
+        per_position=True, parts=_attention_parts),
+    Kind("mlp", (
+        Option("hidden", None, required=True, **_POS, doc="hidden width"),
+        Option("gate", False, (True, False), doc="a gated unit: act(gate(x)) * up(x) (SwiGLU)"),
+        Option("activation", "silu", ("silu", "gelu", "relu"), doc="the hidden activation"),
+        _BIAS,
+        Option("sub_norm", False, (True, False),
+               doc="an rmsnorm before the down projection (BitNet's sub-norm)")),
+        ("hidden",), _mlp, doc="feed-forward block: down(act(up(x))), or gated",
+        per_position=True, parts=_mlp_parts),
+]}
