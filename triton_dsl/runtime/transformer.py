@@ -71,15 +71,16 @@ class Attention(nn.Module):
         self.kv_heads = kv_heads or heads
         self.head_dim = dim // heads
         self.causal, self.rotary, self.max_len, self.sub_norm = causal, rotary, max_len, sub_norm
-        self._rope = None  # (cos, sin) [max_len, head_dim / 2], built on first use per device
+        half = self.head_dim // 2
+        # angles are computed per call from the positions (a few tiny ops) rather than kept as
+        # a [max_len, head_dim] table per layer: nothing to size, and torch.compile traces it
+        self.register_buffer("inv_freq", ROPE_BASE ** (-torch.arange(half) / half),
+                             persistent=False)
 
-    def rope(self, device, start: int, end: int):
-        if self._rope is None or self._rope[0].device != device:
-            half = self.head_dim // 2
-            inv = ROPE_BASE ** (-torch.arange(half, dtype=torch.float32, device=device) / half)
-            ang = torch.outer(torch.arange(self.max_len, dtype=torch.float32, device=device), inv)
-            self._rope = (ang.cos(), ang.sin())
-        return self._rope[0][start:end], self._rope[1][start:end]
+    def rope(self, start: int, end: int):
+        pos = torch.arange(start, end, dtype=torch.float32, device=self.inv_freq.device)
+        ang = torch.outer(pos, self.inv_freq.float())
+        return ang.cos(), ang.sin()
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
@@ -88,7 +89,7 @@ class Attention(nn.Module):
         v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         start = cache.start if cache is not None else 0
         if self.rotary:
-            cos, sin = self.rope(x.device, start, start + t)
+            cos, sin = self.rope(start, start + t)
             q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype),
                                                                         sin.to(k.dtype))
         if cache is not None:

@@ -49,9 +49,11 @@ def evaluate(model: nn.Module, data: Dataset, split: str = "test", batch_size: i
 
 def latency(model: nn.Module, input_shape, batch: int = 1, repeat: int = 30) -> float:
     """Median forward time in ms on the CPU for a batch of random inputs, measured as a
-    deployment runs: eval mode, under torch.inference_mode()."""
+    deployment runs: eval mode, under torch.inference_mode(). A token model gets its
+    example_input (token ids) instead."""
     model.eval()
-    x = torch.randn(batch, *input_shape)
+    x = model.example_input(batch) if getattr(model, "vocab_size", None) else \
+        torch.randn(batch, *input_shape)
     with torch.inference_mode():
         for _ in range(3):
             model(x)
