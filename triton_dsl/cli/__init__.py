@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..version import __version__
-from . import lang_commands, workflow_commands
+from . import lang_commands, lm_commands, workflow_commands
 from .common import EXIT_OK, EXIT_USAGE, Parser
 
 
@@ -20,6 +20,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     lang_commands.add_commands(sub)
     workflow_commands.add_commands(sub)
+    lm_commands.add_commands(sub)
     return p
 
 

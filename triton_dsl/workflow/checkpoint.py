@@ -185,4 +185,6 @@ def normalization(meta: dict) -> tuple[float, float] | None:
     if "data" not in meta:
         return None
     d = json.loads(meta["data"])
+    if "mean" not in d:  # text: bytes are not standardised
+        return None
     return float(d["mean"]), float(d["std"])

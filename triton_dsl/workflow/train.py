@@ -94,7 +94,11 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float):
 
 
 def best_record(history: list[dict]) -> dict | None:
-    """The epoch with the highest validation accuracy (the earliest among equals)."""
+    """The epoch with the highest validation accuracy, or for a language model the lowest
+    validation bits per byte (the earliest among equals)."""
+    scored = [r for r in history if r.get("val_bpb") is not None]
+    if scored:
+        return min(scored, key=lambda r: (r["val_bpb"], r["epoch"]))
     scored = [r for r in history if r.get("val_acc") is not None]
     return max(scored, key=lambda r: (r["val_acc"], -r["epoch"])) if scored else None
 
