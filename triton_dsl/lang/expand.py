@@ -14,6 +14,7 @@ from .diagnostics import Diagnostic, suggest
 from .kinds import KINDS, Inferred, Kind, ShapeError
 from .limits import MAX_LAYERS, MAX_PARAMS
 from .names import Scope, alternative, layer_name_problem, unique
+from .seq_kinds import fits_sequence
 
 # Statements visited (including ones that fail) per layer allowed: bounds the work spent on a
 # repeated block whose body has errors and so creates no layers.
@@ -150,7 +151,7 @@ class Expander:
             self.unresolved.append(Unresolved(prefix + local, kind))
             return None, None
         try:
-            self.fits_sequence(spec, shape, args)
+            fits_sequence(spec, shape, args, self.tokens)
             inf: Inferred = spec.infer(shape, args)
             parts = spec.parts(shape, args) if spec.parts else None
         except ShapeError as e:
@@ -166,31 +167,6 @@ class Expander:
         node = ir.Layer(prefix + local, kind, tuple(args.items()), shape, inf.shape, inf.params,
                         inf.buffers, inf.weight, inf.bias, None, s.pos.line, s.pos.col)
         return node, inf.shape
-
-    def fits_sequence(self, spec: Kind, shape, args):
-        """Token models: ids [seq] go through an embedding first, and every later layer must
-        work for any sequence length up to max_len. Adds the vocabulary to an embedding's
-        options. Raises ShapeError."""
-        if spec.name == "embedding":
-            if self.tokens is None:
-                raise ShapeError("embedding needs token ids: declare the model's input as "
-                                 "tokens(vocab=..., max_len=...)")
-            if len(shape) != 1:
-                raise ShapeError(f"embedding needs token ids [seq], got {list(shape)} (a model "
-                                 "embeds its input once)")
-            args["vocab"] = self.tokens[0]
-            return
-        if self.tokens is None:
-            return
-        if len(shape) == 1:
-            raise ShapeError(f"{spec.name} cannot take token ids; embed them first, e.g. "
-                             "layer embed: embedding(256)")
-        if not spec.per_position:
-            raise ShapeError(f"{spec.name} mixes the positions of a token sequence, whose "
-                             "length varies at run time (up to max_len)")
-        if spec.name == "softmax" and args["dim"] not in (-1, len(shape) - 1):
-            raise ShapeError("softmax over positions depends on the sequence length; use "
-                             "dim=-1", "dim")
 
     def composite(self, s, kind, args, parts, qualified, shape, out):
         """Attention or mlp: its named sublayers, each an ordinary layer."""

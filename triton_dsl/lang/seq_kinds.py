@@ -11,7 +11,7 @@ state-dict keys of the generated module.
 """
 from __future__ import annotations
 
-from .kinds import Inferred, Kind, ShapeError, _need_rank
+from .kind_base import Inferred, Kind, ShapeError, _need_rank
 from .limits import MAX_SIZE
 from .options import Option
 
@@ -19,6 +19,32 @@ _POS = dict(number="int", lo=1, hi=MAX_SIZE)
 _BIAS = Option("bias", False, (True, False), doc="learned biases on the projections")
 _SUB_NORM = Option("sub_norm", False, (True, False),
                    doc="an rmsnorm before the output projection (BitNet's sub-norm)")
+
+
+def fits_sequence(spec: Kind, shape, args: dict, tokens):
+    """Token models (tokens = (vocab, max_len), else None): ids [seq] go through an embedding
+    first, and every later layer must work for any sequence length up to max_len. Adds the
+    vocabulary to an embedding's options. Raises ShapeError."""
+    if spec.name == "embedding":
+        if tokens is None:
+            raise ShapeError("embedding needs token ids: declare the model's input as "
+                             "tokens(vocab=..., max_len=...)")
+        if len(shape) != 1:
+            raise ShapeError(f"embedding needs token ids [seq], got {list(shape)} (a model "
+                             "embeds its input once)")
+        args["vocab"] = tokens[0]
+        return
+    if tokens is None:
+        return
+    if len(shape) == 1:
+        raise ShapeError(f"{spec.name} cannot take token ids; embed them first, e.g. "
+                         "layer embed: embedding(256)")
+    if not spec.per_position:
+        raise ShapeError(f"{spec.name} mixes the positions of a token sequence, whose length "
+                         "varies at run time (up to max_len)")
+    if spec.name == "softmax" and args["dim"] not in (-1, len(shape) - 1):
+        raise ShapeError("softmax over positions depends on the sequence length; use dim=-1",
+                         "dim")
 
 
 def _embedding(shape, a):
