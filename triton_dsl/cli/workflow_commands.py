@@ -27,6 +27,10 @@ def bench_arguments(ap):
                     help="batch sizes for --model")
     ap.add_argument("--compile", action="store_true",
                     help="with --model: also torch.compile the fp32 and frozen models")
+    ap.add_argument("--decode", action="store_true", help="with --model of a language model: "
+                    "tokens per second of incremental decoding (KV cache)")
+    ap.add_argument("--prompt-len", type=int, default=16, metavar="P", help="with --decode")
+    ap.add_argument("--new-tokens", type=int, default=64, metavar="N", help="with --decode")
 
 
 def _add_bench(sub):
