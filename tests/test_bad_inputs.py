@@ -143,6 +143,9 @@ CASES = [
      "    layer e: embedding(8)\n", "E304", 2, 36),
     ("tokens without vocab", "model M:\n    input tokens(max_len=8)\n    layer e: embedding(8)\n",
      "E305", 2, 11),
+    ("tied head without its embedding", TOK + "    layer h: tied_head(embd)\n", "E401", 4, 24),
+    ("tied head of another width", TOK + "    layer fc: linear(4)\n    layer h: tied_head(e)\n",
+     "E401", 5, 24),
     ("bad mlp activation", TOK + "    layer m: mlp(16, activation=tanh)\n", "E304", 4, 33),
     ("form feed and U+2028 in a comment", "# a\x0c form feed\u2028 and a line separator\n"
      + HEAD + "    layer fc: lineer(4)\n", "E201", 5, 15),

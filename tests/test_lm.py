@@ -132,3 +132,15 @@ def test_frozen_lm_compiles_in_one_graph(monkeypatch):
     assert explained.graph_break_count == 0, explained.break_reasons
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(frozen, backend="aot_eager")(x), frozen(x))
+
+
+def test_tied_head_shares_the_embedding():
+    src = "model T:\n    input tokens(vocab=32, max_len=8)\n    layer embed: embedding(16)\n" \
+          "    layer attn: attention(2)\n    layer head: tied_head(embed)\n"
+    net = _net(src)
+    assert set(net.state_dict()) == {"embed.weight", "attn.q.weight", "attn.k.weight",
+                                     "attn.v.weight", "attn.o.weight"}  # no head weight
+    x = torch.randint(0, 32, (1, 5))
+    assert net(x).shape == (1, 5, 32)
+    assert summarize(check_source(src, "t.tdsl").models[0])["params"] == \
+        sum(p.numel() for p in net.parameters())

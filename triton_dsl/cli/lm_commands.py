@@ -12,7 +12,8 @@ def cmd_generate(args) -> int:
     from ..workflow.textgen import generate
     text = generate(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
                     args.top_k, args.seed)
-    sys.stdout.write(text + "\n")
+    enc = getattr(sys.stdout, "encoding", None) or "utf-8"  # a C locale's ascii, say
+    sys.stdout.write(text.encode(enc, errors="replace").decode(enc) + "\n")
     return EXIT_OK
 
 

@@ -123,6 +123,8 @@ class _Emitter:
             return f"F.softmax({x}, dim={d})"
         if k == "ternary_act":
             return f"rt.ternary_act({x}, {a['threshold']!r})"
+        if k == "tied_head":  # the embedding's weight, shared: no module of its own
+            return f"F.linear({x}, {_attr(a['embedding'])}.weight)"
         if k == "flatten":
             return f"torch.flatten({x}, 1)"
         if k == "dropout":

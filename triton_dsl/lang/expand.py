@@ -61,6 +61,7 @@ class Expander:
         """Expand a model body; returns (nodes, out_shape). tokens: (vocab, max_len) when the
         input is token ids (shape is then (max_len,))."""
         self.stack, self.unresolved, self.top, self.tokens = [], [], None, tokens
+        self.embeddings = {}  # qualified name -> (vocab, dim), for tied heads
         return self.body(stmts, shape, "", {}, Scope())
 
     def body(self, stmts, shape, prefix: str, env: dict, names: Scope):
@@ -152,6 +153,8 @@ class Expander:
             return None, None
         try:
             fits_sequence(spec, shape, args, self.tokens)
+            if kind == "tied_head":
+                self.tie(args)
             inf: Inferred = spec.infer(shape, args)
             parts = spec.parts(shape, args) if spec.parts else None
         except ShapeError as e:
@@ -166,7 +169,18 @@ class Expander:
             return self.composite(s, kind, args, parts, prefix + local, shape, inf.shape)
         node = ir.Layer(prefix + local, kind, tuple(args.items()), shape, inf.shape, inf.params,
                         inf.buffers, inf.weight, inf.bias, None, s.pos.line, s.pos.col)
+        if kind == "embedding":
+            self.embeddings[node.name] = (args["vocab"], args["dim"])
         return node, inf.shape
+
+    def tie(self, args):
+        """A tied head takes the vocab and dim of an embedding declared before it."""
+        emb = self.embeddings.get(args["embedding"])
+        if emb is None:
+            known = ", ".join(self.embeddings) or "none so far"
+            raise ShapeError(f"no embedding layer named '{args['embedding']}' comes before it "
+                             f"(embeddings: {known})", "embedding")
+        args["vocab"], args["dim"] = emb
 
     def composite(self, s, kind, args, parts, qualified, shape, out):
         """Attention or mlp: its named sublayers, each an ordinary layer."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from .kind_base import Inferred, Kind, ShapeError, _need_rank
 from .limits import MAX_SIZE
-from .options import Option
+from .options import Option, spell
 
 _POS = dict(number="int", lo=1, hi=MAX_SIZE)
 _BIAS = Option("bias", False, (True, False), doc="learned biases on the projections")
@@ -45,6 +45,23 @@ def fits_sequence(spec: Kind, shape, args: dict, tokens):
     if spec.name == "softmax" and args["dim"] not in (-1, len(shape) - 1):
         raise ShapeError("softmax over positions depends on the sequence length; use dim=-1",
                          "dim")
+
+
+class LayerName(Option):
+    """An option naming another layer (tied_head's embedding); the expander resolves it."""
+
+    def accepts(self, v):
+        if isinstance(v, str) and all(p.isidentifier() or p.isdigit() for p in v.split(".")):
+            return None
+        return f"'{self.name}' must be the name of an embedding layer, got {spell(v)}"
+
+
+def _tied_head(shape, a):
+    # the expander adds the named embedding's vocab and dim (or reports that none exists)
+    if shape[-1] != a["dim"]:
+        raise ShapeError(f"the width {shape[-1]} differs from the dim {a['dim']} of embedding "
+                         f"'{a['embedding']}'", "embedding")
+    return Inferred(tuple(shape[:-1]) + (a["vocab"],))
 
 
 def _embedding(shape, a):
@@ -109,6 +126,10 @@ SEQUENCE_KINDS = {k.name: k for k in [
     Kind("embedding", (Option("dim", None, required=True, **_POS, doc="embedding width"),),
          ("dim",), _embedding, doc="token ids [seq] -> vectors [seq, dim] (vocab from the input)",
          per_position=True),
+    Kind("tied_head", (LayerName("embedding", None, required=True,
+                                 doc="the embedding layer whose weights it shares"),),
+         ("embedding",), _tied_head, doc="logits x @ embedding.weight^T: a head tied to the "
+         "embedding, no weights of its own", per_position=True),
     Kind("rmsnorm", (Option("eps", 1e-6, number="float", lo=0, hi=1,
                             doc="added to the mean square"),),
          (), _rmsnorm, doc="root-mean-square normalization over the last dimension",
