@@ -144,3 +144,12 @@ def test_tied_head_shares_the_embedding():
     assert net(x).shape == (1, 5, 32)
     assert summarize(check_source(src, "t.tdsl").models[0])["params"] == \
         sum(p.numel() for p in net.parameters())
+
+
+def test_packed_checkpoint_holds_what_summary_counts(tmp_path):
+    from triton_dsl.workflow import checkpoint as ck
+    size = ck.save(rt.freeze(_net()), str(tmp_path / "lm.safetensors"), verify=True)
+    predicted = summarize(check_source(SRC, "lm.tdsl").models[0])["total_bytes"]
+    assert predicted <= size <= predicted + 16384  # the header: source, encodings, names
+    again = ck.load(str(tmp_path / "lm.safetensors"))
+    assert isinstance(again.blocks[1].mlp.down, rt.FrozenLinear)

@@ -71,6 +71,7 @@ def test_bad_text_data(tmp_path, spec, match):
             load_text(spec, 8)
 
 
+@pytest.mark.slow
 def test_train_freeze_reload_evaluate_generate(tiny, tmp_path):
     torch.set_num_threads(1)
     qat = str(tmp_path / "qat.safetensors")
@@ -94,6 +95,7 @@ def test_train_freeze_reload_evaluate_generate(tiny, tmp_path):
     assert greedy == workflow.generate(net, "", max_new_tokens=8, temperature=0, seed=9)
 
 
+@pytest.mark.slow
 def test_cli_trains_freezes_evaluates_and_generates(tiny, tmp_path, run_cli):
     torch.set_num_threads(1)
     qat, packed = str(tmp_path / "q.safetensors"), str(tmp_path / "p.safetensors")
@@ -103,6 +105,8 @@ def test_cli_trains_freezes_evaluates_and_generates(tiny, tmp_path, run_cli):
     assert run_cli("freeze", qat, "-o", packed)[0] == 0
     rc, out, err = run_cli("eval", packed, "--data", TEXT)
     assert rc == 0 and "bits/byte on the test split" in out, err
+    rc, out, err = run_cli("report", qat, "-o", str(tmp_path / "report"))
+    assert rc == 0 and "bits per byte" in (tmp_path / "report" / "report.md").read_text(), err
     rc, out, err = run_cli("generate", packed, "--prompt", "def ", "--max-new-tokens", "12",
                            "--seed", "1")
     assert rc == 0 and out.endswith("\n"), err
@@ -112,3 +116,19 @@ def test_cli_trains_freezes_evaluates_and_generates(tiny, tmp_path, run_cli):
     assert rc == 1 and "max_new_tokens must be in 1..31" in err and "Traceback" not in err
     rc, _, err = run_cli("generate", str(tmp_path / "missing.safetensors"))
     assert rc == 1 and "no such file" in err
+
+
+@pytest.mark.slow
+def test_ddp_trains_a_language_model(tiny, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "triton_dsl", "train", tiny, "--data",
+                        TEXT, "--epochs", "1", "--steps", "2", "--batch-size", "4", "--quiet",
+                        "-o", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "bits/byte" in r.stdout and ck.load(str(out)).checkpoint_meta["kind"] == "trainable"
