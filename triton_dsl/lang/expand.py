@@ -43,6 +43,7 @@ class Expander:
         self.unresolved: list[Unresolved] = []  # of the model being expanded
         self.top = None  # the model-level statement being expanded, where a limit error points
         self.tokens = None  # (vocab, max_len) while expanding a model with token input
+        self.embeddings: dict = {}  # qualified name -> (vocab, dim) of the model's embeddings
 
     def error(self, code, msg, pos, help=None, width=1):
         self.diags.append(Diagnostic(code, msg, pos.line, pos.col, help, width))
@@ -152,9 +153,7 @@ class Expander:
             self.unresolved.append(Unresolved(prefix + local, kind))
             return None, None
         try:
-            fits_sequence(spec, shape, args, self.tokens)
-            if kind == "tied_head":
-                self.tie(args)
+            fits_sequence(spec, shape, args, self.tokens, self.embeddings)
             inf: Inferred = spec.infer(shape, args)
             parts = spec.parts(shape, args) if spec.parts else None
         except ShapeError as e:
@@ -172,15 +171,6 @@ class Expander:
         if kind == "embedding":
             self.embeddings[node.name] = (args["vocab"], args["dim"])
         return node, inf.shape
-
-    def tie(self, args):
-        """A tied head takes the vocab and dim of an embedding declared before it."""
-        emb = self.embeddings.get(args["embedding"])
-        if emb is None:
-            known = ", ".join(self.embeddings) or "none so far"
-            raise ShapeError(f"no embedding layer named '{args['embedding']}' comes before it "
-                             f"(embeddings: {known})", "embedding")
-        args["vocab"], args["dim"] = emb
 
     def composite(self, s, kind, args, parts, qualified, shape, out):
         """Attention or mlp: its named sublayers, each an ordinary layer."""

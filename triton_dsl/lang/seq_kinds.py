@@ -21,10 +21,18 @@ _SUB_NORM = Option("sub_norm", False, (True, False),
                    doc="an rmsnorm before the output projection (BitNet's sub-norm)")
 
 
-def fits_sequence(spec: Kind, shape, args: dict, tokens):
+def fits_sequence(spec: Kind, shape, args: dict, tokens, embeddings: dict):
     """Token models (tokens = (vocab, max_len), else None): ids [seq] go through an embedding
     first, and every later layer must work for any sequence length up to max_len. Adds the
-    vocabulary to an embedding's options. Raises ShapeError."""
+    vocabulary to an embedding's options, and a tied head's embedding (from ``embeddings``,
+    {qualified name: (vocab, dim)} of those declared so far). Raises ShapeError."""
+    if spec.name == "tied_head":
+        emb = embeddings.get(args["embedding"])
+        if emb is None:
+            known = ", ".join(embeddings) or "none so far"
+            raise ShapeError(f"no embedding layer named '{args['embedding']}' comes before it "
+                             f"(embeddings: {known})", "embedding")
+        args["vocab"], args["dim"] = emb
     if spec.name == "embedding":
         if tokens is None:
             raise ShapeError("embedding needs token ids: declare the model's input as "
