@@ -153,3 +153,11 @@ def test_packed_checkpoint_holds_what_summary_counts(tmp_path):
     assert predicted <= size <= predicted + 16384  # the header: source, encodings, names
     again = ck.load(str(tmp_path / "lm.safetensors"))
     assert isinstance(again.blocks[1].mlp.down, rt.FrozenLinear)
+
+
+def test_a_rule_naming_an_attention_points_at_its_projections():
+    src = SRC + "    layer blocks.0.attn: int8\n"
+    errors = [d for d in check_source(src, "lm.tdsl").diagnostics if d.is_error]
+    assert [d.code for d in errors] == ["E503"]
+    assert "blocks.0.attn.q, blocks.0.attn.k" in errors[0].message
+    assert errors[0].help == "write `layer blocks.0.attn.*: ...` to select them all"

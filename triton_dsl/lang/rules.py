@@ -123,9 +123,14 @@ def _layer_rule(r, layers, quant, by_name, expander, diags):
     if not matched and not _hidden(r, expander):
         other = [l for l in layers if l.kind not in QUANTIZABLE and  # those matched no rule
                  (l.name == r.target or is_pattern and match(l.name))]
+        inside = [l.name for l in quant if not is_pattern and l.name.startswith(r.target + ".")]
         if other:
             msg = f"'{other[0].name}' is a {other[0].kind} layer, which has no weights to quantize"
             help_ = "precision applies to: " + ", ".join(QUANTIZABLE)
+        elif inside:  # a block instance, an attention or an mlp: name the layers within
+            msg = (f"'{r.target}' holds layers rather than weights: "
+                   + ", ".join(inside[:4]) + (", ..." if len(inside) > 4 else ""))
+            help_ = f"write `layer {r.target}.*: ...` to select them all"
         else:
             msg = f"rule matches no layer: no layer {'matches' if is_pattern else 'is named'} " \
                   f"'{r.target}'"
