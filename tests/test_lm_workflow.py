@@ -96,6 +96,21 @@ def test_train_freeze_reload_evaluate_generate(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_ptq_of_a_language_model_calibrates_on_text(tiny, tmp_path):
+    torch.set_num_threads(1)
+    fp32 = str(tmp_path / "f.safetensors")
+    workflow.train_model(tiny, TEXT, fp32, epochs=1, steps=2, batch_size=4, fp32=True,
+                         progress=False, log=lambda s: None)
+    int8 = tmp_path / "int8.tdsl"
+    int8.write_text(TINY[:TINY.index("precision:")] + "precision:\n    default int8("
+                    "activations=static)\n")
+    r = workflow.ptq(str(int8), fp32, str(tmp_path / "p.safetensors"), calib=TEXT,
+                     calib_batches=2)
+    assert r["test_bpb"] > 0
+    assert ck.load(str(tmp_path / "p.safetensors")).checkpoint_meta["kind"] == "frozen"
+
+
+@pytest.mark.slow
 def test_cli_trains_freezes_evaluates_and_generates(tiny, tmp_path, run_cli):
     torch.set_num_threads(1)
     qat, packed = str(tmp_path / "q.safetensors"), str(tmp_path / "p.safetensors")
