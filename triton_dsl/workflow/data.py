@@ -3,7 +3,7 @@
     digits            scikit-learn's bundled 8x8 handwritten digits (1797 images), the default
     mnist:DIR         the standard MNIST IDX files in DIR (gzipped or not)
     PATH.pt / .npz    tensors: x and y (and optionally x_test and y_test)
-    stdlib, text:PATH bytes for language models (text_data.py)
+    stdlib, text:PATH bytes for language models: text_data.py (pipeline.load_data picks)
 
 Each data set has three splits: train, val (a seeded tenth held out of the training data, for
 choosing epochs and settings) and test (a fixed seeded fifth, or the file's own x_test/y_test;
@@ -110,9 +110,6 @@ def load(spec: str, input_shape=None, test_fraction: float = 0.2, val_fraction: 
     """A data set by name: 'digits', 'mnist:DIR', or a .pt / .npz file; split into train, val
     and test, standardised (with ``norm`` = (mean, std) when given, else the training split's
     statistics), and fitted to ``input_shape`` when given."""
-    if spec == "stdlib" or spec.startswith("text:"):  # bytes for a language model
-        from .text_data import load_text
-        return load_text(spec, input_shape[0] if input_shape else 256)
     if spec == "digits":
         ds = _digits(test_fraction)
     elif spec.startswith("mnist:"):

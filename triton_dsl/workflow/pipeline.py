@@ -16,7 +16,7 @@ from . import checkpoint as ck
 from . import data as D
 from ..runtime.build import load as load_class
 from .lm_train import train_lm
-from .text_data import TextData, bits_per_byte
+from .text_data import TextData, bits_per_byte, load_text
 from .train import best_record, check_options, evaluate, latency, rank_and_world, train
 
 # parameters a float checkpoint lacks: the quantizers' own, and calibration statistics
@@ -87,8 +87,8 @@ def is_token_model(net) -> bool:
 
 def load_data(spec: str, net, norm=None):
     """The data set ``spec`` for ``net``: text for a language model, samples otherwise."""
-    ds = D.load(spec, net.input_shape, norm=norm)
-    text = isinstance(ds, TextData)
+    text = spec == "stdlib" or spec.startswith("text:")
+    ds = load_text(spec, net.input_shape[0]) if text else D.load(spec, net.input_shape, norm=norm)
     if is_token_model(net) != text:
         raise D.DataError(f"{spec} is {'text' if text else 'not text'}, but model "
                           f"{net.tdsl_model!r} {'is' if not text else 'is not'} a language "
