@@ -23,7 +23,7 @@ block Block(hidden):
 model Tiny:
     input tokens(vocab=256, max_len=32)
     layer embed: embedding(32)
-    layer blocks: Block(64)
+    layer blocks: Block(64) * 1
     layer norm: rmsnorm
     layer head: linear(256, bias=false)
 
@@ -42,13 +42,13 @@ def tiny(tmp_path):
 
 
 def test_text_is_split_by_position(tmp_path):
-    (tmp_path / "a.txt").write_bytes(bytes(range(100)))
+    (tmp_path / "a.txt").write_bytes(bytes(range(1, 101)))
     (tmp_path / "b.bin").write_bytes(b"\0binary")  # skipped
     d = load_text(f"text:{tmp_path}", seq_len=4)
-    assert d.train.tolist() == list(range(80)) and d.val.tolist() == list(range(80, 90))
-    assert d.test.tolist() == list(range(90, 100))
+    assert d.train.tolist() == list(range(1, 81)) and d.val.tolist() == list(range(81, 91))
+    assert d.test.tolist() == list(range(91, 101))
     x, y = next(d.batches("train", 3))
-    assert x.shape == (3, 4) and torch.equal(x[:, 1:], y[:, :-1]) and x[1, 0] == 4
+    assert x.shape == (3, 4) and torch.equal(x[:, 1:], y[:, :-1]) and x[1, 0] == 5
 
 
 def test_default_corpus_is_the_interpreters_stdlib():
