@@ -35,7 +35,10 @@ TEXT = "text:" + os.path.join(ROOT, "docs", "language.md")  # real text, about 2
 
 
 @pytest.fixture
-def tiny(tmp_path):
+def tiny(tmp_path, monkeypatch):
+    # whole networks on the CPU paths (the native kernels); the Triton kernels' own tests run
+    # them under the interpreter, which would take minutes for every byte decoded here
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     path = tmp_path / "tiny.tdsl"
     path.write_text(TINY)
     return str(path)
