@@ -150,3 +150,21 @@ def test_ddp_trains_a_language_model(tiny, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "bits/byte" in r.stdout and ck.load(str(out)).checkpoint_meta["kind"] == "trainable"
+
+
+@pytest.mark.slow
+def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli):
+    import json
+    out = tmp_path / "decode.json"
+    rc, text, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
+                            "--prompt-len", "4", "--new-tokens", "6", "--json", str(out))
+    assert rc == 0, err
+    recs = json.loads(out.read_text())["records"]
+    assert [r["method"] for r in recs] == ["fp32", "frozen", "torch-dynamic-int8"]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["of_stream"] for r in recs)
+    assert recs[1]["linear_weight_bytes"] < recs[0]["linear_weight_bytes"]  # fp32 head kept
+    rc, _, err = run_cli("bench", "--decode", "--device", "cpu")
+    assert rc == 2 and "--decode needs --model" in err
+    rc, _, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
+                         "--prompt-len", "30", "--new-tokens", "6")
+    assert rc == 2 and "exceed the model's max_len 32" in err
