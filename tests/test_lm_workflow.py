@@ -94,6 +94,8 @@ def test_train_freeze_reload_evaluate_generate(tiny, tmp_path):
     a = workflow.generate(packed, "The ", max_new_tokens=20, seed=3, top_k=20)
     b = workflow.generate(net, "The ", max_new_tokens=20, seed=3, top_k=20)
     assert a == b and len(a.encode("utf-8", errors="surrogateescape")) >= 1
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        workflow.generate(net, "x", temperature=-1)
     greedy = workflow.generate(net, "", max_new_tokens=8, temperature=0)
     assert greedy == workflow.generate(net, "", max_new_tokens=8, temperature=0, seed=9)
 
@@ -130,8 +132,8 @@ def test_cli_trains_freezes_evaluates_and_generates(tiny, tmp_path, run_cli):
     assert rc == 0 and out.endswith("\n"), err
     assert run_cli("generate", packed, "--prompt", "def ", "--max-new-tokens", "12",
                    "--seed", "1")[1] == out
-    rc, _, err = run_cli("generate", packed, "--max-new-tokens", "32")
-    assert rc == 1 and "max_new_tokens must be in 1..31" in err and "Traceback" not in err
+    rc, out, err = run_cli("generate", packed, "--max-new-tokens", "70", "--top-k", "5")
+    assert rc == 0 and len(out) >= 20, err  # past max_len=32: the context slides
     rc, _, err = run_cli("generate", str(tmp_path / "missing.safetensors"))
     assert rc == 1 and "no such file" in err
 

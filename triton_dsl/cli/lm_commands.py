@@ -24,7 +24,7 @@ def add_commands(sub):
     s.add_argument("checkpoint")
     s.add_argument("--prompt", default="", help="the text to continue (default: empty)")
     s.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N",
-                   help="bytes to generate (below the model's max_len)")
+                   help="bytes to generate (past max_len the context slides)")
     s.add_argument("--temperature", type=_number(0, False), default=0.8, metavar="T",
                    help="0: always the most likely byte")
     s.add_argument("--top-k", type=_positive_int, metavar="K",
