@@ -1,7 +1,7 @@
 """Measured results for examples/tiny_lm.tdsl: test bits per byte of fp32, int8 PTQ, ternary
 QAT (the BitNet b1.58 recipe) and a mixed model, same architecture and training budget.
 
-    python examples/lm_results.py [--epochs 4] [--steps 150] [--data stdlib]
+    python examples/lm_results.py [--epochs 4] [--steps 120] [--data stdlib]
 
 Every number comes from this run: each model is trained with a fixed seed on the default corpus
 (the interpreter's standard-library sources, workflow/text_data.py), frozen to a packed
@@ -107,7 +107,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="stdlib")
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=150, help="batches per epoch")
+    ap.add_argument("--steps", type=int, default=120, help="batches per epoch")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     a = ap.parse_args(argv)
@@ -127,8 +127,8 @@ def main(argv=None):
         text = re.sub(rf"<!-- {re.escape(tag)} -->.*?<!-- /{re.escape(tag)} -->",
                       lambda _: block, text, flags=re.S)
     else:
-        text = text.rstrip("\n") + f"\n\n## Language model\n\n`python examples/lm_results.py` " \
-            f"wrote this table:\n\n{block}\n"
+        text = text.rstrip("\n") + f"\n\n### Results ({a.data})\n\n`python " \
+            f"examples/lm_results.py --data {a.data}` wrote this table:\n\n{block}\n"
     write_atomic(readme, text)
 
 
