@@ -8,6 +8,7 @@ from triton_dsl.lang.frontend import check_file, check_source
 from triton_dsl.lang.diagnostics import render_all
 
 HEAD = "model M:\n    input [1, 8, 8]\n    flatten\n"  # lines 1-3; a body line below is line 4
+TOK = "model M:\n    input tokens(vocab=16, max_len=8)\n    layer e: embedding(8)\n"  # the same
 
 # (name, source, expected code, line, col)
 CASES = [
@@ -128,6 +129,26 @@ CASES = [
      + "    layer x: A\n", "E204", 4, 14),
     ("skip in a declared model", HEAD + "    layer fc: linear(4)\nprecision:\n"
      "    layer fc: skip\n", "E512", 6, 15),
+    # token models (issue 11)
+    ("heads do not divide the width", TOK + "    layer a: attention(3)\n", "E401", 4, 24),
+    ("kv heads do not divide heads", TOK + "    layer a: attention(4, kv_heads=3)\n", "E401",
+     4, 36),
+    ("odd head dim with rotary", TOK + "    layer a: attention(8)\n", "E401", 4, 14),
+    ("token ids not embedded", "model M:\n    input tokens(vocab=16, max_len=8)\n"
+     "    layer fc: linear(4)\n", "E401", 3, 15),
+    ("embedding without token input", HEAD + "    layer e: embedding(4)\n", "E401", 4, 14),
+    ("flatten in a token model", TOK + "    flatten\n", "E401", 4, 5),
+    ("softmax over positions", TOK + "    softmax(dim=0)\n", "E401", 4, 17),
+    ("attention on a vector", HEAD + "    layer a: attention(4)\n", "E401", 4, 14),
+    ("unknown input", "model M:\n    input words(4)\n    relu\n", "E405", 2, 11),
+    ("max_len above range", "model M:\n    input tokens(vocab=16, max_len=70000)\n"
+     "    layer e: embedding(8)\n", "E304", 2, 36),
+    ("tokens without vocab", "model M:\n    input tokens(max_len=8)\n    layer e: embedding(8)\n",
+     "E305", 2, 11),
+    ("tied head without its embedding", TOK + "    layer h: tied_head(embd)\n", "E401", 4, 24),
+    ("tied head of another width", TOK + "    layer fc: linear(4)\n    layer h: tied_head(e)\n",
+     "E401", 5, 24),
+    ("bad mlp activation", TOK + "    layer m: mlp(16, activation=tanh)\n", "E304", 4, 33),
     ("form feed and U+2028 in a comment", "# a\x0c form feed\u2028 and a line separator\n"
      + HEAD + "    layer fc: lineer(4)\n", "E201", 5, 15),
 ]

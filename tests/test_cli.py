@@ -40,9 +40,9 @@ def test_examples_compile_import_and_run(path, tmp_path, run_cli):
     spec.loader.exec_module(mod)
     for name in mod.__all__:
         net = getattr(mod, name)()
-        net(torch.randn(4, *net.input_shape))  # a training step calibrates static activations
+        net(net.example_input(4))  # a training step calibrates static activations
         net.eval()
-        y = net(torch.randn(2, *net.input_shape))
+        y = net(net.example_input(2))  # token ids for a language model
         assert y.shape[0] == 2 and torch.isfinite(y).all()
 
 

@@ -46,7 +46,7 @@ def test_golden_runs(src):
     for name in ns["__all__"]:
         torch.manual_seed(0)
         net = ns[name]()
-        x = torch.randn(3, *net.input_shape)
+        x = net.example_input(3)  # token ids for a token model
         net.train()
         y = net(x)
         y.float().sum().backward()

@@ -15,8 +15,9 @@ from triton_dsl.lang.precision import REGISTRY
 INPUT = {"linear": "[8]", "conv2d": "[2, 8, 8]", "batchnorm": "[4]", "layernorm": "[4]",
          "softmax": "[2, 4, 4]", "ternary_act": "[4]", "maxpool": "[2, 8, 8]",
          "avgpool": "[2, 8, 8]", "adaptive_avgpool": "[2, 8, 8]", "adaptive_maxpool": "[2, 8, 8]",
-         "dropout": "[4]"}
-REQUIRED = {"linear": "4", "conv2d": "4"}
+         "dropout": "[4]", "embedding": "tokens(vocab=4, max_len=4)", "rmsnorm": "[4]",
+         "attention": "[4, 8]", "mlp": "[4]"}
+REQUIRED = {"linear": "4", "conv2d": "4", "embedding": "4", "attention": "2", "mlp": "4"}
 
 
 def _numeric(options):
@@ -43,8 +44,8 @@ def _cases():
 
 @pytest.mark.parametrize("kind,option,value", list(_cases()), ids=str)
 def test_layer_option_boundaries_compile_and_import(kind, option, value):
-    args = [REQUIRED[kind]] if kind in REQUIRED and option not in ("out_features",
-                                                                   "out_channels") else []
+    args = [REQUIRED[kind]] if kind in REQUIRED and option not in (
+        "out_features", "out_channels", "dim", "heads", "hidden") else []
     if kind in ("maxpool", "avgpool") and option == "padding":
         args.append(f"kernel={min(max(2, 2 * value), 16777216)}")
     args.append(f"{option}={_text(value)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..version import __version__
-from . import external_commands, lang_commands, workflow_commands
+from . import external_commands, lang_commands, lm_commands, workflow_commands
 from .common import EXIT_OK, EXIT_USAGE, Parser
 
 
@@ -21,6 +21,7 @@ def build_parser() -> Parser:
     lang_commands.add_commands(sub)
     workflow_commands.add_commands(sub)
     external_commands.add_commands(sub)
+    lm_commands.add_commands(sub)
     return p
 
 

@@ -34,6 +34,10 @@ def bench_arguments(ap):
                     help="batch sizes for --model")
     ap.add_argument("--compile", action="store_true",
                     help="with --model: also torch.compile the fp32 and frozen models")
+    ap.add_argument("--decode", action="store_true", help="with --model of a language model: "
+                    "tokens per second of incremental decoding (KV cache)")
+    ap.add_argument("--prompt-len", type=int, default=16, metavar="P", help="with --decode")
+    ap.add_argument("--new-tokens", type=int, default=64, metavar="N", help="with --decode")
 
 
 def _add_bench(sub):
@@ -108,10 +112,15 @@ def cmd_train(args) -> int:
         r = train_model(args.file, args.data, args.output, args.epochs, args.seed, args.lr,
                         args.batch_size, args.fp32, args.freeze, args.model, not args.quiet,
                         optimizer=args.optimizer, weight_decay=args.weight_decay,
-                        schedule=args.schedule, resume=args.resume)
+                        schedule=args.schedule, resume=args.resume, steps=args.steps)
     finally:
         _end_distributed()
-    if "bytes" in r:
+    if "bytes" in r and "test_bpb" in r:
+        best = (f"best epoch {r['best_epoch']} on validation ({r['val_bpb']:.4f} bits/byte)"
+                if r["val_bpb"] is not None else f"epoch {r['best_epoch']} (no validation split)")
+        print(f"wrote {args.output} ({r['bytes']:,} bytes): {best}; test {r['test_bpb']:.4f} "
+              "bits/byte")
+    elif "bytes" in r:
         best = (f"best epoch {r['best_epoch']} on validation ({r['val_acc']:.2f}%)"
                 if r["val_acc"] is not None else f"epoch {r['best_epoch']} (no validation split)")
         print(f"wrote {args.output} ({r['bytes']:,} bytes): {best}; test accuracy "
@@ -125,7 +134,9 @@ def cmd_ptq(args) -> int:
     _check_output(args.output)
     r = ptq(args.file, args.weights, args.output, args.calib, args.calib_batches, args.model)
     msg = f"wrote {args.output} ({r['bytes']:,} bytes)"
-    if r["test_acc"] is not None:
+    if r.get("test_bpb") is not None:
+        msg += f": test {r['test_bpb']:.4f} bits/byte on {args.calib}"
+    elif r["test_acc"] is not None:
         msg += f": test accuracy {r['test_acc']:.2f}% on {args.calib}"
     print(msg)
     return EXIT_OK
@@ -156,12 +167,18 @@ def cmd_eval(args) -> int:
     r = evaluate_checkpoint(args.checkpoint, args.data)
     if args.json:
         print(json.dumps(r, indent=2))
+    elif "test_bpb" in r:
+        print(f"{r['model']} ({r['kind']}): {r['test_bpb']:.4f} bits/byte on the test split of "
+              f"{r['data']} (validation {r['val_bpb']:.4f}); {r['bytes']:,} bytes on disk; "
+              f"decoding {r['decode_ms_per_token']:.3f} ms per token")
     else:
         lat = ", ".join(f"batch {b}: {ms:.3f} ms" for b, ms in r["latency_ms"].items())
         if r["normalization"]["from"] == "data":
             print(f"triton-dsl: warning: {args.checkpoint} records no input normalisation; "
-                  f"standardised {args.data} with its own statistics", file=sys.stderr)
-        print(f"{r['model']} ({r['kind']}): accuracy {r['accuracy']:.2f}% on {args.data}; "
+                  f"standardised {args.data or 'digits'} with its own statistics",
+                  file=sys.stderr)
+        print(f"{r['model']} ({r['kind']}): accuracy {r['accuracy']:.2f}% on "
+              f"{args.data or 'digits'}; "
               f"{r['bytes']:,} bytes on disk; CPU latency {lat}")
     return EXIT_OK
 
@@ -203,8 +220,11 @@ def _add_workflow(sub):
                        "validation split held out of it; report accuracy on the test split.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     s.add_argument("file", metavar="FILE")
-    s.add_argument("--data", default="digits", help="digits, mnist:DIR, x.pt, x.npz")
+    s.add_argument("--data", help="digits (the default), mnist:DIR, x.pt, x.npz; for a "
+                   "language model stdlib (the default) or text:FILE_OR_FOLDER")
     s.add_argument("--epochs", type=_positive_int, default=10, help="epochs to train")
+    s.add_argument("--steps", type=_positive_int, help="language models: at most this many "
+                   "batches per epoch (default: every window of the training text)")
     s.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
     s.add_argument("--lr", type=_number(0, True), default=1e-3, help="peak learning rate")
     s.add_argument("--weight-decay", type=_number(0, False), default=0.0,
@@ -238,7 +258,7 @@ def _add_workflow(sub):
     s.set_defaults(func=cmd_freeze)
     s = sub.add_parser("eval", help="accuracy, CPU latency and size of a checkpoint")
     s.add_argument("checkpoint")
-    s.add_argument("--data", default="digits")
+    s.add_argument("--data", help="default: digits, or stdlib for a language model")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_eval)
     s = sub.add_parser("report", help="plots and a markdown page for a checkpoint")

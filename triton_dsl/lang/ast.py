@@ -108,7 +108,7 @@ class Precision:
 @dataclass(frozen=True)
 class Model:
     name: str
-    inputs: tuple  # of List; the checker wants exactly one
+    inputs: tuple  # of List (a shape) or Call (tokens(...)); the checker wants exactly one
     body: tuple
     pos: Pos = field(compare=False)
 

@@ -8,11 +8,12 @@ import dataclasses
 import math
 
 from . import ast, ir
-from .bind import value_of
+from .bind import bind, value_of
 from .diagnostics import Diagnostic, suggest
 from .expand import Expander
 from .kinds import KINDS, QUANTIZABLE
-from .limits import MAX_SIZE
+from .limits import MAX_SEQ, MAX_SIZE
+from .options import Option
 from .names import alternative, model_name_problem
 from .precision import FP32, Ternary
 from .rules import resolve_layers
@@ -73,7 +74,7 @@ def check(tree: ast.File, text: str, all_fp32: bool = False
 def _model(m: ast.Model, expander, sections, text, path, diags, all_fp32=False
            ) -> ir.Model | None:
     n_before = sum(d.is_error for d in diags)
-    shape = None
+    shape = tokens = None
     if not m.inputs:
         diags.append(Diagnostic("E403", f"model '{m.name}' has no input shape", m.pos.line,
                                 m.pos.col, "add a line such as: input [1, 28, 28]", len(m.name)))
@@ -81,23 +82,44 @@ def _model(m: ast.Model, expander, sections, text, path, diags, all_fp32=False
         for extra in m.inputs[1:]:
             diags.append(Diagnostic("E404", "a model has one input line", extra.pos.line,
                                     extra.pos.col))
-        vals = value_of(m.inputs[0], {})
-        if not vals or not all(isinstance(v, int) and not isinstance(v, bool) and
-                               0 < v <= MAX_SIZE for v in vals) or len(vals) > 3:
-            diags.append(Diagnostic("E405", f"input shape must be 1 to 3 integers in 1..{MAX_SIZE}"
-                                    " (the batch dimension is not written)", m.inputs[0].pos.line,
-                                    m.inputs[0].pos.col))
+        if isinstance(m.inputs[0], ast.Call):
+            tokens = _tokens(m.inputs[0], diags)
+            shape = (tokens[1],) if tokens else None
         else:
-            shape = tuple(vals)
-    nodes, _ = expander.model(m.body, shape)
+            vals = value_of(m.inputs[0], {})
+            if not vals or not all(isinstance(v, int) and not isinstance(v, bool) and
+                                   0 < v <= MAX_SIZE for v in vals) or len(vals) > 3:
+                diags.append(Diagnostic("E405", f"input shape must be 1 to 3 integers in "
+                                        f"1..{MAX_SIZE} (the batch dimension is not written)",
+                                        m.inputs[0].pos.line, m.inputs[0].pos.col))
+            else:
+                shape = tuple(vals)
+    nodes, _ = expander.model(m.body, shape, tokens)
     layers = list(ir.walk(nodes))
     table, explicit = resolve_layers(sections, layers, expander, diags)
     if all_fp32:
         table = {name: FP32 for name in table}
-    _warn(m, layers, table, explicit, diags)
+    _warn(m, layers, table, explicit, diags, first=tokens is None)
     if sum(d.is_error for d in diags) > n_before or shape is None:
         return None
-    return ir.Model(m.name, path, shape, _apply(tuple(nodes), table), m.pos.line, text)
+    return ir.Model(m.name, path, shape, _apply(tuple(nodes), table), m.pos.line, text, tokens)
+
+
+_TOKENS = (Option("vocab", None, required=True, number="int", lo=1, hi=MAX_SIZE,
+                  doc="vocabulary size: token ids are 0..vocab-1"),
+           Option("max_len", None, required=True, number="int", lo=1, hi=MAX_SEQ,
+                  doc="the longest sequence, prompt and generated tokens together"))
+
+
+def _tokens(call: ast.Call, diags) -> tuple | None:
+    """(vocab, max_len) of `input tokens(vocab=..., max_len=...)`, or None after an error."""
+    if call.name != "tokens":
+        diags.append(Diagnostic("E405", f"unknown input '{call.name}'", call.pos.line,
+                                call.pos.col, "write input [C, H, W] or input tokens(vocab=..., "
+                                "max_len=...)", len(call.name)))
+        return None
+    args = bind(_TOKENS, ("vocab", "max_len"), call, {}, "tokens", diags)
+    return None if args is None else (args["vocab"], args["max_len"])
 
 
 def _params(b: ast.Block, diags):
@@ -111,16 +133,17 @@ def _params(b: ast.Block, diags):
         seen.setdefault(p.name, p.pos.col)
 
 
-def _warn(m, layers, table, explicit, diags):
+def _warn(m, layers, table, explicit, diags, first=True):
     """The seed tutorial's guidelines: keep the first and last layers at 8 bits or more, and a
     fixed ternary threshold above the initial weights' range zeroes a whole layer. A first or
     last layer that an exact `layer NAME:` rule puts below 8 bits is a decision, not an
-    oversight: no warning."""
+    oversight: no warning. In a token model the first layer is the embedding, which stays
+    fp32 (first=False): only the last is checked."""
     quant = [l for l in layers if l.kind in QUANTIZABLE]
-    for l in {id(x): x for x in (quant[:1] + quant[-1:])}.values():
+    for l in {id(x): x for x in (quant[:1] * first + quant[-1:])}.values():
         p = table.get(l.name)
         if p is not None and p.bits < 8 and l.name not in explicit:
-            where = "first" if l is quant[0] else "last"
+            where = "first" if first and l is quant[0] else "last"
             diags.append(Diagnostic("W601", f"the {where} layer '{l.name}' is quantized to "
                                     f"{p.bits} bits; first and last layers are the most sensitive",
                                     l.line, l.col, "keep it at int8 or wider unless accuracy "

@@ -53,8 +53,33 @@ class _Emitter:
             for c in n.shortcut:  # projection layers, applied to the skip tensor
                 self.layer(c, skip, out=skip)
             self.fwd.append(f"x = x + {skip}{self.where(n.line)}")
+        elif n.op is ir.Op.COMPOSITE:
+            self.composite(n)
         else:
             self.layer(n)
+
+    def composite(self, n: ir.Composite):
+        """Attention or mlp: the runtime module, then its projections as its children."""
+        a, mod = dict(n.args), _attr(n.name)
+        if n.kind == "attention":
+            max_len = self.m.tokens[1] if self.m.tokens else n.in_shape[0]
+            opts = [f"heads={a['heads']}"]
+            if a["kv_heads"] not in (None, a["heads"]):
+                opts.append(f"kv_heads={a['kv_heads']}")
+            opts += [f"{k}={a[k]!r}" for k in ("causal", "rotary") if not a[k]]
+            opts.append(f"max_len={max_len}")
+            ctor = f"rt.Attention({n.in_shape[-1]}, {', '.join(opts)}"
+        else:
+            opts = [f"gate={a['gate']!r}"] if a["gate"] else []
+            opts += [f"activation={a['activation']!r}"] if a["activation"] != "silu" else []
+            ctor = f"rt.MLP({', '.join(opts)}"
+        ctor += (", " if opts else "") + "sub_norm=True)" if a["sub_norm"] else ")"
+        self.init.append(f"{mod} = {ctor}{self.where(n.line)}")
+        for c in n.body:
+            self.init.append(f"{_attr(c.name)} = {self.constructor(c, dict(c.args))}"
+                             f"{self.where(c.line)}")
+        cache = ", cache" if n.kind == "attention" and self.m.tokens else ""
+        self.fwd.append(f"x = {mod}(x{cache}){self.where(n.line)}")
 
     def layer(self, l: ir.Layer, x: str = "x", out: str = "x"):
         a = dict(l.args)
@@ -83,6 +108,10 @@ class _Emitter:
             return f"nn.{cls}({l.in_shape[0]}, eps={a['eps']!r}, momentum={a['momentum']!r})"
         if l.kind == "layernorm":
             return f"nn.LayerNorm({l.in_shape[-1]}, eps={a['eps']!r})"
+        if l.kind == "rmsnorm":
+            return f"nn.RMSNorm({l.in_shape[-1]}, eps={a['eps']!r})"
+        if l.kind == "embedding":
+            return f"nn.Embedding({a['vocab']}, {a['dim']})"
         return None
 
     def stateless(self, l, a, x):
@@ -94,6 +123,8 @@ class _Emitter:
             return f"F.softmax({x}, dim={d})"
         if k == "ternary_act":
             return f"rt.ternary_act({x}, {a['threshold']!r})"
+        if k == "tied_head":  # the embedding's weight, shared: no module of its own
+            return f"F.linear({x}, {_attr(a['embedding'])}.weight)"
         if k == "flatten":
             return f"torch.flatten({x}, 1)"
         if k == "dropout":
@@ -133,13 +164,19 @@ def generate(models: list[ir.Model], path: str, source: str, fp32: bool = False)
         for n in m.body:
             e.node(n)
         shape = ", ".join(map(str, m.input_shape))
+        output = ", ".join(map(str, m.output_shape))
+        if m.tokens:  # the sequence length varies: write it as seq
+            doc = f"token ids [batch, seq] -> output [batch, seq, {output.split(', ', 1)[1]}]"
+        else:
+            doc = f"input [batch, {shape}] -> output [batch, {output}]"
         out += ["",
                 f"class {m.name}(rt.CompiledModel):",
-                f'    """{m.name}: input [batch, {shape}] -> output [batch, '
-                f'{", ".join(map(str, m.output_shape))}]."""',
+                f'    """{m.name}: {doc}."""',
                 "",
-                f"    input_shape = {m.input_shape!r}",
-                "    tdsl_source = TDSL_SOURCE",
+                f"    input_shape = {m.input_shape!r}"]
+        if m.tokens:
+            out += [f"    vocab_size = {m.tokens[0]}", f"    max_len = {m.tokens[1]}"]
+        out += ["    tdsl_source = TDSL_SOURCE",
                 f"    tdsl_model = {m.name!r}"]
         if fp32:
             out.append("    tdsl_fp32 = True  # every layer fp32, whatever the precision rules say")
@@ -148,7 +185,8 @@ def generate(models: list[ir.Model], path: str, source: str, fp32: bool = False)
                 "        super().__init__()"]
         out += ["        " + s for s in e.init]
         out += ["",
-                "    def forward(self, x):",
+                "    def forward(self, x, cache=None):" if m.tokens else "    def forward(self, x):",
+                "        x = self.check_input(x, cache)" if m.tokens else
                 "        x = self.check_input(x)"]
         out += ["        " + s for s in e.fwd]
         out += ["        return x", ""]

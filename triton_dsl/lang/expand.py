@@ -14,6 +14,7 @@ from .diagnostics import Diagnostic, suggest
 from .kinds import KINDS, Inferred, Kind, ShapeError
 from .limits import MAX_LAYERS, MAX_PARAMS
 from .names import Scope, alternative, layer_name_problem, unique
+from .seq_kinds import fits_sequence
 
 # Statements visited (including ones that fail) per layer allowed: bounds the work spent on a
 # repeated block whose body has errors and so creates no layers.
@@ -41,6 +42,8 @@ class Expander:
         self.stack: list[str] = []  # blocks being expanded, to catch recursion
         self.unresolved: list[Unresolved] = []  # of the model being expanded
         self.top = None  # the model-level statement being expanded, where a limit error points
+        self.tokens = None  # (vocab, max_len) while expanding a model with token input
+        self.embeddings: dict = {}  # qualified name -> (vocab, dim) of the model's embeddings
 
     def error(self, code, msg, pos, help=None, width=1):
         self.diags.append(Diagnostic(code, msg, pos.line, pos.col, help, width))
@@ -55,9 +58,11 @@ class Expander:
             self.suggestions += 1
         return suggest(word, choices)
 
-    def model(self, stmts, shape):
-        """Expand a model body; returns (nodes, out_shape)."""
-        self.stack, self.unresolved, self.top = [], [], None
+    def model(self, stmts, shape, tokens=None):
+        """Expand a model body; returns (nodes, out_shape). tokens: (vocab, max_len) when the
+        input is token ids (shape is then (max_len,))."""
+        self.stack, self.unresolved, self.top, self.tokens = [], [], None, tokens
+        self.embeddings = {}  # qualified name -> (vocab, dim), for tied heads
         return self.body(stmts, shape, "", {}, Scope())
 
     def body(self, stmts, shape, prefix: str, env: dict, names: Scope):
@@ -148,7 +153,9 @@ class Expander:
             self.unresolved.append(Unresolved(prefix + local, kind))
             return None, None
         try:
+            fits_sequence(spec, shape, args, self.tokens, self.embeddings)
             inf: Inferred = spec.infer(shape, args)
+            parts = spec.parts(shape, args) if spec.parts else None
         except ShapeError as e:
             pos = _arg_pos(s.call, spec.positional, e.arg)
             self.error("E401", f"{prefix + local}: {e}", pos, f"input shape is {list(shape)}",
@@ -157,9 +164,26 @@ class Expander:
             return None, None
         if not self.spend(1, inf.params):
             return None, None
+        if parts is not None:
+            return self.composite(s, kind, args, parts, prefix + local, shape, inf.shape)
         node = ir.Layer(prefix + local, kind, tuple(args.items()), shape, inf.shape, inf.params,
                         inf.buffers, inf.weight, inf.bias, None, s.pos.line, s.pos.col)
+        if kind == "embedding":
+            self.embeddings[node.name] = (args["vocab"], args["dim"])
         return node, inf.shape
+
+    def composite(self, s, kind, args, parts, qualified, shape, out):
+        """Attention or mlp: its named sublayers, each an ordinary layer."""
+        body = []
+        for local, sub, sub_args, sub_shape in parts:
+            inf = KINDS[sub].infer(sub_shape, sub_args)
+            if not self.spend(1, inf.params):
+                return None, None
+            body.append(ir.Layer(f"{qualified}.{local}", sub, tuple(sub_args.items()), sub_shape,
+                                 inf.shape, inf.params, inf.buffers, inf.weight, inf.bias, None,
+                                 s.pos.line, s.pos.col))
+        return ir.Composite(qualified, kind, tuple(args.items()), tuple(body), shape, out,
+                            s.pos.line, s.pos.col), out
 
     def instance(self, s, block: ast.Block, shape, qualified, env):
         if block.name in self.stack:

@@ -45,7 +45,8 @@ def _definition(d, out):
     if isinstance(d, ast.Model):
         out.append((d.pos.line, f"model {d.name}:"))
         for i in d.inputs:
-            out.append((i.pos.line, _IND + "input " + _value(i)))
+            out.append((i.pos.line, _IND + "input " + (_call(i) if isinstance(i, ast.Call)
+                                                          else _value(i))))
         _stmts(d.body, 1, out)
     elif isinstance(d, ast.Block):
         ps = ", ".join(p.name + (f"={_value(p.default)}" if p.default else "") for p in d.params)

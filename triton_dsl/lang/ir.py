@@ -15,6 +15,7 @@ class Op(Enum):
     LAYER = "layer"  # one layer kind: linear, relu, ...
     RESIDUAL = "residual"  # body + skip connection (with a projection when shapes differ)
     GROUP = "group"  # a block instance or a repeat: a namespace, no computation
+    COMPOSITE = "composite"  # attention, mlp: one computation over named sublayers
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,25 @@ class Group:
     op: Op = Op.GROUP
 
 
-Node = Union[Layer, Residual, Group]
+@dataclass(frozen=True)
+class Composite:
+    """A layer kind computed from named sublayers (attention: q, k, v, o): its body holds them
+    as ordinary layers, in the order they run, so rules, summary and state dict see them."""
+    name: str
+    kind: str
+    args: tuple
+    body: tuple
+    in_shape: tuple
+    out_shape: tuple
+    line: int
+    col: int = 1
+    op: Op = Op.COMPOSITE
+
+    def arg(self, name):
+        return dict(self.args)[name]
+
+
+Node = Union[Layer, Residual, Group, Composite]
 
 
 @dataclass(frozen=True)
@@ -67,6 +86,7 @@ class Model:
     body: tuple
     line: int
     source: str  # the whole .tdsl text, kept for checkpoint metadata
+    tokens: tuple | None = None  # (vocab, max_len) for token input; input_shape is then (max_len,)
 
     @property
     def output_shape(self) -> tuple:

@@ -4,48 +4,15 @@ Shapes exclude the batch dimension: an image is [C, H, W], a feature vector [F],
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Callable
 
+from .kind_base import Inferred, Kind, ShapeError, _need_rank, _pair
 from .limits import MAX_SIZE, MAX_THRESHOLD
 from .options import Option
+from .seq_kinds import SEQUENCE_KINDS
 
-
-class ShapeError(Exception):
-    """A layer cannot accept its input shape. ``arg`` names the option at fault, if one is."""
-
-    def __init__(self, message: str, arg: str | None = None):
-        super().__init__(message)
-        self.arg = arg
-
-
-@dataclass(frozen=True)
-class Inferred:
-    shape: tuple
-    params: int = 0  # trainable parameters, as torch counts them
-    buffers: int = 0  # saved non-trainable values (batchnorm running statistics)
-    weight: tuple | None = None  # (N, K) of the matmul for quantizable layers
-    bias: bool = False
-
-
-@dataclass(frozen=True)
-class Kind:
-    name: str
-    options: tuple = ()
-    positional: tuple = ()
-    infer: Callable = None  # (shape, args: dict) -> Inferred
-    quantizable: bool = False
-    doc: str = ""
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, tuple) else (v, v)
-
-
-def _need_rank(kind, shape, ranks, what):
-    if len(shape) not in ranks:
-        raise ShapeError(f"{kind} needs input {what}, got {list(shape)}")
+__all__ = ["KINDS", "QUANTIZABLE", "Inferred", "Kind", "ShapeError"]  # the base: kind_base.py
 
 
 def _linear(shape, a):
@@ -174,4 +141,10 @@ KINDS = {k.name: k for k in [
          ("p",), _same, doc="dropout while training"),
 ]}
 
+# Per-position kinds (softmax only over the last dimension: the expander checks its dim).
+for _k in ("linear", "layernorm", "relu", "gelu", "silu", "tanh", "sigmoid", "softmax",
+           "ternary_act", "dropout"):
+    KINDS[_k] = dataclasses.replace(KINDS[_k], per_position=True)
+
+KINDS.update(SEQUENCE_KINDS)  # embedding, rmsnorm, attention, mlp
 QUANTIZABLE = tuple(k for k, v in KINDS.items() if v.quantizable)

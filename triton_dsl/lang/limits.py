@@ -13,3 +13,4 @@ MAX_LAYERS = 10_000  # layers of all models of a file, after blocks and repeats 
 MAX_PARAMS = 1 << 40  # parameters of all models of a file (about 1.1e12)
 MAX_RULES = 128  # precision rules applying to one model
 MAX_THRESHOLD = 1000.0  # fixed ternary thresholds, for weights and for activations
+MAX_SEQ = 1 << 16  # max_len of token input: the rotary tables and KV cache are sized by it

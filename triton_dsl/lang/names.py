@@ -30,7 +30,7 @@ to to_empty train training type xpu zero_grad""".split()) | {
 # What the compiled model's base class (runtime/model.py), the generated class body and the
 # checkpoint loader (model.checkpoint_meta) add to a model instance.
 COMPILED_ATTRS = frozenset("""check_input input_shape tdsl_source tdsl_model tdsl_fp32
-checkpoint_meta""".split())
+checkpoint_meta vocab_size max_len example_input""".split())
 
 # The globals of a generated module (see codegen.generate): a model class must not replace them.
 GENERATED_GLOBALS = frozenset("""torch F nn rt Binary Float Int Ternary TDSL_SOURCE

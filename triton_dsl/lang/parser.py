@@ -48,8 +48,8 @@ class _ToAst(Transformer):
 
     def model(self, meta, items):
         name, *rest = items
-        inputs = tuple(i for i in rest if isinstance(i, ast.List))
-        body = tuple(i for i in rest if not isinstance(i, ast.List))
+        inputs = tuple(i for i in rest if isinstance(i, (ast.List, ast.Call)))  # only `input`
+        body = tuple(i for i in rest if not isinstance(i, (ast.List, ast.Call)))  # yields these
         return ast.Model(str(name), inputs, body, _pos(name))
 
     def input(self, meta, items):

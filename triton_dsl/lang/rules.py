@@ -135,7 +135,8 @@ def _hidden(r, expander) -> bool:
         return True
     is_pattern = any(c in r.target for c in "*?")
     for u in expander.unresolved:
-        opaque = u.kind not in KINDS  # an unknown kind or a block: any layer may be inside
+        # an unknown kind, a block, or attention/mlp: any layer may be inside
+        opaque = u.kind not in KINDS or KINDS[u.kind].parts is not None
         if not (opaque or u.kind in QUANTIZABLE):
             continue
         if r.kind == "default" or r.kind == "kind" and (opaque or u.kind == r.target):
@@ -185,10 +186,16 @@ def _layer_rule(r, scope: Scope, by_name, diags):
         noun = scope.noun
         other = [o for o in scope.others  # those matched no rule
                  if o[0] == r.target or is_pattern and match(o[0])]
+        inside = [t.name for t in scope.targets
+                  if not is_pattern and t.name.startswith(r.target + ".")]
         if other:
             name, kind, why = other[0]
             msg = f"'{name}' is a {kind} {noun}, {why or 'which has no weights to quantize'}"
             help_ = "precision applies to: " + ", ".join(scope.kinds)
+        elif inside:  # a block instance, an attention or an mlp: name the layers within
+            msg = (f"'{r.target}' holds {noun}s rather than weights: "
+                   + ", ".join(inside[:4]) + (", ..." if len(inside) > 4 else ""))
+            help_ = f"write `layer {r.target}.*: ...` to select them all"
         else:
             msg = f"rule matches no {noun}: no {noun} {'matches' if is_pattern else 'is named'} " \
                   f"'{r.target}'"

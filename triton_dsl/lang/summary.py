@@ -70,11 +70,14 @@ def summarize(model: ir.Model, stateless: bool = False) -> dict:
     every = rows(model, stateless=True)
     total = sum(r["bytes"] for r in every)
     fp32 = sum(4 * (l.params + l.buffers) for l in model.layers())
-    return {"model": model.name, "input_shape": list(model.input_shape),
+    out = {"model": model.name, "input_shape": list(model.input_shape),
             "output_shape": list(model.output_shape),
             "layers": every if stateless else rows(model),
             "params": sum(r["params"] for r in every), "total_bytes": total,
             "fp32_bytes": fp32, "compression": round(fp32 / total, 3) if total else 1.0}
+    if model.tokens:  # shapes are given at seq = max_len; any shorter sequence runs too
+        out["tokens"] = {"vocab": model.tokens[0], "max_len": model.tokens[1]}
+    return out
 
 
 def _size(b: int) -> str:
@@ -99,8 +102,11 @@ def render(s: dict) -> str:
                          for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     rule = "-" * len(line(head))
-    out = [f"{s['model']}: input [{', '.join(map(str, s['input_shape']))}] -> "
-           f"output [{', '.join(map(str, s['output_shape']))}]", rule, line(head), rule]
+    given = f"[{', '.join(map(str, s['input_shape']))}]"
+    if "tokens" in s:
+        given = f"tokens(vocab={s['tokens']['vocab']}, max_len={s['tokens']['max_len']})"
+    out = [f"{s['model']}: input {given} -> output [{', '.join(map(str, s['output_shape']))}]"
+           + (" (seq = max_len)" if "tokens" in s else ""), rule, line(head), rule]
     out += [line(b) for b in body]
     out += [rule,
             f"parameters: {s['params']:,}",

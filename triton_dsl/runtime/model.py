@@ -25,15 +25,44 @@ class CompiledModel(nn.Module):
 
     input_shape: tuple = ()
     tdsl_fp32: bool = False  # True for the all-fp32 variant (triton_dsl.load(..., fp32=True))
+    vocab_size: int | None = None  # token models: ids 0..vocab_size-1, at most max_len of them
+    max_len: int | None = None
 
-    def check_input(self, x) -> torch.Tensor:
+    def check_input(self, x, cache=None) -> torch.Tensor:
+        """x as the model takes it, else a ValueError naming the expected shape. A token model
+        also advances its KV cache (``cache``, a KVCache) by the sequence length here."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a tensor x, got {type(x).__name__}")
+        if self.vocab_size is not None:
+            return self._check_tokens(x, cache)
         if tuple(x.shape[1:]) != tuple(self.input_shape) or x.dim() != len(self.input_shape) + 1:
             want = ", ".join(map(str, self.input_shape))
             raise ValueError(f"{type(self).__name__} expects x of shape [batch, {want}], got x of "
                              f"shape {list(x.shape)}")
         return x
+
+    def _check_tokens(self, x, cache):
+        name = type(self).__name__
+        if x.dim() != 2 or x.dtype.is_floating_point or x.dtype.is_complex or x.shape[1] < 1:
+            raise ValueError(f"{name} expects token ids of shape [batch, seq] (integers, "
+                             f"1 <= seq <= {self.max_len}), got {x.dtype} of shape "
+                             f"{list(x.shape)}")
+        if cache is not None:
+            cache.step(x.shape[1])
+        elif x.shape[1] > self.max_len:
+            raise ValueError(f"{name}: a sequence of {x.shape[1]} tokens is longer than "
+                             f"max_len={self.max_len}")
+        if not torch.compiler.is_compiling() and x.numel() and (
+                bool(x.min() < 0) or bool(x.max() >= self.vocab_size)):
+            raise ValueError(f"{name}: token ids must be in 0..{self.vocab_size - 1}")
+        return x.long()
+
+    def example_input(self, batch: int = 1, generator=None) -> torch.Tensor:
+        """A random input of the right shape: token ids (up to 32 of them) or a normal tensor."""
+        if self.vocab_size is not None:
+            return torch.randint(0, self.vocab_size, (batch, min(self.max_len, 32)),
+                                 generator=generator)
+        return torch.randn(batch, *self.input_shape, generator=generator)
 
 
 def ternary_act(x: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:

@@ -274,10 +274,19 @@ def run_cli(a) -> int:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(a.device)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
-    if a.device == "cpu" and not getattr(a, "model", None):
+    decode = getattr(a, "decode", False)
+    if decode and not getattr(a, "model", None):
+        raise ValueError("--decode needs --model FILE.tdsl (a language model)")
+    if a.device == "cpu" and (decode or not getattr(a, "model", None)):
         env["stream_read_gbs"] = stream_read_gbs()
         print(f"streaming read bandwidth, measured now: {env['stream_read_gbs']} GB/s")
-    if getattr(a, "rules", None):
+    if decode:
+        from . import decode_bench
+        if a.device != "cpu":
+            raise ValueError("--decode times the CPU deployment; use --device cpu")
+        print(decode_bench.HEADER)
+        recs = decode_bench.run(a.model, a.prompt_len, a.new_tokens, env["stream_read_gbs"])
+    elif getattr(a, "rules", None):
         from . import external_bench
         if not getattr(a, "model", None):
             raise ValueError("--rules needs --model PKG.MODULE:FACTORY")

@@ -151,9 +151,11 @@ def validate(meta: dict, name: str) -> dict:
                                   f"for {key!r}")
     if "data" in meta:
         d = _json(meta, "data", name, dict)
-        if not (isinstance(d.get("name"), str) and _number(d.get("mean"))
-                and _number(d.get("std")) and d["std"] > 0):
-            bad("data", "{name, mean, std > 0}")
+        text = (d.get("kind") == "text" and set(d) == {"name", "kind", "seq_len"}
+                and isinstance(d["name"], str) and _int(d["seq_len"], 1, 1 << 16))
+        if not text and not (isinstance(d.get("name"), str) and _number(d.get("mean"))
+                             and _number(d.get("std")) and d["std"] > 0):
+            bad("data", "{name, mean, std > 0} or {name, kind: text, seq_len}")
         out["data"] = d
     if "history" in meta:
         h = _json(meta, "history", name, list)

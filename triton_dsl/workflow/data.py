@@ -3,6 +3,7 @@
     digits            scikit-learn's bundled 8x8 handwritten digits (1797 images), the default
     mnist:DIR         the standard MNIST IDX files in DIR (gzipped or not)
     PATH.pt / .npz    tensors: x and y (and optionally x_test and y_test)
+    stdlib, text:PATH bytes for language models: text_data.py (pipeline.load_data picks)
 
 Each data set has three splits: train, val (a seeded tenth held out of the training data, for
 choosing epochs and settings) and test (a fixed seeded fifth, or the file's own x_test/y_test;
@@ -116,7 +117,8 @@ def load(spec: str, input_shape=None, test_fraction: float = 0.2, val_fraction: 
     elif spec.endswith((".pt", ".pth", ".npz")):
         ds = _tensor_file(spec, test_fraction)
     else:
-        raise DataError(f"unknown data set {spec!r}: use digits, mnist:DIR, or a .pt or .npz file")
+        raise DataError(f"unknown data set {spec!r}: use digits, mnist:DIR, a .pt or .npz file, "
+                        "or for a language model stdlib or text:PATH")
     ds = ds.with_validation(val_fraction).standardized(norm)
     return ds.fitted(input_shape) if input_shape is not None else ds
 

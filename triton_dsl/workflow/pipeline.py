@@ -15,6 +15,8 @@ import torch
 from . import checkpoint as ck
 from . import data as D
 from ..runtime.build import load as load_class
+from .lm_train import train_lm
+from .text_data import TextData, bits_per_byte, load_text
 from .train import best_record, check_options, evaluate, latency, rank_and_world, train
 
 # parameters a float checkpoint lacks: the quantizers' own, and calibration statistics
@@ -30,40 +32,71 @@ def build(tdsl: str, model: str | None = None, fp32: bool = False, seed: int = 0
     return load_class(tdsl, model, fp32=fp32)()
 
 
-def train_model(tdsl: str, data: str, out: str, epochs: int = 10, seed: int = 0,
+def train_model(tdsl: str, data: str | None, out: str, epochs: int = 10, seed: int = 0,
                 lr: float = 1e-3, batch_size: int = 64, fp32: bool = False,
                 freeze_output: bool = False, model: str | None = None, progress: bool = True,
                 log=None, optimizer: str = "adam", weight_decay: float = 0.0,
-                schedule: str = "cosine", resume: str | None = None) -> dict:
+                schedule: str = "cosine", resume: str | None = None,
+                steps: int | None = None) -> dict:
     """QAT (or fp32 training with fp32=True) on a data set; writes a checkpoint, trainable or
     (freeze_output) frozen, holding the epoch best on the validation split. ``resume``: a
     trainable checkpoint of the same model to continue from (its weights, history and input
     normalisation; the optimizer and schedule start afresh for ``epochs`` more epochs).
-    Returns {history, best_epoch, val_acc, test_acc, bytes}; the test split is only reported."""
+    Returns {history, best_epoch, val_acc, test_acc, bytes}; the test split is only reported.
+    A language model (token input) trains on text (data None: stdlib) with the next-byte loss,
+    ``steps`` batches at most per epoch, and reports val_bpb and test_bpb (bits per byte)."""
     check_options(epochs, lr, weight_decay, batch_size, optimizer, schedule)
     net = build(tdsl, model, fp32, seed)
     norm, prior = None, []
     if resume is not None:
         norm, prior = _resume(net, resume, fp32)
-    ds = D.load(data, net.input_shape, norm=norm)
-    hist = prior + train(net, ds, epochs, lr, batch_size, seed, progress, log,
-                         optimizer=optimizer, weight_decay=weight_decay, schedule=schedule,
-                         start_epoch=prior[-1]["epoch"] if prior else 0,
-                         best=best_record(prior))
+    lm = is_token_model(net)
+    data = data or ("stdlib" if lm else "digits")
+    ds = load_data(data, net, norm)
+    start, best = (prior[-1]["epoch"] if prior else 0), best_record(prior)
+    if lm:
+        hist = prior + train_lm(net, ds, epochs, lr, batch_size, seed, progress, log,
+                                optimizer, weight_decay, schedule, start, best, steps)
+    else:
+        hist = prior + train(net, ds, epochs, lr, batch_size, seed, progress, log,
+                             optimizer=optimizer, weight_decay=weight_decay,
+                             schedule=schedule, start_epoch=start, best=best)
     if rank_and_world()[0] != 0:
         return {"history": hist}
     best = best_record(hist) or hist[-1]
     if freeze_output:
         from ..runtime import freeze
         freeze(net)
-    test_acc = evaluate(net, ds)
-    size = ck.save(net, out, history=hist, data=ds, verify=freeze_output, extra={"trained": {
-        "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "data": data,
-        "fp32": fp32, "optimizer": optimizer, "weight_decay": weight_decay,
-        "schedule": schedule, "resume": resume and os.path.basename(resume),
-        "best_epoch": best["epoch"], "val_acc": best.get("val_acc")}})
-    return {"history": hist, "best_epoch": best["epoch"], "val_acc": best.get("val_acc"),
-            "test_acc": test_acc, "bytes": size}
+    metric = "val_bpb" if lm else "val_acc"
+    score = {"test_bpb": round(bits_per_byte(net, ds), 4)} if lm else \
+        {"test_acc": evaluate(net, ds)}
+    size = ck.save(net, out, history=hist, data=ds.meta() if lm else ds, verify=freeze_output,
+                   extra={"trained": {
+                       "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size,
+                       "data": data, "fp32": fp32, "optimizer": optimizer,
+                       "weight_decay": weight_decay, "schedule": schedule,
+                       "resume": resume and os.path.basename(resume), "steps": steps,
+                       "best_epoch": best["epoch"], metric: best.get(metric)}})
+    return {"history": hist, "best_epoch": best["epoch"], metric: best.get(metric), **score,
+            "bytes": size}
+
+
+def is_token_model(net) -> bool:
+    return getattr(net, "vocab_size", None) is not None
+
+
+def load_data(spec: str, net, norm=None):
+    """The data set ``spec`` for ``net``: text for a language model, samples otherwise."""
+    text = spec == "stdlib" or spec.startswith("text:")
+    ds = load_text(spec, net.input_shape[0]) if text else D.load(spec, net.input_shape, norm=norm)
+    if is_token_model(net) != text:
+        raise D.DataError(f"{spec} is {'text' if text else 'not text'}, but model "
+                          f"{net.tdsl_model!r} {'is' if not text else 'is not'} a language "
+                          "model (token input): use stdlib or text:PATH for language models")
+    if text and net.vocab_size < 256:
+        raise D.DataError(f"{spec}: byte-level text needs vocab=256 (a token is a byte); "
+                          f"model {net.tdsl_model!r} has vocab={net.vocab_size}")
+    return ds
 
 
 def _resume(net, path: str, fp32: bool):
@@ -174,15 +207,19 @@ def ptq(tdsl: str, weights: str, out: str, calib: str | None = None, calib_batch
         raise D.DataError("this model has static activations (activations=static): they "
                           "need calibration data, e.g. --calib digits")
     if calib is not None:
-        ds = D.load(calib, net.input_shape, norm=norm)
-        data = {"name": ds.name, "mean": ds.mean, "std": ds.std}
+        ds = load_data(calib, net, norm)
+        data = ds.meta() if isinstance(ds, TextData) else \
+            {"name": ds.name, "mean": ds.mean, "std": ds.std}
     if needs_calibration(net):
         calibrate(net, ds, calib_batches)
     freeze(net)
-    test_acc = evaluate(net, ds) if ds is not None else None
+    out_score = {}
+    if isinstance(ds, TextData):
+        out_score["test_bpb"] = round(bits_per_byte(net, ds), 4)
+    out_score["test_acc"] = evaluate(net, ds) if ds is not None and not out_score else None
     size = ck.save(net, out, data=data, verify=True, extra={"ptq": {
         "weights": os.path.basename(weights), "calib": calib}})
-    return {"bytes": size, "model": net, "test_acc": test_acc}
+    return {"bytes": size, "model": net, **out_score}
 
 
 def freeze_checkpoint(src: str, out: str) -> int:
@@ -200,12 +237,16 @@ def freeze_checkpoint(src: str, out: str) -> int:
                    verify=True)
 
 
-def evaluate_checkpoint(path: str, data: str = "digits", latency_batches=(1, 64)) -> dict:
+def evaluate_checkpoint(path: str, data: str | None = None, latency_batches=(1, 64)) -> dict:
     """Accuracy on the test split, size and CPU latency. Inputs are standardised with the
-    normalisation the checkpoint stores (the training data's), not the evaluated data's own."""
+    normalisation the checkpoint stores (the training data's), not the evaluated data's own.
+    A language model: bits per byte on the validation and test splits (data None: stdlib)."""
     net = ck.load(path)
+    if is_token_model(net):
+        from .lm_eval import evaluate_lm
+        return evaluate_lm(net, path, load_data(data or "stdlib", net))
     norm = ck.normalization(net.checkpoint_meta)
-    ds = D.load(data, net.input_shape, norm=norm)
+    ds = load_data(data or "digits", net, norm)
     return {"checkpoint": path, "model": net.tdsl_model, "kind": net.checkpoint_meta["kind"],
             "accuracy": round(evaluate(net, ds), 3), "bytes": os.path.getsize(path),
             "normalization": {"mean": ds.mean, "std": ds.std,

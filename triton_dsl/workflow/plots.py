@@ -72,6 +72,16 @@ def curves(history, path, title="training"):
     a.plot(ep, [r["loss"] for r in history], "o-")
     a.set_xlabel("epoch")
     a.set_ylabel("training loss")
+    if any(r.get("val_bpb") is not None for r in history):  # a language model
+        b.plot(ep, [r.get("val_bpb") for r in history], "o-", label="val")
+        b.plot(ep, [r.get("train_bpb") for r in history], ".--", label="train")
+        b.set_xlabel("epoch")
+        b.set_ylabel("bits per byte")
+        b.legend(fontsize=7)
+        for ax in (a, b):
+            ax.grid(alpha=0.3)
+        fig.suptitle(title, fontsize=9)
+        return _save(plt, fig, path)
     key = "val_acc" if any(r.get("val_acc") is not None for r in history) else "test_acc"
     if any(r.get(key) is not None for r in history):  # older checkpoints logged test accuracy
         b.plot(ep, [r.get(key) for r in history], "o-", label=key[:-4] + " (this model)")

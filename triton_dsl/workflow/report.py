@@ -84,6 +84,10 @@ def write_report(path: str, out_dir: str, bench: str | None = None) -> str:
             isinstance(trained.get("best_epoch"), int):
         lines.append(f"- the weights of epoch {trained['best_epoch']} of {hist[-1]['epoch']}, "
                      f"best on validation ({trained['val_acc']:.2f}%)")
+    if hist and isinstance(trained.get("val_bpb"), (int, float)) and \
+            isinstance(trained.get("best_epoch"), int):
+        lines.append(f"- the weights of epoch {trained['best_epoch']} of {hist[-1]['epoch']}, "
+                     f"best on validation ({trained['val_bpb']:.4f} bits per byte)")
     if layers and all(b is None for _, b, _, _ in layers):
         lines.append("- frozen checkpoints keep only quantized weights: no float histograms or "
                      "quantization error (report a trainable checkpoint for those)")

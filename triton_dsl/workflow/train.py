@@ -49,9 +49,11 @@ def evaluate(model: nn.Module, data: Dataset, split: str = "test", batch_size: i
 
 def latency(model: nn.Module, input_shape, batch: int = 1, repeat: int = 30) -> float:
     """Median forward time in ms on the CPU for a batch of random inputs, measured as a
-    deployment runs: eval mode, under torch.inference_mode()."""
+    deployment runs: eval mode, under torch.inference_mode(). A token model gets its
+    example_input (token ids) instead."""
     model.eval()
-    x = torch.randn(batch, *input_shape)
+    x = model.example_input(batch) if getattr(model, "vocab_size", None) else \
+        torch.randn(batch, *input_shape)
     with torch.inference_mode():
         for _ in range(3):
             model(x)
@@ -92,7 +94,11 @@ def make_optimizer(params, name: str, lr: float, weight_decay: float):
 
 
 def best_record(history: list[dict]) -> dict | None:
-    """The epoch with the highest validation accuracy (the earliest among equals)."""
+    """The epoch with the highest validation accuracy, or for a language model the lowest
+    validation bits per byte (the earliest among equals)."""
+    scored = [r for r in history if r.get("val_bpb") is not None]
+    if scored:
+        return min(scored, key=lambda r: (r["val_bpb"], r["epoch"]))
     scored = [r for r in history if r.get("val_acc") is not None]
     return max(scored, key=lambda r: (r["val_acc"], -r["epoch"])) if scored else None
 

@@ -1,0 +1,94 @@
+"""`triton-dsl bench --model LM.tdsl --decode`: tokens per second of incremental decoding.
+
+The same architecture three ways, from the same random weights, each with its own KV cache:
+fp32 (torch's nn.Linear), the frozen model as the file declares it (packed weights through the
+native M = 1 kernels), and torch's dynamic int8 (quantize_dynamic of the fp32 model). After a
+prompt of P tokens, the methods take turns decoding one token each, N rounds, so every method
+sees the same machine state; each record gives the median and interquartile range per token,
+tokens per second, and the linear-weight bytes streamed per token against the machine's
+streaming read bandwidth, measured in the same run.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import torch
+
+from ..runtime import KVCache, freeze
+from ..runtime.build import load as load_class
+from ..runtime.frozen import FrozenLinear
+from .model_bench import _spread, plain
+
+
+def lm_models(tdsl: str, seed: int = 0) -> dict:
+    torch.manual_seed(seed)
+    fp32 = load_class(tdsl, fp32=True)().eval()
+    if getattr(fp32, "vocab_size", None) is None:
+        raise ValueError(f"{tdsl}: --decode needs a language model (input tokens(...))")
+    quant = load_class(tdsl)()
+    quant.load_state_dict(fp32.state_dict(), strict=False)
+    with torch.no_grad():
+        quant.train()(quant.example_input(2))  # quantizer statistics a trained model has
+    frozen = freeze(quant.eval())
+    fp32 = plain(fp32)
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+        int8 = quantize_dynamic(copy.deepcopy(fp32), {torch.nn.Linear}, torch.qint8)
+    return {"fp32": fp32, "frozen": frozen, "torch-dynamic-int8": int8}
+
+
+def linear_bytes(model) -> int:
+    """Bytes of the linear weights one token reads (frozen: packed codes and scales)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, FrozenLinear):
+            total += m.weight_bytes()
+        elif isinstance(m, torch.nn.Linear):
+            total += m.weight.numel() * m.weight.element_size()
+        elif hasattr(m, "_weight_bias") and type(m).__name__ == "Linear":  # torch's int8
+            total += m._weight_bias()[0].numel()
+    return total
+
+
+@torch.inference_mode()
+def run(tdsl: str, prompt_len: int = 16, new_tokens: int = 64, stream_gbs: float | None = None,
+        log=print) -> list[dict]:
+    named = lm_models(tdsl)
+    net = named["fp32"]
+    if prompt_len + new_tokens > net.max_len:
+        raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the "
+                         f"model's max_len {net.max_len}")
+    x = torch.randint(0, net.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    caches = {n: KVCache(prompt_len + new_tokens) for n in named}
+    steps = {}
+    for n, m in named.items():
+        steps[n] = m(x, caches[n])[:, -1:].argmax(-1)
+    ts = {n: [] for n in named}
+    for _ in range(new_tokens):
+        for n, m in named.items():
+            t = time.perf_counter()
+            steps[n] = m(steps[n], caches[n])[:, -1:].argmax(-1)
+            ts[n].append(time.perf_counter() - t)
+    recs = []
+    base = _spread(ts["fp32"])[0]
+    for n, v in ts.items():
+        med, q1, q3 = _spread(v)
+        nbytes = linear_bytes(named[n])
+        r = {"model": tdsl, "method": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
+             "ms_per_token": round(med * 1e3, 4), "iqr_ms": round((q3 - q1) * 1e3, 4),
+             "tokens_per_s": round(1 / med, 2), "speedup_vs_fp32": round(base / med, 3),
+             "linear_weight_bytes": nbytes, "gbs": round(nbytes / med / 1e9, 2)}
+        if stream_gbs:
+            r["of_stream"] = round(r["gbs"] / stream_gbs, 3)
+        recs.append(r)
+        log(f"{n:<22}{r['ms_per_token']:>10.3f}{r['iqr_ms']:>9.3f}{r['tokens_per_s']:>11.1f}"
+            f"{r['speedup_vs_fp32']:>9.2f}x{nbytes / 2**20:>11.1f}{r['gbs']:>8.1f}"
+            + (f"{100 * r['of_stream']:>7.0f}%" if stream_gbs else ""))
+    return recs
+
+
+HEADER = (f"{'method':<22}{'ms/token':>10}{'IQR ms':>9}{'tokens/s':>11}{'vs fp32':>10}"
+          f"{'weights MiB':>11}{'GB/s':>8}{'of read':>8}")
