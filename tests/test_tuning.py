@@ -73,3 +73,16 @@ def test_large_layers_never_hold_a_dense_copy(tuned, monkeypatch):
     monkeypatch.setattr(dispatch, "DENSE_MAX", 1000)
     frozen = rt.FrozenLinear(rt.Linear(64, 32, precision=rt.Int()).eval())
     assert "dense" not in dispatch.candidates(frozen, torch.device("cpu"), "none")
+
+
+def test_a_freed_choice_is_rebuilt_when_met_again(tuned, monkeypatch):
+    """A conv's matmul picked dense for a bucket, then the conv chose another way and freed it;
+    meeting that bucket again rebuilds the runner instead of failing."""
+    layer = rt.FrozenLinear(rt.Linear(36, 8, precision=rt.Int()).eval())
+    layer.in_conv = True
+    prep = dispatch.prepare(layer, torch.device("cpu"), "none")
+    prep.picks[4] = "dense"
+    x = torch.randn(3, 36)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+        torch.testing.assert_close(layer(x), want)

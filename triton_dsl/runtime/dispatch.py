@@ -261,6 +261,8 @@ def _pick(mod, prep: Prepared, x: torch.Tensor, act: str, rows: int):
         if not mod.in_conv:  # a convolution tidies its slot once it has chosen its own way
             release_unused(mod)
         return run
+    if name not in prep.runners:  # chosen before, freed since (a convolution went another way)
+        return _build(mod, prep, name, candidates(mod, x.device, act)[name])
     return prep.runners[name]
 
 
