@@ -2,7 +2,6 @@
 loads to a model that computes exactly what the original does. Nothing is allocated for a
 declared model the file does not hold, and nothing in a file runs as code."""
 import json
-import os
 import resource
 import struct
 import time

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from triton_dsl.kernels import cpu, cpu_paths, ops
+from triton_dsl.kernels import cpu, cpu_paths
 from triton_dsl.kernels.common import HAS_TRITON, interpreting
 from triton_dsl.kernels.int8_matmul import (int8_w8a8_matmul_ref, int8_w8a8_matmul_triton,
                                             int8_weight_only_matmul_ref,

@@ -1,0 +1,111 @@
+"""A frozen convolution: its weight held as a FrozenLinear, run the fastest exact way."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import cpu_conv
+from ..kernels.common import m_bucket
+from . import compile_ops, dispatch, runners, tuning
+from .frozen_linear import FrozenLinear
+from .layers import Conv2d, im2col_conv
+
+
+class FrozenConv2d(nn.Module):
+    """A convolution whose weight is stored as a FrozenLinear [out, C/groups*kh*kw]. It runs as
+    unfold + the frozen matmul ("im2col": the kernels; the only way for per-token int8
+    activations, whose tokens are the patches) or as F.conv2d on the weight dequantized once
+    ("conv": oneDNN's direct convolution, exact for float activations). Grouped convolutions and
+    'same' padding always take "conv"; otherwise the faster of the two is measured per batch
+    bucket and input shape (runtime/tuning.py), or "im2col" with TRITON_DSL_TUNE=0."""
+
+    def __init__(self, layer: Conv2d):
+        super().__init__()
+        self.stride, self.padding = layer.stride, layer.padding
+        self.dilation, self.groups = layer.dilation, layer.groups
+        self.kernel_size, self.out_channels = layer.kernel_size, layer.out_channels
+        self.im2col = layer.groups == 1 and layer.padding != "same"
+        self.linear = FrozenLinear(layer)
+        self.linear.dense_only = not self.im2col
+        self.linear.in_conv = True
+        compile_ops.register(self)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        compile_ops.register(self)
+
+    def forward(self, x):
+        if torch.compiler.is_compiling():
+            return torch.ops.triton_dsl.frozen_conv2d(x, self.op_handle)
+        return self.eager_forward(x)
+
+    def eager_forward(self, x):
+        lin = self.linear
+        kh, kw = self.kernel_size
+        if x.dim() != 4 or x.shape[1] * kh * kw != lin.in_features * self.groups:
+            raise ValueError(f"x must be [batch, {lin.in_features * self.groups // (kh * kw)}, "
+                             f"height, width], got shape {tuple(x.shape)}")
+        way = self._way(x)
+        if way == "im2col":
+            return im2col_conv(x, self, lin)
+        if way == "qconv":
+            y = self.forward_qconv(x)
+            if y is not None:
+                return y
+        return self.forward_conv(x)
+
+    def _qconv(self):
+        """The int8 convolution for static int8 activations (kernels/cpu_conv.py), built once
+        into the layer's slot; None where it does not apply."""
+        lin = self.linear
+        q = lin.act_quant
+        if not (self.im2col and q is not None and q.mode == "static" and int(q.batches) > 0
+                and cpu_conv.available()):
+            return None
+        spec = lin.form.cpu_spec(lin)
+        if spec is None or spec.group is not None or hasattr(lin, "scale_abs"):
+            return None  # grouped scales and TTQ's two parts have no single int8 weight
+        prep = lin.prepared
+        if "qconv" not in prep.runners:
+            prep.runners["qconv"] = runners.QConv(lin, self)
+        return prep.runners["qconv"]
+
+    def forward_qconv(self, x):
+        run = self._qconv()
+        return None if run is None else run(x)
+
+    def forward_conv(self, x):
+        lin = self.linear
+        if lin.act_quant is not None:
+            x = lin.act_quant(x)
+        run = dispatch.dense(lin)  # the weight dequantized once, a folded batchnorm in it
+        w = run.weight.reshape(self.out_channels, -1, *self.kernel_size)
+        bias = None if run.bias is None else run.bias.to(x.dtype)
+        return F.conv2d(x, w.to(x.dtype), bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def _way(self, x) -> str:
+        lin = self.linear
+        if not self.im2col:
+            return "conv"
+        if lin.activations == "dynamic" or not dispatch.on_cpu_paths(x.device):
+            return "im2col"
+        prep = dispatch.prepare(lin, x.device, lin._act())
+        key = ("conv", m_bucket(x.shape[0]), tuple(x.shape[1:]))
+        way = prep.picks.get(key)
+        if way is None:
+            qconv = self._qconv() is not None
+            way = "qconv" if qconv else "im2col"  # without measuring: the int8 convolution
+            if tuning.enabled():
+                name = (f"conv|{self.out_channels}x{lin.in_features}|{lin.form.name}|"
+                        f"{self.kernel_size}/{self.stride}/{self.padding}/{self.dilation}|"
+                        f"batch={key[1]}|{'x'.join(map(str, x.shape[1:]))}|{lin.activations}")
+                ways = {"im2col": lambda: im2col_conv(x, self, lin),
+                        "conv": lambda: self.forward_conv(x)}
+                if qconv:
+                    ways["qconv"] = lambda: self.forward_qconv(x)
+                way = tuning.choose(name, ways)
+            prep.picks[key] = way
+            dispatch.release_unused(lin)
+        return way

@@ -1,0 +1,134 @@
+"""The ways a frozen layer can run, as runners: callables (mod, x, act) -> y built once from the
+layer's stored form. runtime/dispatch.py decides which runs; a folded batchnorm (runtime/fold.py)
+is applied by every runner through affine().
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..kernels import cpu_conv
+from ..kernels.common import as_rows
+from ..kernels.per_token import fake_quantize_per_token
+
+
+def affine(mod):
+    """(row multiplier, bias) with a folded batchnorm applied (runtime/fold.py), or (None, the
+    layer's bias) without one."""
+    bn = mod.fold
+    if bn is None:
+        return None, mod.bias
+    mul, add = bn.affine_map()
+    bias = add if mod.bias is None else mod.bias.float() * mul + add
+    return mul, bias
+
+
+class Runner:
+    def bind(self, mod, act):
+        """A call x -> y for this layer and activation mode (FrozenLinear's fast path)."""
+        return lambda x: self(mod, x, act)
+
+
+class Generic(Runner):
+    """The form's own path: Triton kernels or reference twins (ops.py decides); a folded
+    batchnorm is applied to its output."""
+    nbytes = 0
+
+    def __init__(self, mod):
+        self.form = mod.form
+        self.mul, self.bias = affine(mod)
+
+    def __call__(self, mod, x, act):
+        y = self.form.matmul(mod, x, act)
+        if self.mul is None:
+            return y
+        return (y.float() * self.mul.to(y.device) + self.bias.to(y.device)).to(y.dtype)
+
+
+class Dense(Runner):
+    """fp32 matmul on the weight dequantized once (a folded batchnorm folded into it); int8
+    activations fake-quantized first."""
+
+    def __init__(self, mod):
+        weight = stored(mod, lambda: mod.form.dense(mod))
+        self.mul, self.bias = affine(mod)
+        self.weight = weight if self.mul is None else weight * self.mul.reshape(-1, 1)
+        self.nbytes = self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, mod, x, act):
+        # a float matmul: non-finite inputs give what F.linear gives (NaN or +-Inf per
+        # column); with int8 activations a non-finite row has a NaN scale, so a NaN row
+        if act == "dynamic":
+            x = fake_quantize_per_token(x)
+        if x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight.to(x.dtype),
+                            None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.weight, self.bias)
+
+    def bind(self, mod, act):
+        w, b = self.weight, self.bias
+        if act == "none":
+            return lambda x: F.linear(x, w, b) if x.dtype == w.dtype else self(mod, x, act)
+        return super().bind(mod, act)
+
+
+class Prepacked(Runner):
+    """One prepacked CPU form per part of the weight (TTQ has two: T and |T|), summed; a folded
+    batchnorm scales every part's row scales."""
+
+    def __init__(self, mod, path, parts):
+        mul, self.bias = affine(mod)
+        if mul is not None:
+            parts = [(codes, scale * mul.reshape(-1, *([1] * (scale.dim() - 1))), spec)
+                     for codes, scale, spec in parts]
+        self.forms = [path.build(codes, scale, spec) for codes, scale, spec in parts]
+        self.nbytes = sum(f.nbytes for f in self.forms)
+        self.k = parts[0][2].k
+
+    def __call__(self, mod, x, act):
+        x2 = as_rows(x)
+        y = None
+        for i, form in enumerate(self.forms):
+            run = form.dynamic_matmul if act == "dynamic" else form.float_matmul
+            part = run(x2, self.bias if i == 0 else None)
+            y = part if y is None else y.add_(part)
+        return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+    def codes(self) -> torch.Tensor:
+        return self.forms[0].codes()
+
+
+class QConv(Runner):
+    """A convolution with static int8 activations as one oneDNN int8 convolution (fp32 out),
+    a folded batchnorm in its scales and bias."""
+
+    def __init__(self, lin, conv):
+        q = lin.act_quant
+        x_scale, x_zp = q.scale_zero()
+        codes, scale, _ = stored(lin, lambda: lin.form.cpu_parts(lin))[0]
+        mul, self.bias = affine(lin)
+        if mul is not None:
+            scale = scale * mul
+        c = lin.in_features // (conv.kernel_size[0] * conv.kernel_size[1])
+        self.packed = cpu_conv.PackedQConv(
+            codes.reshape(conv.out_channels, c, *conv.kernel_size).contiguous(), scale,
+            float(x_scale), int(x_zp), q.symmetric, conv.stride, conv.padding, conv.dilation,
+            conv.groups)
+        self.nbytes = self.packed.nbytes
+
+    def __call__(self, x):
+        return self.packed(x, self.bias)
+
+
+def stored(mod, fn):
+    """fn() with the layer's stored buffer in place, put back from the prepacked form if that
+    released it (a dense copy built after the prepacked form, say)."""
+    pre = mod.prepared.prepacked() if mod.prepared is not None else None
+    if pre is None or mod.form.stored is None:
+        return fn()
+    mod.form.rebuild(mod, pre.codes())
+    try:
+        return fn()
+    finally:
+        buf = getattr(mod, mod.form.stored)
+        setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
