@@ -41,10 +41,13 @@ def test_bench_model_times_every_method(run_cli, tmp_path):
     assert "median ms" in stdout and "frozen" in stdout
 
 
-def test_bench_model_mlp_compares_dynamic_int8(run_cli):
+def test_bench_model_mlp_compares_dynamic_int8(run_cli, tmp_path):
+    (tmp_path / "mlp.tdsl").write_text("model TinyMlp:\n    input [16]\n"
+                                       "    layer fc1: linear(32)\n    relu\n"
+                                       "    layer fc2: linear(4)\n\nprecision:\n"
+                                       "    default ternary\n")
     code, stdout, err = run_cli("bench", "--device", "cpu", "--model",
-                                os.path.join(EXAMPLES, "mnist_ternary.tdsl"), "--batch", "1",
-                                "--repeat", "3")
+                                str(tmp_path / "mlp.tdsl"), "--batch", "1", "--repeat", "3")
     assert code == 0, err
     assert "torch-dynamic-int8" in stdout
 
