@@ -85,10 +85,10 @@ def run(tdsl: str, prompt_len: int = 16, new_tokens: int = 64, stream_gbs: float
             r["of_stream"] = round(r["gbs"] / stream_gbs, 3)
         recs.append(r)
         log(f"{n:<22}{r['ms_per_token']:>10.3f}{r['iqr_ms']:>9.3f}{r['tokens_per_s']:>11.1f}"
-            f"{r['speedup_vs_fp32']:>9.2f}x{nbytes / 2**20:>11.1f}{r['gbs']:>8.1f}"
+            f"{r['speedup_vs_fp32']:>9.2f}x{nbytes / 2**20:>13.1f}{r['gbs']:>8.1f}"
             + (f"{100 * r['of_stream']:>7.0f}%" if stream_gbs else ""))
     return recs
 
 
 HEADER = (f"{'method':<22}{'ms/token':>10}{'IQR ms':>9}{'tokens/s':>11}{'vs fp32':>10}"
-          f"{'weights MiB':>11}{'GB/s':>8}{'of read':>8}")
+          f"{'weights MiB':>13}{'GB/s':>8}{'of read':>8}")  # widths above their titles
