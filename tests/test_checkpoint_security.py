@@ -239,3 +239,12 @@ def test_cli_gives_one_line_and_exit_1(frozen_file, tmp_path, run_cli):
     code, out, err = run_cli("eval", p)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "'kind'" in err
     assert "Traceback" not in err
+
+
+def test_a_text_file_is_named_as_such(tmp_path):
+    """eval on a .tdsl (or any text) file: say what it is, not 'header length ... corrupt'."""
+    from triton_dsl.workflow import checkpoint as ck
+    src = tmp_path / "model.tdsl"
+    src.write_text("model M:\n    input [4]\n    layer fc: linear(2)\n")
+    with pytest.raises(ck.CheckpointError, match="a text file, not a safetensors checkpoint"):
+        ck.load(str(src))

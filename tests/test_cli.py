@@ -133,3 +133,13 @@ def test_load_api():
     assert Net.__name__ == "MixedPrecisionNet"
     with pytest.raises(triton_dsl.TdslError, match="E201"):
         triton_dsl.load_source(BAD, "bad.tdsl")
+
+
+def test_compiling_a_rules_file_says_what_it_is(tmp_path, run_cli):
+    """A rules file for existing modules given to compile: one error that names the right
+    command, not a second one sending the user to add a model."""
+    rules = tmp_path / "rules.tdsl"
+    rules.write_text("precision:\n    default int8\n")
+    code, _, err = run_cli("compile", str(rules))
+    assert code == 1 and "E506" not in err
+    assert "E106" in err and "triton-dsl plan" in err

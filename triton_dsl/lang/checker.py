@@ -50,6 +50,8 @@ def check(tree: ast.File, text: str, all_fp32: bool = False
             models.append(d)
         else:
             target = d.model or (models[-1].name if models else None)
+            if target is None and not any(isinstance(x, ast.Model) for x in tree.definitions):
+                continue  # a rules file for existing modules: E106 below says so, once
             if target is None:
                 diags.append(Diagnostic("E506", "precision section before any model", d.pos.line,
                                         d.pos.col, "put it after its model, or name the model: "
@@ -60,8 +62,14 @@ def check(tree: ast.File, text: str, all_fp32: bool = False
             else:
                 rules.setdefault(target, []).append(d)
     if not models:
-        diags.append(Diagnostic("E106", "no model in this file", 1, 1,
-                                help="a file declares at least one `model Name:`"))
+        rules_only = tree.definitions and all(isinstance(x, ast.Precision)
+                                              for x in tree.definitions)
+        diags.append(Diagnostic(
+            "E106", "no model in this file" + (": it holds precision rules for existing "
+                                                "modules" if rules_only else ""), 1, 1,
+            help="apply it with `triton-dsl plan FILE --model PKG.MODULE:FACTORY` or "
+                 "triton_dsl.quantize(model, FILE)" if rules_only else
+                 "a file declares at least one `model Name:`"))
     out = []
     expander = Expander(blocks, diags)
     for m in models:

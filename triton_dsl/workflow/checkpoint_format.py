@@ -40,6 +40,10 @@ def parse_header(blob: bytes, name: str) -> tuple[dict, dict]:
     if len(blob) < 8:
         raise CheckpointError(f"{name}: {len(blob)} bytes: too short for a safetensors file")
     n = int.from_bytes(blob[:8], "little")
+    if (n > len(blob) - 8 or n > MAX_HEADER) and all(32 <= c < 127 or c in b"\t\r\n"
+                                                      for c in blob[:64]):
+        raise CheckpointError(f"{name}: a text file, not a safetensors checkpoint (a .tdsl "
+                              "file is trained into one: triton-dsl train FILE -o OUT)")
     if n > len(blob) - 8 or n > MAX_HEADER:
         raise CheckpointError(f"{name}: header length {n:,} exceeds the file's {len(blob):,} "
                               "bytes (truncated or corrupt)")
