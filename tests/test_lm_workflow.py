@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import triton_dsl
 from triton_dsl import workflow
 from triton_dsl.workflow import checkpoint as ck
 from triton_dsl.workflow.data import DataError
@@ -170,3 +171,12 @@ def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli):
     rc, _, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
                          "--prompt-len", "30", "--new-tokens", "6")
     assert rc == 2 and "exceed the model's max_len 32" in err
+
+
+def test_a_language_model_given_images_is_told_so(tmp_path):
+    """An LM given digits: the message says it needs text, not a shape mismatch with [128]."""
+    from triton_dsl.workflow.pipeline import load_data
+    net = triton_dsl.load_source("model L:\n    input tokens(vocab=256, max_len=16)\n"
+                                 "    layer e: embedding(8)\n    layer h: linear(256)\n")()
+    with pytest.raises(DataError, match="digits is not text, but model 'L' is a language model"):
+        load_data("digits", net)

@@ -272,6 +272,9 @@ def _bandwidth_summary(recs, env):
 def run_cli(a) -> int:
     if a.device is None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if getattr(a, "rules", None) and getattr(a, "model", None):
+        from .factory import load_factory
+        load_factory(a.model)  # a misspelt factory is one line before anything is printed
     env = environment(a.device)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     decode = getattr(a, "decode", False)

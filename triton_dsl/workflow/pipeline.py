@@ -88,11 +88,11 @@ def is_token_model(net) -> bool:
 def load_data(spec: str, net, norm=None):
     """The data set ``spec`` for ``net``: text for a language model, samples otherwise."""
     text = spec == "stdlib" or spec.startswith("text:")
-    ds = load_text(spec, net.input_shape[0]) if text else D.load(spec, net.input_shape, norm=norm)
-    if is_token_model(net) != text:
+    if is_token_model(net) != text:  # before loading: the loader's shape message would mislead
         raise D.DataError(f"{spec} is {'text' if text else 'not text'}, but model "
                           f"{net.tdsl_model!r} {'is' if not text else 'is not'} a language "
                           "model (token input): use stdlib or text:PATH for language models")
+    ds = load_text(spec, net.input_shape[0]) if text else D.load(spec, net.input_shape, norm=norm)
     if text and net.vocab_size < 256:
         raise D.DataError(f"{spec}: byte-level text needs vocab=256 (a token is a byte); "
                           f"model {net.tdsl_model!r} has vocab={net.vocab_size}")
