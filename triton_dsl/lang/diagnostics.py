@@ -35,6 +35,19 @@ class TdslError(Exception):
         super().__init__(render_all(path, text, diagnostics))
 
 
+class Checked:
+    """What a checked file reports: ``path``, ``text`` (None when unreadable) and
+    ``diagnostics``; ok and raise_for_errors for every kind of result (models, rules)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None and not any(d.is_error for d in self.diagnostics)
+
+    def raise_for_errors(self):
+        if not self.ok:
+            raise TdslError(self.path, self.text, [d for d in self.diagnostics if d.is_error])
+
+
 _MAX_CHOICES = 500
 _MAX_LENGTH = 200
 

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import ast
-from .diagnostics import Diagnostic, TdslError
+from .diagnostics import Checked, Diagnostic, TdslError
 from .parser import parse
 from .plan import Entry, Plan
 from .rules import SKIP, Scope, Target, resolve
@@ -37,20 +37,12 @@ class Module:
 
 
 @dataclass
-class Rules:
+class Rules(Checked):
     """A parsed rules file: its sections, or the diagnostics that kept it from parsing."""
     path: str
     text: str | None
     sections: list = field(default_factory=list)
     diagnostics: list = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.text is not None and not any(d.is_error for d in self.diagnostics)
-
-    def raise_for_errors(self):
-        if not self.ok:
-            raise TdslError(self.path, self.text, [d for d in self.diagnostics if d.is_error])
 
 
 def read_rules(rules) -> Rules:

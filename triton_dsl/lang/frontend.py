@@ -5,26 +5,18 @@ from dataclasses import dataclass, field
 
 from . import ir
 from .checker import check
-from .diagnostics import Diagnostic, TdslError
+from .diagnostics import Checked, Diagnostic
 from .parser import parse
 from .source import read_source
 
 
 @dataclass
-class Result:
+class Result(Checked):
     path: str
     text: str | None
     models: list[ir.Model] = field(default_factory=list)
     diagnostics: list[Diagnostic] = field(default_factory=list)
     all_fp32: bool = False  # every layer forced to fp32 (the float baseline of the file)
-
-    @property
-    def ok(self) -> bool:
-        return self.text is not None and not any(d.is_error for d in self.diagnostics)
-
-    def raise_for_errors(self):
-        if not self.ok:
-            raise TdslError(self.path, self.text, [d for d in self.diagnostics if d.is_error])
 
 
 def check_source(text: str, path: str = "<string>", all_fp32: bool = False) -> Result:
