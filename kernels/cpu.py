@@ -232,6 +232,31 @@ class PackedNative:
         own_scale = self.scale.data_ptr() != scale.data_ptr()  # else the caller's tensor
         self.nbytes = _nbytes(self.weight, self.w_sum, self.scale if own_scale else None)
 
+    @classmethod
+    def join(cls, forms: list) -> "PackedNative":
+        """One form computing several forms' outputs side by side, for one input: their
+        weights joined along N (whole tiles each, so the tiled layout just concatenates). The
+        forms then read views of the joined buffers, so no weight is held twice."""
+        first = forms[0]
+        if any(f.kind != first.kind or f.k != first.k or f.lib is not first.lib for f in forms) \
+                or any(f.n % f.lib.tile_rows for f in forms[:-1]):
+            raise ValueError("only forms of one kind and K, each of whole tiles, can be joined")
+        out = cls.__new__(cls)
+        out.n, out.k, out.lib, out.kind = sum(f.n for f in forms), first.k, first.lib, first.kind
+        out.weight = torch.cat([f.weight for f in forms])
+        out.scale = torch.cat([f.scale for f in forms])
+        out.w_sum = None if first.w_sum is None else torch.cat([f.w_sum for f in forms])
+        out.nbytes = 0  # the forms still count their own bytes
+        tiles = rows = 0
+        for f in forms:
+            t = f.weight.shape[0]
+            f.weight = out.weight[tiles:tiles + t]
+            f.scale = out.scale[rows:rows + f.n]
+            if f.w_sum is not None:
+                f.w_sum = out.w_sum[rows:rows + f.n]
+            tiles, rows = tiles + t, rows + f.n
+        return out
+
     def codes(self) -> torch.Tensor:
         unpack = native.from_blocks if self.kind == native.TERNARY else native.from_int8_rows
         return unpack(self.weight, self.n, self.k, self.lib.tile_rows)

@@ -87,7 +87,7 @@ enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
 
 /* The ABI version: native.py's SIGNATURES table declares this file's exported functions; bump
    both together when a signature or a layout changes, so a stale cached library is refused. */
-#define TDSL_ABI 3
+#define TDSL_ABI 4
 int tdsl_abi(void) { return TDSL_ABI; }
 int tdsl_isa(void) { return TDSL_ISA; }
 int tdsl_tile_rows(void) { return NB; } /* the weight layout's rows per tile */
@@ -128,6 +128,19 @@ static inline __m128i reduce4(__m512i a0, __m512i a1, __m512i a2, __m512i a3) {
 }
 #endif
 
+#if TDSL_ISA == 2
+/* byte masks of the four 2-bit fields, one per 128-bit lane (see tile_body) */
+#define FIELDS _mm512_set_epi32(0xC0C0C0C0, 0xC0C0C0C0, 0xC0C0C0C0, 0xC0C0C0C0, 0x30303030, \
+    0x30303030, 0x30303030, 0x30303030, 0x0C0C0C0C, 0x0C0C0C0C, 0x0C0C0C0C, 0x0C0C0C0C, \
+    0x03030303, 0x03030303, 0x03030303, 0x03030303)
+
+/* A ternary sum vector's lanes back to their true values (field l counted 4^l times) */
+static inline __m512i unscale(int kind, __m512i a) {
+    if (kind == INT8) return a;
+    return _mm512_srav_epi32(a, _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0));
+}
+#endif
+
 /* acc[i * ldc + j] += sum over blocks kb0..kb1 of x row i . weight row j, for a mb x nb tile.
    x holds s8 activations (ternary) or u8 shifted ones (int8). With AVX-512 and va != NULL the
    sums stay vectors of 16 partial sums, va[(i * NB + j) * 16 ...], carried from K chunk to K
@@ -139,17 +152,21 @@ static inline __attribute__((always_inline)) void tile_body(
 #if TDSL_ISA == 2
     /* Named accumulators, not an array: GCC 12 shuffles and spills an array of __m512i. With mb
        and nb constant, the conditions fold away. */
-    const __m512i shift = _mm512_set_epi64(6, 6, 4, 4, 2, 2, 0, 0);
-    const __m512i three = _mm512_set1_epi8(3);
+    /* Ternary codes stay where they are in their byte: 128-bit lane l of the broadcast block
+       keeps field l (mask 3 << 2l), worth 4^l times the code. One AND a vector instead of a
+       shift and an AND; each int32 lane of a sum then holds 4^l times its true value, an exact
+       multiple that unscale() shifts back (at most 128 * 128 * 4 a block, far inside int32
+       over a SPAN). */
+    const __m512i mask = kind == INT8 ? _mm512_set1_epi8(3) : FIELDS;
 #define VA(i, j) ((void *)(va + ((i) * NB + (j)) * 16))
 #define START(i, j) (va && mb > i && nb > j ? _mm512_load_si512(VA(i, j)) : _mm512_setzero_si512())
 #define ROW_VARS(i) __m512i a##i##0 = START(i, 0), a##i##1 = START(i, 1), \
     a##i##2 = START(i, 2), a##i##3 = START(i, 3);
     ROW_VARS(0) ROW_VARS(1) ROW_VARS(2) ROW_VARS(3) ROW_VARS(4) ROW_VARS(5)
-#define CODES(j) (nb <= j ? three : kind == INT8 ? \
+#define CODES(j) (nb <= j ? mask : kind == INT8 ? \
     _mm512_loadu_si512((const void *)WADDR(j, b)) : \
-    _mm512_and_si512(_mm512_srlv_epi64(_mm512_broadcast_i32x4( \
-        _mm_loadu_si128((const __m128i *)WADDR(j, b))), shift), three))
+    _mm512_and_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)WADDR(j, b))), \
+                     mask))
 #define DOT(a, c, xv) (kind == INT8 ? _mm512_dpbusd_epi32(a, xv, c) : _mm512_dpbusd_epi32(a, c, xv))
 #define ROW_STEP(i) if (mb > i) { \
         __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + b * 64)); \
@@ -169,11 +186,12 @@ static inline __attribute__((always_inline)) void tile_body(
     }
 #define OUT(i, j, a) if (mb > i && nb > j) { \
         if (va) _mm512_store_si512(VA(i, j), a); \
-        else acc[i * ldc + j] += _mm512_reduce_add_epi32(a); }
+        else acc[i * ldc + j] += _mm512_reduce_add_epi32(unscale(kind, a)); }
 #define ROW_OUT(i) if (mb > i && nb == 4 && !va) { \
         __m128i *dst = (__m128i *)(acc + i * ldc); \
-        _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst), \
-                                            reduce4(a##i##0, a##i##1, a##i##2, a##i##3))); \
+        _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst), reduce4( \
+            unscale(kind, a##i##0), unscale(kind, a##i##1), unscale(kind, a##i##2), \
+            unscale(kind, a##i##3)))); \
     } else { OUT(i, 0, a##i##0) OUT(i, 1, a##i##1) OUT(i, 2, a##i##2) OUT(i, 3, a##i##3) }
     ROW_OUT(0) ROW_OUT(1) ROW_OUT(2) ROW_OUT(3) ROW_OUT(4) ROW_OUT(5)
 #elif TDSL_ISA == 1
@@ -226,22 +244,26 @@ static inline __attribute__((always_inline)) void tile_body(
 }
 
 /* acc[i * ldc + j] += the sum of va's 16 partial sums, for rows i < mb and columns j < nb */
-static void flush(const int32_t *va, int64_t mb, int nb, int32_t *acc, int64_t ldc) {
+static void flush(int kind, const int32_t *va, int64_t mb, int nb, int32_t *acc, int64_t ldc) {
     for (int64_t i = 0; i < mb; i++) {
 #if TDSL_ISA == 2
+        const __m512i *v = (const __m512i *)(va + i * NB * 16);
         if (nb == 4) {
-            const __m512i *v = (const __m512i *)(va + i * NB * 16);
             __m128i *dst = (__m128i *)(acc + i * ldc);
-            _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst),
-                                                reduce4(v[0], v[1], v[2], v[3])));
+            _mm_storeu_si128(dst, _mm_add_epi32(_mm_loadu_si128(dst), reduce4(
+                unscale(kind, v[0]), unscale(kind, v[1]), unscale(kind, v[2]),
+                unscale(kind, v[3]))));
             continue;
         }
-#endif
+        for (int j = 0; j < nb; j++) acc[i * ldc + j] += _mm512_reduce_add_epi32(unscale(kind, v[j]));
+#else
+        (void)kind;
         for (int j = 0; j < nb; j++) {
             int32_t s = 0;
             for (int l = 0; l < 16; l++) s += va[(i * NB + j) * 16 + l];
             acc[i * ldc + j] += s;
         }
+#endif
     }
 }
 
@@ -386,7 +408,7 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
                                             wt, q + i0 * kp, kp, k0, k1, acc + i0 * NC + j0, NC,
                                             pf, va ? va + i0 * NB * 16 : NULL);
                                 }
-                                if (va) flush(va, rows, cols, acc + j0, NC);
+                                if (va) flush(kind, va, rows, cols, acc + j0, NC);
                             }
                         } else {
                             /* many rows: an activation tile stays in L1 across the column tiles,
@@ -584,4 +606,31 @@ int tdsl_quantize_u8(const float *x, int64_t n, float scale, int zp, int lo, int
         out[i] = (uint8_t)(v == v ? r : 0.0f); /* converting NaN is undefined */
     }
     return bad;
+}
+
+/* ---- RMSNorm -------------------------------------------------------------------------------
+   y [m, n] = x * (1 / sqrt(mean(x^2) + eps)) * w per row (w may be NULL), in that order, as
+   torch computes it in fp32; only the summation order differs (16 lanes, then in order). One
+   call instead of the half dozen tensor ops torch's composite rms_norm runs, which at batch 1
+   cost more than the arithmetic. A row holding NaN or +-Inf gives a row of NaN, as torch. */
+int tdsl_rmsnorm(const float *x, int64_t m, int64_t n, int64_t ldx, const float *w, float eps,
+                 float *y, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (m >= 64)
+    for (int64_t i = 0; i < m; i++) {
+        const float *xi = x + i * ldx;
+        float *yi = y + i * n;
+        float lane[16] = {0};
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16)
+            for (int l = 0; l < 16; l++) lane[l] += xi[j + l] * xi[j + l];
+        float ss = 0.0f;
+        for (int l = 0; l < 16; l++) ss += lane[l];
+        for (; j < n; j++) ss += xi[j] * xi[j];
+        const float r = 1.0f / sqrtf(ss / (float)n + eps);
+        if (w)
+            for (j = 0; j < n; j++) yi[j] = xi[j] * r * w[j];
+        else
+            for (j = 0; j < n; j++) yi[j] = xi[j] * r;
+    }
+    return 0;
 }

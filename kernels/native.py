@@ -29,7 +29,7 @@ MAX_K = 65536
 LIMIT_K = 1 << 24  # the C kernel's per-row code sums are int32: Library.linear refuses more
 MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 TERNARY, INT8 = 0, 1
-ABI = 3  # cpu_linear.c's TDSL_ABI
+ABI = 4  # cpu_linear.c's TDSL_ABI
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The exported C functions: name -> (return type, argument types), in the prototypes' order.
@@ -44,6 +44,8 @@ SIGNATURES = {
                                    _I32]),
     # x, n, scale, zp, lo, hi, out, threads
     "tdsl_quantize_u8": (_I32, [_P, _I64, _F32, _I32, _I32, _I32, _P, _I32]),
+    # x, m, n, ldx, w, eps, y, threads
+    "tdsl_rmsnorm": (_I32, [_P, _I64, _I64, _I64, _P, _F32, _P, _I32]),
 }
 
 
@@ -109,6 +111,23 @@ class Library:
                                                    out.data_ptr(), torch.get_num_threads()):
             return None
         return out
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """RMSNorm over the last dimension of contiguous fp32 x [..., N], times contiguous fp32
+        weight [N] or None; y has x's shape. (Few tensor ops: at batch 1 each costs more than
+        the arithmetic.)"""
+        n = x.shape[-1]
+        if not x.is_contiguous() or (weight is not None and (
+                weight.shape != (n,) or not weight.is_contiguous())):
+            raise ValueError(f"rmsnorm needs a contiguous x [..., N] and weight [N]; got x of "
+                             f"shape {tuple(x.shape)}, weight of shape "
+                             f"{None if weight is None else tuple(weight.shape)}")
+        y = torch.empty_like(x)
+        if x.numel():
+            self.dll.tdsl_rmsnorm(x.data_ptr(), x.numel() // n, n, n,
+                                  None if weight is None else weight.data_ptr(), eps,
+                                  y.data_ptr(), torch.get_num_threads())
+        return y
 
     def grouped_linear(self, x: torch.Tensor, w: torch.Tensor, n: int, group: int,
                        scale: torch.Tensor, w_sum: torch.Tensor,

@@ -28,32 +28,32 @@ class TinyLM(rt.CompiledModel):
         self.embed = nn.Embedding(64, 16)  # tiny_lm.tdsl:14
         self.blocks = rt.Group()  # tiny_lm.tdsl:15
         self.blocks[0] = rt.Group()  # tiny_lm.tdsl:15
-        self.blocks[0].attn_norm = nn.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:6
+        self.blocks[0].attn_norm = rt.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:6
         self.blocks[0].attn = rt.Attention(16, heads=4, kv_heads=2, max_len=32, sub_norm=True)  # tiny_lm.tdsl:7
         self.blocks[0].attn.q = rt.Linear(16, 16, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
         self.blocks[0].attn.k = rt.Linear(16, 8, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
         self.blocks[0].attn.v = rt.Linear(16, 8, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
-        self.blocks[0].attn.o_norm = nn.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:7
+        self.blocks[0].attn.o_norm = rt.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:7
         self.blocks[0].attn.o = rt.Linear(16, 16, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
-        self.blocks[0].mlp_norm = nn.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:9
+        self.blocks[0].mlp_norm = rt.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:9
         self.blocks[0].mlp = rt.MLP(gate=True, sub_norm=True)  # tiny_lm.tdsl:10
         self.blocks[0].mlp.up = rt.Linear(16, 32, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:10
         self.blocks[0].mlp.gate = rt.Linear(16, 32, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:10
-        self.blocks[0].mlp.down_norm = nn.RMSNorm(32, eps=1e-06)  # tiny_lm.tdsl:10
+        self.blocks[0].mlp.down_norm = rt.RMSNorm(32, eps=1e-06)  # tiny_lm.tdsl:10
         self.blocks[0].mlp.down = rt.Linear(32, 16, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:10
         self.blocks[1] = rt.Group()  # tiny_lm.tdsl:15
-        self.blocks[1].attn_norm = nn.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:6
+        self.blocks[1].attn_norm = rt.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:6
         self.blocks[1].attn = rt.Attention(16, heads=4, kv_heads=2, max_len=32, sub_norm=True)  # tiny_lm.tdsl:7
         self.blocks[1].attn.q = rt.Linear(16, 16, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
         self.blocks[1].attn.k = rt.Linear(16, 8, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
         self.blocks[1].attn.v = rt.Linear(16, 8, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
-        self.blocks[1].attn.o_norm = nn.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:7
+        self.blocks[1].attn.o_norm = rt.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:7
         self.blocks[1].attn.o = rt.Linear(16, 16, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:7
-        self.blocks[1].mlp_norm = nn.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:9
+        self.blocks[1].mlp_norm = rt.RMSNorm(16, eps=1e-06)  # tiny_lm.tdsl:9
         self.blocks[1].mlp = rt.MLP(gate=True, sub_norm=True)  # tiny_lm.tdsl:10
         self.blocks[1].mlp.up = rt.Linear(16, 32, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:10
         self.blocks[1].mlp.gate = rt.Linear(16, 32, bias=False, precision=Ternary(threshold='absmean', scale='absmean', activations='dynamic'))  # tiny_lm.tdsl:10
-        self.blocks[1].mlp.down_norm = nn.RMSNorm(32, eps=1e-06)  # tiny_lm.tdsl:10
+        self.blocks[1].mlp.down_norm = rt.RMSNorm(32, eps=1e-06)  # tiny_lm.tdsl:10
         self.blocks[1].mlp.down = rt.Linear(32, 16, bias=False, precision=Int(activations='dynamic'))  # tiny_lm.tdsl:10
         self.last_attn = rt.Attention(16, heads=2, causal=False, rotary=False, max_len=32)  # tiny_lm.tdsl:17
         self.last_attn.q = rt.Linear(16, 16, precision=Float('fp32'))  # tiny_lm.tdsl:17
@@ -63,7 +63,7 @@ class TinyLM(rt.CompiledModel):
         self.ffn = rt.MLP(activation='gelu')  # tiny_lm.tdsl:18
         self.ffn.up = rt.Linear(16, 24, bias=False, precision=Float('fp32'))  # tiny_lm.tdsl:18
         self.ffn.down = rt.Linear(24, 16, bias=False, precision=Float('fp32'))  # tiny_lm.tdsl:18
-        self.norm = nn.RMSNorm(16, eps=1e-05)  # tiny_lm.tdsl:19
+        self.norm = rt.RMSNorm(16, eps=1e-05)  # tiny_lm.tdsl:19
         self.head = rt.Linear(16, 64, bias=False, precision=Int())  # tiny_lm.tdsl:20
 
     def forward(self, x, cache=None):

@@ -11,7 +11,7 @@ from .workflow_commands import _number, _positive_int, _workflow_errors
 def cmd_generate(args) -> int:
     from ..workflow.textgen import generate
     text = generate(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                    args.top_k, args.seed)
+                    args.top_k, args.seed, args.kv_cache)
     enc = getattr(sys.stdout, "encoding", None) or "utf-8"  # a C locale's ascii, say
     sys.stdout.write(text.encode(enc, errors="replace").decode(enc) + "\n")
     return EXIT_OK
@@ -30,4 +30,7 @@ def add_commands(sub):
     s.add_argument("--top-k", type=_positive_int, metavar="K",
                    help="sample among the K most likely bytes only")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--kv-cache", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="the cached keys' and values' type: bf16 halves what a step reads at a "
+                   "long context (default: fp32)")
     s.set_defaults(func=cmd_generate)

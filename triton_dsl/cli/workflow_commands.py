@@ -38,6 +38,8 @@ def bench_arguments(ap):
                     "tokens per second of incremental decoding (KV cache)")
     ap.add_argument("--prompt-len", type=int, default=16, metavar="P", help="with --decode")
     ap.add_argument("--new-tokens", type=int, default=64, metavar="N", help="with --decode")
+    ap.add_argument("--kv-cache", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="with --decode: the KV cache's type, for every method")
 
 
 def _add_bench(sub):

@@ -109,7 +109,7 @@ class _Emitter:
         if l.kind == "layernorm":
             return f"nn.LayerNorm({l.in_shape[-1]}, eps={a['eps']!r})"
         if l.kind == "rmsnorm":
-            return f"nn.RMSNorm({l.in_shape[-1]}, eps={a['eps']!r})"
+            return f"rt.RMSNorm({l.in_shape[-1]}, eps={a['eps']!r})"
         if l.kind == "embedding":
             return f"nn.Embedding({a['vocab']}, {a['dim']})"
         return None

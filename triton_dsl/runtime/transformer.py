@@ -11,12 +11,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import native
+from .joined import Joins, project
+
 ROPE_BASE = 10000.0
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm (same parameters, same checkpoints), computed by the native library in
+    one call where nothing needs its gradient: an fp32 CPU tensor outside the compiler. At
+    batch 1 torch's composite rms_norm is a handful of tensor ops whose fixed costs outweigh
+    the arithmetic; a decoding step runs one before every projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.dtype is not torch.float32 or x.is_cuda or not x.is_contiguous() \
+                or (w is not None and (w.dtype is not torch.float32 or not w.is_contiguous())) \
+                or x.shape[-1] != self.normalized_shape[-1] or len(self.normalized_shape) != 1 \
+                or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
+                    x.requires_grad or (w is not None and w.requires_grad))):
+            return super().forward(x)
+        lib = native.library()
+        if lib is None or x.device.type != "cpu":
+            return super().forward(x)
+        return lib.rmsnorm(x, w, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
+
+
+KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class KVCache:
     """Keys and values of every attention layer of one model, for incremental decoding.
+
+    ``dtype`` (default: the keys' own) stores them narrower: bf16 halves the bytes each step
+    reads at a long context, and the attention then runs in bf16 (the query is cast to it).
 
     Each layer gets [batch, kv_heads, max_len, head_dim] buffers for keys and values on its first
     call (kv_heads, not heads: grouped-query attention keeps the cache that much smaller); a step
@@ -25,23 +54,29 @@ class KVCache:
     The model calls ``step(seq)`` once per forward pass (in its input check), before any layer.
     """
 
-    def __init__(self, max_len: int):
-        self.max_len = max_len
+    def __init__(self, max_len: int, dtype: torch.dtype | None = None):
+        if dtype not in KV_DTYPES.values() and dtype is not None:
+            raise ValueError(f"a KV cache holds one of {', '.join(KV_DTYPES)}, not {dtype}")
+        self.max_len, self.dtype = max_len, dtype
         self.start = self.end = 0  # this step's positions: start..end-1
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.memo: dict = {}  # what every layer needs of this step (rotary angles)
 
     def step(self, seq: int):
         if self.end + seq > self.max_len:
             raise ValueError(f"the sequence would reach {self.end + seq} tokens, more than "
                              f"max_len={self.max_len}")
         self.start, self.end = self.end, self.end + seq
+        self.memo = {}
 
     def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
         """Store this step's k and v [batch, kv_heads, seq, head_dim]; return all so far."""
         slot = self.slots.get(id(layer))
         if slot is None:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            slot = self.slots[id(layer)] = (k.new_empty(shape), v.new_empty(shape))
+            dt = self.dtype or k.dtype
+            slot = self.slots[id(layer)] = (k.new_empty(shape, dtype=dt),
+                                            v.new_empty(shape, dtype=dt))
         keys, values = slot
         keys[:, :, self.start:self.end] = k
         values[:, :, self.start:self.end] = v
@@ -53,13 +88,13 @@ class KVCache:
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (the half-split form): pairs (x_i, x_{i+d/2}) rotated by the
-    position's angle. x [..., seq, d]; cos, sin [seq, d/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    position's angle. x [..., seq, d]; cos [seq, d] and sin [seq, d] from angles(): the halves'
+    cos and sin, sin with the first half negated, so that x cos + roll(x, d/2) sin is
+    (x1 cos - x2 sin, x2 cos + x1 sin) in four tensor ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
-class Attention(nn.Module):
+class Attention(Joins, nn.Module):
     """Multi-head self-attention (grouped-query when kv_heads < heads), computed by
     F.scaled_dot_product_attention. The generated module adds the projections q, k, v, o (and
     o_norm, an RMSNorm before o, with sub_norm)."""
@@ -77,25 +112,34 @@ class Attention(nn.Module):
         self.register_buffer("inv_freq", ROPE_BASE ** (-torch.arange(half) / half),
                              persistent=False)
 
-    def rope(self, start: int, end: int):
+    def angles(self, start: int, end: int, dtype: torch.dtype, cache: "KVCache | None"):
+        """(cos, sin) for rotate() at positions start..end-1; with a cache, computed once per
+        step for every layer of the same head size."""
+        key = (self.head_dim, dtype, self.inv_freq.device)
+        if cache is not None and key in cache.memo:
+            return cache.memo[key]
         pos = torch.arange(start, end, dtype=torch.float32, device=self.inv_freq.device)
         ang = torch.outer(pos, self.inv_freq.float())
-        return ang.cos(), ang.sin()
+        cos, sin = ang.cos(), ang.sin()
+        out = torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
+        if cache is not None:
+            cache.memo[key] = out
+        return out
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(self, ("q", "k", "v"), x)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         start = cache.start if cache is not None else 0
         if self.rotary:
-            cos, sin = self.rope(start, start + t)
-            q, k = rotate(q, cos.to(q.dtype), sin.to(q.dtype)), rotate(k, cos.to(k.dtype),
-                                                                        sin.to(k.dtype))
+            cos, sin = self.angles(start, start + t, q.dtype, cache)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self, k, v)
-        y = attend(q, k, v, self.causal, start, self.kv_heads != self.heads)
-        y = y.transpose(1, 2).reshape(b, t, self.dim)
+        y = attend(q.to(k.dtype), k, v, self.causal, start, self.kv_heads != self.heads)
+        y = y.transpose(1, 2).reshape(b, t, self.dim).to(x.dtype)
         if self.sub_norm:
             y = self.o_norm(y)
         return self.o(y)
@@ -118,7 +162,7 @@ def attend(q, k, v, causal: bool, start: int, gqa: bool) -> torch.Tensor:
                                           enable_gqa=gqa)
 
 
-class MLP(nn.Module):
+class MLP(Joins, nn.Module):
     """Feed-forward block: down(act(up(x))), or with a gate down(act(gate(x)) * up(x)) (SwiGLU
     with silu). The generated module adds up, gate, down (and down_norm with sub_norm)."""
 
@@ -128,8 +172,11 @@ class MLP(nn.Module):
         self.act = _ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        h = self.act(self.gate(x)) * h if self.gated else self.act(h)
+        if self.gated:
+            g, h = project(self, ("gate", "up"), x)
+            h = self.act(g) * h
+        else:
+            h = self.act(self.up(x))
         if self.sub_norm:
             h = self.down_norm(h)
         return self.down(h)

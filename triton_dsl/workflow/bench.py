@@ -288,7 +288,8 @@ def run_cli(a) -> int:
         if a.device != "cpu":
             raise ValueError("--decode times the CPU deployment; use --device cpu")
         print(decode_bench.HEADER)
-        recs = decode_bench.run(a.model, a.prompt_len, a.new_tokens, env["stream_read_gbs"])
+        recs = decode_bench.run(a.model, a.prompt_len, a.new_tokens, env["stream_read_gbs"],
+                                kv_cache=getattr(a, "kv_cache", "fp32"))
     elif getattr(a, "rules", None):
         from . import external_bench
         if not getattr(a, "model", None):

@@ -19,6 +19,7 @@ import torch
 from ..runtime import KVCache, freeze
 from ..runtime.build import load as load_class
 from ..runtime.frozen import FrozenLinear
+from ..runtime.transformer import KV_DTYPES
 from .model_bench import _spread, plain
 
 
@@ -55,14 +56,14 @@ def linear_bytes(model) -> int:
 
 @torch.inference_mode()
 def run(tdsl: str, prompt_len: int = 16, new_tokens: int = 64, stream_gbs: float | None = None,
-        log=print) -> list[dict]:
+        log=print, kv_cache: str = "fp32") -> list[dict]:
     named = lm_models(tdsl)
     net = named["fp32"]
     if prompt_len + new_tokens > net.max_len:
         raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the "
                          f"model's max_len {net.max_len}")
     x = torch.randint(0, net.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    caches = {n: KVCache(prompt_len + new_tokens) for n in named}
+    caches = {n: KVCache(prompt_len + new_tokens, KV_DTYPES[kv_cache]) for n in named}
     steps = {}
     for n, m in named.items():
         steps[n] = m(x, caches[n])[:, -1:].argmax(-1)
@@ -78,6 +79,7 @@ def run(tdsl: str, prompt_len: int = 16, new_tokens: int = 64, stream_gbs: float
         med, q1, q3 = _spread(v)
         nbytes = linear_bytes(named[n])
         r = {"model": tdsl, "method": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
+             "kv_cache": kv_cache,
              "ms_per_token": round(med * 1e3, 4), "iqr_ms": round((q3 - q1) * 1e3, 4),
              "tokens_per_s": round(1 / med, 2), "speedup_vs_fp32": round(base / med, 3),
              "linear_weight_bytes": nbytes, "gbs": round(nbytes / med / 1e9, 2)}
