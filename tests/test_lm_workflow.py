@@ -160,17 +160,24 @@ def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli):
     import json
     out = tmp_path / "decode.json"
     rc, text, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
-                            "--prompt-len", "4", "--new-tokens", "6", "--json", str(out))
+                            "--prompt-len", "8", "4", "--new-tokens", "6", "--kv-cache", "bf16",
+                            "--json", str(out))
     assert rc == 0, err
     recs = json.loads(out.read_text())["records"]
-    assert [r["method"] for r in recs] == ["fp32", "frozen", "torch-dynamic-int8"]
-    assert all(r["tokens_per_s"] > 0 and 0 < r["of_stream"] for r in recs)
+    assert [(r["prompt_len"], r["method"]) for r in recs] == [
+        (p, m) for p in (4, 8) for m in ("fp32", "frozen", "torch-dynamic-int8")]
+    assert all(r["tokens_per_s"] > 0 and 0 < r["of_stream"] and r["kv_cache"] == "bf16"
+               for r in recs)
+    assert [r["ctx_ratio"] for r in recs[:3]] == [1.0, 1.0, 1.0]
     assert recs[1]["linear_weight_bytes"] < recs[0]["linear_weight_bytes"]  # fp32 head kept
     rc, _, err = run_cli("bench", "--decode", "--device", "cpu")
     assert rc == 2 and "--decode needs --model" in err
     rc, _, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
-                         "--prompt-len", "30", "--new-tokens", "6")
+                         "--prompt-len", "4", "30", "--new-tokens", "6")
     assert rc == 2 and "exceed the model's max_len 32" in err
+    rc, _, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
+                         "--prompt-len", "0")
+    assert rc == 2 and "--prompt-len must be at least 1" in err
 
 
 def test_a_language_model_given_images_is_told_so(tmp_path):

@@ -36,7 +36,9 @@ def bench_arguments(ap):
                     help="with --model: also torch.compile the fp32 and frozen models")
     ap.add_argument("--decode", action="store_true", help="with --model of a language model: "
                     "tokens per second of incremental decoding (KV cache)")
-    ap.add_argument("--prompt-len", type=int, default=16, metavar="P", help="with --decode")
+    ap.add_argument("--prompt-len", type=int, nargs="+", default=[16], metavar="P",
+                    help="with --decode: context lengths to decode after, timed in the same "
+                    "interleaved rounds")
     ap.add_argument("--new-tokens", type=int, default=64, metavar="N", help="with --decode")
     ap.add_argument("--kv-cache", choices=("fp32", "bf16", "fp16"), default="fp32",
                     help="with --decode: the KV cache's type, for every method")

@@ -6,7 +6,9 @@ native M = 1 kernels), and torch's dynamic int8 (quantize_dynamic of the fp32 mo
 prompt of P tokens, the methods take turns decoding one token each, N rounds, so every method
 sees the same machine state; each record gives the median and interquartile range per token,
 tokens per second, and the linear-weight bytes streamed per token against the machine's
-streaming read bandwidth, measured in the same run.
+streaming read bandwidth, measured in the same run. With several prompt lengths every
+(length, method) pair takes its turn in the same rounds; "vs P0" is the per-token time against
+the shortest prompt's, for the same method.
 """
 from __future__ import annotations
 
@@ -55,42 +57,52 @@ def linear_bytes(model) -> int:
 
 
 @torch.inference_mode()
-def run(tdsl: str, prompt_len: int = 16, new_tokens: int = 64, stream_gbs: float | None = None,
+def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | None = None,
         log=print, kv_cache: str = "fp32") -> list[dict]:
+    """Records per (prompt length, method). Several prompt lengths share the interleaved
+    rounds, so their per-token times compare within one run (ctx_ratio: against the shortest,
+    for the same method); on a shared machine separate runs differ by more than that ratio."""
+    prompt_lens = sorted(set([prompt_lens] if isinstance(prompt_lens, int) else prompt_lens))
     named = lm_models(tdsl)
     net = named["fp32"]
-    if prompt_len + new_tokens > net.max_len:
-        raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceed the "
+    if prompt_lens[0] < 1:
+        raise ValueError(f"--prompt-len must be at least 1, got {prompt_lens[0]}")
+    if prompt_lens[-1] + new_tokens > net.max_len:
+        raise ValueError(f"--prompt-len {prompt_lens[-1]} + --new-tokens {new_tokens} exceed the "
                          f"model's max_len {net.max_len}")
-    x = torch.randint(0, net.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    caches = {n: KVCache(prompt_len + new_tokens, KV_DTYPES[kv_cache]) for n in named}
+    gen = torch.Generator().manual_seed(0)
+    runs = [(p, n) for p in prompt_lens for n in named]
+    caches = {r: KVCache(r[0] + new_tokens, KV_DTYPES[kv_cache]) for r in runs}
     steps = {}
-    for n, m in named.items():
-        steps[n] = m(x, caches[n])[:, -1:].argmax(-1)
-    ts = {n: [] for n in named}
-    for _ in range(new_tokens):
+    for p in prompt_lens:
+        x = torch.randint(0, net.vocab_size, (1, p), generator=gen)
         for n, m in named.items():
+            steps[p, n] = m(x, caches[p, n])[:, -1:].argmax(-1)
+    ts = {r: [] for r in runs}
+    for _ in range(new_tokens):
+        for p, n in runs:
             t = time.perf_counter()
-            steps[n] = m(steps[n], caches[n])[:, -1:].argmax(-1)
-            ts[n].append(time.perf_counter() - t)
+            steps[p, n] = named[n](steps[p, n], caches[p, n])[:, -1:].argmax(-1)
+            ts[p, n].append(time.perf_counter() - t)
     recs = []
-    base = _spread(ts["fp32"])[0]
-    for n, v in ts.items():
-        med, q1, q3 = _spread(v)
+    for p, n in runs:
+        med, q1, q3 = _spread(ts[p, n])
         nbytes = linear_bytes(named[n])
-        r = {"model": tdsl, "method": n, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        r = {"model": tdsl, "method": n, "prompt_len": p, "new_tokens": new_tokens,
              "kv_cache": kv_cache,
              "ms_per_token": round(med * 1e3, 4), "iqr_ms": round((q3 - q1) * 1e3, 4),
-             "tokens_per_s": round(1 / med, 2), "speedup_vs_fp32": round(base / med, 3),
+             "tokens_per_s": round(1 / med, 2),
+             "speedup_vs_fp32": round(_spread(ts[p, "fp32"])[0] / med, 3),
+             "ctx_ratio": round(med / _spread(ts[prompt_lens[0], n])[0], 3),
              "linear_weight_bytes": nbytes, "gbs": round(nbytes / med / 1e9, 2)}
         if stream_gbs:
             r["of_stream"] = round(r["gbs"] / stream_gbs, 3)
         recs.append(r)
-        log(f"{n:<22}{r['ms_per_token']:>10.3f}{r['iqr_ms']:>9.3f}{r['tokens_per_s']:>11.1f}"
-            f"{r['speedup_vs_fp32']:>9.2f}x{nbytes / 2**20:>13.1f}{r['gbs']:>8.1f}"
-            + (f"{100 * r['of_stream']:>7.0f}%" if stream_gbs else ""))
+        log(f"{n:<22}{p:>7}{r['ms_per_token']:>10.3f}{r['iqr_ms']:>9.3f}{r['tokens_per_s']:>11.1f}"
+            f"{r['speedup_vs_fp32']:>9.2f}x{r['ctx_ratio']:>8.2f}x{nbytes / 2**20:>13.1f}"
+            f"{r['gbs']:>8.1f}" + (f"{100 * r['of_stream']:>7.0f}%" if stream_gbs else ""))
     return recs
 
 
-HEADER = (f"{'method':<22}{'ms/token':>10}{'IQR ms':>9}{'tokens/s':>11}{'vs fp32':>10}"
-          f"{'weights MiB':>13}{'GB/s':>8}{'of read':>8}")  # widths above their titles
+HEADER = (f"{'method':<22}{'prompt':>7}{'ms/token':>10}{'IQR ms':>9}{'tokens/s':>11}"
+          f"{'vs fp32':>10}{'vs P0':>9}{'weights MiB':>13}{'GB/s':>8}{'of read':>8}")
