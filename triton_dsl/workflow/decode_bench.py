@@ -12,7 +12,9 @@ the shortest prompt's, for the same method.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import statistics
 import time
 import warnings
 
@@ -79,11 +81,15 @@ def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | 
         for n, m in named.items():
             steps[p, n] = m(x, caches[p, n])[:, -1:].argmax(-1)
     ts = {r: [] for r in runs}
-    for _ in range(new_tokens):
-        for p, n in runs:
-            t = time.perf_counter()
-            steps[p, n] = named[n](steps[p, n], caches[p, n])[:, -1:].argmax(-1)
-            ts[p, n].append(time.perf_counter() - t)
+    inside = {r: [] for r in runs}  # of each step, the time inside the native linear kernels
+    with _kernel_clock() as clock:
+        for _ in range(new_tokens):
+            for p, n in runs:
+                clock[0] = 0.0
+                t = time.perf_counter()
+                steps[p, n] = named[n](steps[p, n], caches[p, n])[:, -1:].argmax(-1)
+                ts[p, n].append(time.perf_counter() - t)
+                inside[p, n].append(clock[0])
     recs = []
     for p, n in runs:
         med, q1, q3 = _spread(ts[p, n])
@@ -97,11 +103,51 @@ def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | 
              "linear_weight_bytes": nbytes, "gbs": round(nbytes / med / 1e9, 2)}
         if stream_gbs:
             r["of_stream"] = round(r["gbs"] / stream_gbs, 3)
+        kernel = statistics.median(inside[p, n])
+        if kernel:
+            r["kernel_ms_per_token"] = round(kernel * 1e3, 4)
         recs.append(r)
         log(f"{n:<22}{p:>7}{r['ms_per_token']:>10.3f}{r['iqr_ms']:>9.3f}{r['tokens_per_s']:>11.1f}"
             f"{r['speedup_vs_fp32']:>9.2f}x{r['ctx_ratio']:>8.2f}x{nbytes / 2**20:>13.1f}"
             f"{r['gbs']:>8.1f}" + (f"{100 * r['of_stream']:>7.0f}%" if stream_gbs else ""))
     return recs
+
+
+def kernel_summary(recs: list[dict], stream_gbs: float | None, log=print):
+    """Where a frozen step's time goes: inside the native linear kernels, and the rest."""
+    for r in recs:
+        if "kernel_ms_per_token" in r:
+            k = r["kernel_ms_per_token"]
+            gbs = r["linear_weight_bytes"] / (k / 1e3) / 1e9
+            log(f"{r['method']} after {r['prompt_len']} tokens: {k:.3f} of {r['ms_per_token']:.3f} "
+                f"ms per token inside the native linear kernels ({100 * k / r['ms_per_token']:.0f}"
+                f"%), reading weights at {gbs:.1f} GB/s while there"
+                + (f" ({100 * gbs / stream_gbs:.0f}% of read)" if stream_gbs else ""))
+
+
+@contextlib.contextmanager
+def _kernel_clock():
+    """Adds the seconds spent in the native library's linear calls to clock[0] (a frozen
+    model's projections; torch's own layers are not counted)."""
+    from ..kernels import native
+    clock = [0.0]
+    lib = native.library()
+    if lib is None:
+        yield clock
+        return
+    plain = lib.linear
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return plain(*args, **kwargs)
+        finally:
+            clock[0] += time.perf_counter() - t
+    lib.linear = timed
+    try:
+        yield clock
+    finally:
+        del lib.linear  # the class's method again
 
 
 HEADER = (f"{'method':<22}{'prompt':>7}{'ms/token':>10}{'IQR ms':>9}{'tokens/s':>11}"
