@@ -255,7 +255,8 @@ static void flush(int kind, const int32_t *va, int64_t mb, int nb, int32_t *acc,
                 unscale(kind, v[3]))));
             continue;
         }
-        for (int j = 0; j < nb; j++) acc[i * ldc + j] += _mm512_reduce_add_epi32(unscale(kind, v[j]));
+        for (int j = 0; j < nb; j++)
+            acc[i * ldc + j] += _mm512_reduce_add_epi32(unscale(kind, v[j]));
 #else
         (void)kind;
         for (int j = 0; j < nb; j++) {
@@ -612,7 +613,8 @@ int tdsl_quantize_u8(const float *x, int64_t n, float scale, int zp, int lo, int
    y [m, n] = x * (1 / sqrt(mean(x^2) + eps)) * w per row (w may be NULL), in that order, as
    torch computes it in fp32; only the summation order differs (16 lanes, then in order). One
    call instead of the half dozen tensor ops torch's composite rms_norm runs, which at batch 1
-   cost more than the arithmetic. A row holding NaN or +-Inf gives a row of NaN, as torch. */
+   cost more than the arithmetic. Non-finite inputs give what that formula gives in torch (a
+   NaN makes its row NaN; an Inf makes itself NaN and the rest of its row 0). */
 int tdsl_rmsnorm(const float *x, int64_t m, int64_t n, int64_t ldx, const float *w, float eps,
                  float *y, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (m >= 64)

@@ -104,8 +104,10 @@ def test_native_rmsnorm_matches_torch(shape, affine):
         with torch.no_grad():
             norm.weight.uniform_(-2, 2)
     x = torch.randn(shape) * 3
+    rows = x.view(-1, shape[-1])
     if x.numel():
-        x.view(-1, shape[-1])[0, 0] = float("nan")  # a NaN row stays NaN, the others untouched
+        rows[0, 0] = float("nan")  # a NaN row stays NaN, the others untouched
+        rows[-1, -1] = float("inf") if len(rows) > 1 else rows[-1, -1]  # NaN there, 0 around
     with torch.no_grad():
         got = norm(x)
     want = F.rms_norm(x, (shape[-1],), norm.weight, 1e-6)
@@ -148,8 +150,8 @@ def test_generate_takes_a_kv_cache_type(run_cli, tmp_path):
     from triton_dsl.workflow import checkpoint as ck
     from triton_dsl.workflow.textgen import generate
     path = str(tmp_path / "lm.safetensors")
-    ck.save(rt.freeze(_net(SRC.replace("vocab=64", "vocab=256").replace("linear(64", "linear(256"))),
-            path)
+    src = SRC.replace("vocab=64", "vocab=256").replace("linear(64", "linear(256")
+    ck.save(rt.freeze(_net(src)), path)
     code, out, err = run_cli("generate", path, "--prompt", "ab", "--max-new-tokens", "5",
                              "--kv-cache", "bf16", "--seed", "3")
     assert code == 0, err

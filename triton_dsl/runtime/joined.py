@@ -42,7 +42,8 @@ class Joined:
         self.forms, self.sizes = forms, [f.n for f in forms]
 
     def current(self, key) -> bool:
-        return key == self.key and all(getattr(m, "prepared", None) is p for m, p in zip(self.mods, self.prepared))
+        return key == self.key and all(getattr(m, "prepared", None) is p
+                                       for m, p in zip(self.mods, self.prepared))
 
     def __call__(self, x):
         if self.form is None:
