@@ -142,7 +142,7 @@ def test_a_bf16_cache_decodes_close_to_the_full_pass():
     got = _decode(net, x, torch.bfloat16)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, full, rtol=0.05, atol=0.05)
-    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+    with pytest.raises(ValueError, match="fp32, fp16, bf16"):
         rt.KVCache(8, torch.int8)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+from ..lang.precision import FLOAT_BITS
 from .common import EXIT_OK
 from .workflow_commands import _number, _positive_int, _workflow_errors
 
@@ -30,7 +31,7 @@ def add_commands(sub):
     s.add_argument("--top-k", type=_positive_int, metavar="K",
                    help="sample among the K most likely bytes only")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--kv-cache", choices=("fp32", "bf16", "fp16"), default="fp32",
+    s.add_argument("--kv-cache", choices=tuple(FLOAT_BITS), default="fp32",
                    help="the cached keys' and values' type: bf16 halves what a step reads at a "
                    "long context (default: fp32)")
     s.set_defaults(func=cmd_generate)

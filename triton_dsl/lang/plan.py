@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 
 from .precision import Precision, learned_params
-from .summary import _size, weight_bytes
+from .summary import _size, table, weight_bytes
 
 
 @dataclass(frozen=True)
@@ -81,18 +81,10 @@ class Plan:
         body = [(m["name"], m["kind"], m["precision"], "[" + ", ".join(map(str, m["weight"]))
                  + "]", f"{m['params']:,}", str(m["bits"]), f"{m['bytes']:,}")
                 for m in d["modules"]]
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-
-        def line(cells):
-            return "  ".join(c.rjust(w) if i >= 4 else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-        rule = "-" * len(line(head))
-        out = [f"{d['model']} with {d['rules']}: {d['quantized']} of {len(self.entries)} "
-               "modules quantized", rule, line(head), rule]
-        out += [line(b) for b in body]
-        out += [rule,
-                f"other parameters and buffers, as they are: {d['other_bytes']:,} bytes",
+        title = (f"{d['model']} with {d['rules']}: {d['quantized']} of {len(self.entries)} "
+                 "modules quantized")
+        out = table(title, head, body, first_right=4)
+        out += [f"other parameters and buffers, as they are: {d['other_bytes']:,} bytes",
                 f"packed size:   {d['total_bytes']:,} bytes ({_size(d['total_bytes'])})",
                 f"original size: {d['original_bytes']:,} bytes ({_size(d['original_bytes'])})",
                 f"compression:   {d['compression']:.2f}x"]

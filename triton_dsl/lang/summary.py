@@ -94,26 +94,29 @@ def render(s: dict) -> str:
              "[" + ", ".join(map(str, r["output_shape"])) + "]",
              f"{r['params']:,}", str(r["bits"]) if r["params"] else "-", f"{r['bytes']:,}")
             for r in s["layers"]]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    right = {4, 5, 6}
-
-    def line(cells):
-        return "  ".join(c.rjust(w) if i in right else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    rule = "-" * len(line(head))
     given = f"[{', '.join(map(str, s['input_shape']))}]"
     if "tokens" in s:
         given = f"tokens(vocab={s['tokens']['vocab']}, max_len={s['tokens']['max_len']})"
-    out = [f"{s['model']}: input {given} -> output [{', '.join(map(str, s['output_shape']))}]"
-           + (" (seq = max_len)" if "tokens" in s else ""), rule, line(head), rule]
-    out += [line(b) for b in body]
-    out += [rule,
+    title = (f"{s['model']}: input {given} -> output [{', '.join(map(str, s['output_shape']))}]"
+             + (" (seq = max_len)" if "tokens" in s else ""))
+    return "\n".join(table(title, head, body, first_right=4) + [
             f"parameters: {s['params']:,}",
             f"packed size: {s['total_bytes']:,} bytes ({_size(s['total_bytes'])})",
             f"fp32 size:   {s['fp32_bytes']:,} bytes ({_size(s['fp32_bytes'])})",
-            f"compression: {s['compression']:.2f}x"]
-    return "\n".join(out)
+            f"compression: {s['compression']:.2f}x"])
+
+
+def table(title: str, head: tuple, body: list, first_right: int) -> list:
+    """Lines of a text table: the title, ruled head and body, a closing rule; columns from
+    ``first_right`` on are right-aligned (the numbers)."""
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i >= first_right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "-" * len(line(head))
+    return [title, rule, line(head), rule] + [line(b) for b in body] + [rule]
 
 
 def to_json(summaries: list[dict]) -> str:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..kernels import native
 from .joined import Joins, project
+from .quant import TORCH_DTYPES
 
 ROPE_BASE = 10000.0
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
@@ -26,19 +27,19 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.dtype is not torch.float32 or x.is_cuda or not x.is_contiguous() \
+        if x.dtype is not torch.float32 or x.device.type != "cpu" or not x.is_contiguous() \
                 or (w is not None and (w.dtype is not torch.float32 or not w.is_contiguous())) \
                 or x.shape[-1] != self.normalized_shape[-1] or len(self.normalized_shape) != 1 \
                 or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
                     x.requires_grad or (w is not None and w.requires_grad))):
             return super().forward(x)
         lib = native.library()
-        if lib is None or x.device.type != "cpu":
+        if lib is None:
             return super().forward(x)
         return lib.rmsnorm(x, w, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
 
 
-KV_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+KV_DTYPES = {"fp32": torch.float32, **TORCH_DTYPES}  # the float types the language names
 
 
 class KVCache:

@@ -56,16 +56,23 @@ def _shape(s) -> str:
     return "[" + ", ".join(map(str, s)) + "]"
 
 
-def compare(expected: dict, stored: dict, name: str):
-    """Both {key: (dtype, shape)}: the first missing, unexpected or different tensor, named."""
+def same_keys(expected, stored, missing, unexpected):
+    """The first key of ``expected`` that ``stored`` lacks, else the first of ``stored`` that
+    ``expected`` lacks, as a CheckpointError saying missing(key) or unexpected(key)."""
     for k in expected:
         if k not in stored:
-            raise CheckpointError(f"{name}: tensor {k!r} is missing (the model its source "
-                                  "declares has it)")
+            raise CheckpointError(missing(k))
     for k in stored:
         if k not in expected:
-            raise CheckpointError(f"{name}: unexpected tensor {k!r} (the model its source "
-                                  "declares has no such field)")
+            raise CheckpointError(unexpected(k))
+
+
+def compare(expected: dict, stored: dict, name: str):
+    """Both {key: (dtype, shape)}: the first missing, unexpected or different tensor, named."""
+    same_keys(expected, stored,
+              lambda k: f"{name}: tensor {k!r} is missing (the model its source declares has it)",
+              lambda k: f"{name}: unexpected tensor {k!r} (the model its source declares has "
+                        "no such field)")
     for k, (dtype, shape) in expected.items():
         sdtype, sshape = stored[k]
         if sdtype != dtype:

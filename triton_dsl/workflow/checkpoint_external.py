@@ -98,14 +98,10 @@ def load_quantized(path: str, model):
     if meta["kind"] == "frozen":
         freeze(model, build=False)
     state = model.state_dict()
-    for k in state:
-        if k not in tensors:
-            raise CheckpointError(f"{path}: the model has {k!r}, the checkpoint does not: its "
-                                  "modules differ from those of the model it was saved from")
-    for k in tensors:
-        if k not in state:
-            raise CheckpointError(f"{path}: the checkpoint has {k!r}, the model does not: its "
-                                  "modules differ from those of the model it was saved from")
+    why = "its modules differ from those of the model it was saved from"
+    C.same_keys(state, tensors,
+                lambda k: f"{path}: the model has {k!r}, the checkpoint does not: {why}",
+                lambda k: f"{path}: the checkpoint has {k!r}, the model does not: {why}")
     encs = C.encodings(model)
     if encs != fields["encodings"]:
         raise CheckpointError(f"{path}: metadata field 'encodings' does not match the model")
