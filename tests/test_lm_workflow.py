@@ -177,7 +177,10 @@ def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli):
     assert rc == 2 and "exceed the model's max_len 32" in err
     rc, _, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
                          "--prompt-len", "0")
-    assert rc == 2 and "--prompt-len must be at least 1" in err
+    assert rc == 2 and "--prompt-len: must be at least 1" in err
+    rc, _, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
+                         "--prompt-len", *map(str, range(1, 10)))
+    assert rc == 2 and "--prompt-len takes at most 8 lengths, got 9" in err
 
 
 def test_a_language_model_given_images_is_told_so(tmp_path):

@@ -264,6 +264,27 @@ def test_bench_cli_table_and_json(tmp_path, run_cli, monkeypatch):
     assert 256 * 256 <= nbytes["int8_w8a8"] <= 256 * 256 + 256 * 4 * 2
 
 
+@pytest.mark.parametrize("argv, says", [
+    (("--repeat", "1"), "--repeat: must be at least 2, got 1"),
+    (("--repeat", "-5"), "--repeat: must be at least 2, got -5"),
+    (("--M", "0"), "--M: must be at least 1, got 0"),
+    (("--NK", "1000000000"), "--NK: must be at most 32,768, got 1,000,000,000"),
+    (("--NK", "1e9"), "--NK: '1e9' is not a whole number"),
+    (("--model", "x.tdsl", "--batch", "0"), "--batch: must be at least 1, got 0"),
+    (("--model", "x.tdsl", "--batch", "99999999"), "--batch: must be at most 4,096"),
+    (("--model", "x.tdsl", "--decode", "--new-tokens", "1"), "--new-tokens: must be at least 2"),
+    (("--model", "x.tdsl", "--decode", "--prompt-len", "16", "-3"),
+     "--prompt-len: must be at least 1, got -3"),
+    (("--model", "x.tdsl", "--decode", "--kv-cache", "int4"), "--kv-cache: invalid choice"),
+])
+def test_bench_numbers_out_of_range_are_usage_errors(run_cli, argv, says):
+    """Before anything is built or allocated: a size that would exhaust memory, a repeat count
+    that leaves no spread, a negative length."""
+    code, out, err = run_cli("bench", "--device", "cpu", *argv)
+    assert code == 2 and says in err and "Traceback" not in err
+    assert out == ""
+
+
 def test_bench_headers_apart_and_spread_reported(monkeypatch):
     """Every column title stands apart; each median comes with its IQR; a speedup whose IQR
     overlaps the baseline's is flagged and warned about."""

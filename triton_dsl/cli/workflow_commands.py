@@ -9,16 +9,20 @@ import math
 import os
 import sys
 
+from ..lang.precision import FLOAT_BITS
 from .common import EXIT_INPUT, EXIT_OK, EXIT_USAGE
 
 
 def bench_arguments(ap):
     """The options of `triton-dsl bench` and benchmarks/bench.py (no torch needed to list them)."""
-    ap.add_argument("--M", type=int, nargs="+", default=[1, 16, 256], metavar="M")
-    ap.add_argument("--NK", type=int, nargs="+", default=[4096, 8192], metavar="N")
+    ap.add_argument("--M", type=_int_in(1, LIMIT_ROWS), nargs="+", default=[1, 16, 256],
+                    metavar="M")
+    ap.add_argument("--NK", type=_int_in(1, LIMIT_NK), nargs="+", default=[4096, 8192],
+                    metavar="N")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
                     help="default: cuda when available")
-    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--repeat", type=_int_in(2, 100_000), default=10,
+                    help="timed rounds (at least 2: the spread needs two)")
     ap.add_argument("--methods", nargs="+", metavar="METHOD")
     ap.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
     ap.add_argument("--model", metavar="FILE.tdsl", help="time a whole model instead: frozen "
@@ -30,17 +34,19 @@ def bench_arguments(ap):
                     "language models: tokens per input (1: one decoding step)")
     ap.add_argument("--input-shape", type=_positive_int, nargs="+", metavar="D", help="with "
                     "--rules, for models without a vocabulary: one input's shape, no batch")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 64], metavar="B",
+    ap.add_argument("--batch", type=_int_in(1, LIMIT_BATCH), nargs="+", default=[1, 64],
+                    metavar="B",
                     help="batch sizes for --model")
     ap.add_argument("--compile", action="store_true",
                     help="with --model: also torch.compile the fp32 and frozen models")
     ap.add_argument("--decode", action="store_true", help="with --model of a language model: "
                     "tokens per second of incremental decoding (KV cache)")
-    ap.add_argument("--prompt-len", type=int, nargs="+", default=[16], metavar="P",
+    ap.add_argument("--prompt-len", type=_positive_int, nargs="+", default=[16], metavar="P",
                     help="with --decode: context lengths to decode after, timed in the same "
                     "interleaved rounds")
-    ap.add_argument("--new-tokens", type=int, default=64, metavar="N", help="with --decode")
-    ap.add_argument("--kv-cache", choices=("fp32", "bf16", "fp16"), default="fp32",
+    ap.add_argument("--new-tokens", type=_int_in(2, 1_000_000), default=64, metavar="N",
+                    help="with --decode (at least 2: the spread needs two)")
+    ap.add_argument("--kv-cache", choices=tuple(FLOAT_BITS), default="fp32",
                     help="with --decode: the KV cache's type, for every method")
 
 
@@ -195,14 +201,25 @@ def cmd_report(args) -> int:
     return EXIT_OK
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in lo..hi (no upper bound when hi is None)."""
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise argparse.ArgumentTypeError(f"must be at most {hi:,}, got {v:,}")
+        return v
+    return parse
+
+
+_positive_int = _int_in(1)
+# bench sizes: beyond these a run would allocate more than this machine class holds (an fp32
+# 32768 x 32768 weight is 4 GiB) rather than fail with a message
+LIMIT_NK, LIMIT_ROWS, LIMIT_BATCH = 32768, 65536, 4096
 
 
 def _number(minimum, strict):

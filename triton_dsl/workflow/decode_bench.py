@@ -27,6 +27,9 @@ from ..runtime.transformer import KV_DTYPES
 from .model_bench import _spread, plain
 
 
+MAX_CONTEXTS = 8
+
+
 def lm_models(tdsl: str, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     fp32 = load_class(tdsl, fp32=True)().eval()
@@ -65,6 +68,9 @@ def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | 
     rounds, so their per-token times compare within one run (ctx_ratio: against the shortest,
     for the same method); on a shared machine separate runs differ by more than that ratio."""
     prompt_lens = sorted(set([prompt_lens] if isinstance(prompt_lens, int) else prompt_lens))
+    if len(prompt_lens) > MAX_CONTEXTS:  # each holds a KV cache per method
+        raise ValueError(f"--prompt-len takes at most {MAX_CONTEXTS} lengths, got "
+                         f"{len(prompt_lens)}")
     named = lm_models(tdsl)
     net = named["fp32"]
     if prompt_lens[0] < 1:
