@@ -115,52 +115,88 @@ def train(model: nn.Module, data: Dataset, epochs: int = 10, lr: float = 1e-3,
     record of the weights the model starts with (resuming), competes too. Epochs are numbered
     from start_epoch + 1."""
     check_options(epochs, lr, weight_decay, batch_size, optimizer, schedule)
+    check_classes(model, data)
+    world = rank_and_world()[1]
+    per_epoch = -(-len(data.x_train) // (batch_size * world))  # batches per rank and epoch
+    return run_epochs(model, Classify(data), per_epoch, epochs, lr, batch_size, seed, optimizer,
+                      weight_decay, schedule, start_epoch, best, progress, log, on_epoch)
+
+
+class Classify:
+    """Training a classifier, for run_epochs: the per-batch step, its statistics (loss sum,
+    correct, count), the epoch's record and log line."""
+    width = 3
+
+    def __init__(self, data: Dataset):
+        self.data = data
+        self.has_val = data.x_val is not None and len(data.x_val) > 0
+
+    def batches(self, *args, **kwargs):
+        return self.data.batches("train", *args, **kwargs)
+
+    def step(self, net, x, y):
+        out = net(x)
+        loss = F.cross_entropy(out, y)
+        return loss, torch.tensor([loss.item() * len(y), (out.argmax(1) == y).sum().item(),
+                                   len(y)])
+
+    def record(self, epoch: int, stats: torch.Tensor, model) -> dict:
+        return {"epoch": epoch, "loss": round(stats[0].item() / stats[2].item(), 5),
+                "train_acc": round(100 * stats[1].item() / stats[2].item(), 3),
+                "val_acc": round(evaluate(model, self.data, "val"), 3) if self.has_val else None}
+
+    def line(self, rec: dict) -> str:
+        val = f"  val {rec['val_acc']:6.2f}%" if self.has_val else ""
+        return f"loss {rec['loss']:.4f}  train {rec['train_acc']:6.2f}%{val}"
+
+
+def run_epochs(model, task, per_epoch: int, epochs: int, lr: float, batch_size: int, seed: int,
+               optimizer: str, weight_decay: float, schedule: str, start_epoch: int,
+               best: dict | None, progress: bool, log, on_epoch=None) -> list[dict]:
+    """The epoch loop of every trainer (train, lm_train.train_lm): DDP wrapping and sharding,
+    the optimizer and schedule, at most ``per_epoch`` batches an epoch, statistics summed over
+    ranks, one record an epoch (``task``'s metrics, then lr and seconds), and the weights of
+    the best epoch on the validation split kept. ``task`` (Classify, lm_train.NextByte) gives
+    width, has_val, batches(batch_size, shuffle, seed, rank, world), step(net, x, y) ->
+    (loss, the batch's statistics), record(epoch, stats, model), line(rec)."""
     rank, world = rank_and_world()
     log = log or (lambda s: print(s, file=sys.stderr))
-    check_classes(model, data)
-    has_val = data.x_val is not None and len(data.x_val) > 0
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model)
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
-    per_epoch = -(-len(data.x_train) // (batch_size * world))  # batches per rank and epoch
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * per_epoch, 1))
              if schedule == "cosine" else None)
-    best_state = _copy_state(model) if best is not None and has_val else None
+    best_state = _copy_state(model) if best is not None and task.has_val else None
     history = []
     last = start_epoch + epochs
     for epoch in range(start_epoch + 1, last + 1):
         t0 = time.perf_counter()
         net.train()
-        stats = torch.zeros(3)  # loss sum, correct, count
-        batches = data.batches("train", batch_size, shuffle=True, seed=seed * 1000 + epoch,
-                               rank=rank, world=world)
+        stats = torch.zeros(task.width)
+        batches = task.batches(batch_size, shuffle=True, seed=seed * 1000 + epoch, rank=rank,
+                               world=world)
         bar = _bar(batches, per_epoch, f"epoch {epoch}/{last}", progress and rank == 0)
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
+            if i >= per_epoch:
+                break
             opt.zero_grad(set_to_none=True)
-            out = net(x)
-            loss = F.cross_entropy(out, y)
+            loss, batch_stats = task.step(net, x, y)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
-            stats += torch.tensor([loss.item() * len(y), (out.argmax(1) == y).sum().item(),
-                                   len(y)])
+            stats += batch_stats
         if world > 1:
             torch.distributed.all_reduce(stats)
-        rec = {"epoch": epoch, "loss": round(stats[0].item() / stats[2].item(), 5),
-               "train_acc": round(100 * stats[1].item() / stats[2].item(), 3),
-               "val_acc": round(evaluate(model, data, "val"), 3) if has_val else None,
-               "lr": float(f"{opt.param_groups[0]['lr']:.4g}"), "seconds": round(time.perf_counter() - t0, 3)}
+        rec = task.record(epoch, stats, model)
+        rec.update(lr=float(f"{opt.param_groups[0]['lr']:.4g}"),
+                   seconds=round(time.perf_counter() - t0, 3))
         if on_epoch is not None:
             on_epoch(rec, model)
         history.append(rec)
-        if has_val and best_record(([best] if best else []) + history) is rec:
+        if task.has_val and best_record(([best] if best else []) + history) is rec:
             best_state = _copy_state(model)
         if rank == 0:
-            val = f"  val {rec['val_acc']:6.2f}%" if has_val else ""
-            log(f"epoch {epoch:>3}/{last}  loss {rec['loss']:.4f}  train {rec['train_acc']:6.2f}%"
-                f"{val}  ({rec['seconds']:.1f} s)")
+            log(f"epoch {epoch:>3}/{last}  {task.line(rec)}  ({rec['seconds']:.1f} s)")
     if best_state is not None:  # every rank holds the same weights and picks the same epoch
         model.load_state_dict(best_state)
     return history
