@@ -176,6 +176,13 @@ def library() -> Library | None:
         return None
 
 
+def loaded() -> Library | None:
+    """The library if something has asked for it already (a frozen layer, at freeze or load),
+    else None: for helpers that any model runs (RMSNorm), which must not make a float model
+    wait for a compiler, or warn about kernels it never uses."""
+    return library() if library.cache_info().currsize else None
+
+
 def error() -> str | None:
     return _ERROR[-1] if _ERROR else None
 

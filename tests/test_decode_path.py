@@ -158,3 +158,22 @@ def test_generate_takes_a_kv_cache_type(run_cli, tmp_path):
     assert out == generate(path, "ab", 5, 0.8, None, 3, "bf16") + "\n"
     with pytest.raises(ValueError, match="kv_cache must be one of"):
         generate(path, "ab", 5, kv_cache="int4")
+
+
+def test_a_float_model_never_builds_the_native_library():
+    """RMSNorm takes the native library only once a frozen layer has loaded it: evaluating a
+    float model must not wait for a compiler (or warn about kernels it never uses)."""
+    import subprocess
+    import sys
+    code = ("import torch, triton_dsl\n"
+            "from test_lm import SRC\n"
+            "net = triton_dsl.load_source(SRC)().eval()\n"
+            "with torch.no_grad():\n"
+            "    net(torch.randint(0, 64, (1, 5)))\n"
+            "from triton_dsl.kernels import native\n"
+            "print(native.library.cache_info().currsize)\n")
+    tests = __import__("os").path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "0"

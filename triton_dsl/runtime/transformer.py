@@ -21,7 +21,8 @@ _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
 class RMSNorm(nn.RMSNorm):
     """torch's RMSNorm (same parameters, same checkpoints), computed by the native library in
-    one call where nothing needs its gradient: an fp32 CPU tensor outside the compiler. At
+    one call where nothing needs its gradient: an fp32 CPU tensor outside the compiler, once
+    the library is loaded (a frozen model loads it; a float one never builds it for this). At
     batch 1 torch's composite rms_norm is a handful of tensor ops whose fixed costs outweigh
     the arithmetic; a decoding step runs one before every projection."""
 
@@ -33,7 +34,7 @@ class RMSNorm(nn.RMSNorm):
                 or torch.compiler.is_compiling() or (torch.is_grad_enabled() and (
                     x.requires_grad or (w is not None and w.requires_grad))):
             return super().forward(x)
-        lib = native.library()
+        lib = native.loaded()
         if lib is None:
             return super().forward(x)
         return lib.rmsnorm(x, w, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
