@@ -148,6 +148,10 @@ def test_crafted_metadata_with_a_valid_hash_is_refused(frozen_file, tmp_path):
     for field, value in cases.items():
         p = craft(tmp_path / f"{field}.safetensors", tensors, dict(meta, **{field: value}))
         assert field in refused(p), field
+    for entry in (5, [1, 2], "binary", None):  # an encoding that is not even an object
+        p = craft(tmp_path / "e.safetensors", tensors,
+                  dict(meta, encodings=json.dumps({"b.codes": entry})))
+        assert "'encodings'" in refused(p)
     p = craft(tmp_path / "h.safetensors", tensors, dict(meta, history='[{"loss": 1.0}]'))
     assert "history" in refused(p)  # the plots need an epoch
     refused(craft(tmp_path / "k.safetensors", tensors, dict(meta, kind="trainable")), "tensor")
@@ -239,6 +243,17 @@ def test_cli_gives_one_line_and_exit_1(frozen_file, tmp_path, run_cli):
     code, out, err = run_cli("eval", p)
     assert code == 1 and len(err.strip().splitlines()) == 1 and "'kind'" in err
     assert "Traceback" not in err
+
+
+def test_missing_files_and_folders_are_one_line_errors(frozen_file, tmp_path, run_cli):
+    """freeze of a file that is not there; bench writing into a folder that is not there, said
+    before any timing rather than after it."""
+    code, out, err = run_cli("freeze", str(tmp_path / "nothing.safetensors"), "-o",
+                             str(tmp_path / "f.safetensors"))
+    assert code == 1 and "nothing.safetensors" in err and "Traceback" not in err
+    code, out, err = run_cli("bench", "--device", "cpu", "--M", "1", "--NK", "64", "--repeat",
+                             "2", "--json", str(tmp_path / "no" / "such" / "b.json"))
+    assert code == 2 and "does not exist" in err and out == ""  # a bad argument: usage
 
 
 def test_a_text_file_is_named_as_such(tmp_path):

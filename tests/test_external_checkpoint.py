@@ -74,3 +74,24 @@ def test_corruption_is_caught(tmp_path):
     path.write_bytes(bytes(blob))
     with pytest.raises(checkpoint.CheckpointError, match="SHA-256"):
         checkpoint.load_quantized(str(path), Net())
+
+
+def test_stored_rules_are_text_never_a_path_to_read(tmp_path):
+    """A crafted checkpoint whose rules entry is a file name: the loader must not read that
+    file (here a valid rules file, which the old reader would have applied)."""
+    import json
+    from safetensors.torch import save as st_save
+    from triton_dsl.workflow.checkpoint_format import digest
+    path = str(tmp_path / "q.safetensors")
+    checkpoint.save_quantized(_quantized(), path)
+    tensors, meta = checkpoint.read(path)
+    elsewhere = tmp_path / "rules.tdsl"
+    elsewhere.write_text(RULES)
+    ext = json.loads(meta["external"])
+    ext["rules"] = [str(elsewhere)]
+    meta = dict(meta, external=json.dumps(ext))
+    meta["sha256"] = digest(meta, tensors)
+    crafted = tmp_path / "crafted.safetensors"
+    crafted.write_bytes(st_save(tensors, metadata=meta))
+    with pytest.raises(checkpoint.CheckpointError, match="its rules do not fit"):
+        checkpoint.load_quantized(str(crafted), Net())

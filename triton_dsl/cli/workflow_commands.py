@@ -61,6 +61,8 @@ def cmd_bench(args) -> int:
     from ..workflow import bench
     from ..workflow.factory import FactoryError
     try:
+        if args.json:  # before minutes of timing, not after
+            _check_output(args.json)
         return bench.run_cli(args)
     except TdslError as e:  # --model FILE.tdsl or --rules with errors
         print(str(e), file=sys.stderr)
@@ -71,10 +73,14 @@ def cmd_bench(args) -> int:
     except ValueError as e:
         print(f"triton-dsl: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # a file that cannot be read or written
+        print(f"triton-dsl: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
 
 
 def _workflow_errors(fn):
-    """Bad data, checkpoints and .tdsl files become a message and exit 1, not a traceback."""
+    """Bad data, checkpoints, .tdsl files and files that cannot be read or written become a
+    message and exit 1, not a traceback."""
     def run(args):
         from ..workflow.checkpoint import CheckpointError
         from ..workflow.data import DataError
@@ -83,7 +89,7 @@ def _workflow_errors(fn):
             return fn(args)
         except TdslError as e:
             print(str(e), file=sys.stderr)
-        except (CheckpointError, DataError, ValueError) as e:
+        except (CheckpointError, DataError, ValueError, OSError) as e:
             print(f"triton-dsl: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     return run

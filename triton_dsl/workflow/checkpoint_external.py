@@ -78,6 +78,7 @@ def load_quantized(path: str, model):
     """Apply the rules stored in ``path`` to ``model`` (freshly built, unquantized), freeze it
     if the checkpoint is frozen, and load the stored state; returns the model."""
     from ..lang.diagnostics import TdslError
+    from ..lang.external import parse_rules
     from ..runtime.external import quantize
     from ..runtime.frozen import freeze, prepare
     tensors, meta, fields, _ = parse(read_file(path), path)
@@ -89,7 +90,7 @@ def load_quantized(path: str, model):
                               "built one")
     for text in ext["rules"]:
         try:
-            quantize(model, text)
+            quantize(model, parse_rules(text, f"{path} (its rules)"))  # text, never a path
         except TdslError as e:
             first = next((l for l in str(e).splitlines() if "error" in l), str(e))
             raise CheckpointError(f"{path}: its rules do not fit this model, so its modules "

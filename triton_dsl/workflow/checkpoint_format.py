@@ -146,7 +146,8 @@ def validate(meta: dict, name: str) -> dict:
         bad("sha256", "64 hex digits")
     out = {"encodings": _json(meta, "encodings", name, dict), "data": None, "history": []}
     for key, enc in out["encodings"].items():
-        binary = enc == {"encoding": "binary", "k": enc.get("k")} and _int(enc["k"], 1, 2 ** 31)
+        binary = (isinstance(enc, dict) and enc == {"encoding": "binary", "k": enc.get("k")}
+                  and _int(enc["k"], 1, 2 ** 31))
         bits = (isinstance(enc, dict) and set(enc) == {"encoding", "bits", "offset", "dtype"}
                 and enc["encoding"] == "bits" and _int(enc["bits"], 1, 16)
                 and _int(enc["offset"], 0, 2 ** 16) and enc["dtype"] in ("int8", "int16"))
