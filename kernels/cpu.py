@@ -18,7 +18,7 @@ at M = 1..256 here) by default, or "onednn" (torch.ops.onednn.qlinear_pointwise:
 M=256, up to 1.5x slower at M=1), picked with the environment variable TRITON_DSL_CPU_ENGINE.
 Both multiply uint8 by int8 with VNNI; without it they sum pairs of products in int16, which
 saturates for int8 weights (not for ternary ones, |w| <= 1), so there int8 weights use an fp32
-matmul on a cached dequantized weight instead (see fbgemm_exact and ops.cpu_kind).
+matmul on a cached dequantized weight instead (see fbgemm_exact and cpu_paths.Int8Gemm).
 """
 from __future__ import annotations
 
@@ -319,16 +319,3 @@ def cached(tensors: tuple, build, kind: str = "fbgemm"):
     refs = tuple(weakref.ref(t, lambda _, k=key: _CACHE.pop(k, None)) for t in tensors)
     _CACHE[key] = (refs, versions, value)
     return value
-
-
-def cached_bytes(tensors) -> int:
-    """Bytes of the live cached forms built only from ``tensors`` (a layer's buffers): tensors
-    count their storage, CPU forms their nbytes."""
-    mine = {id(t) for t in tensors}
-    total = 0
-    for refs, _, value in list(_CACHE.values()):
-        alive = [r() for r in refs]
-        if all(t is not None and id(t) in mine for t in alive):
-            total += (value.numel() * value.element_size() if isinstance(value, torch.Tensor)
-                      else getattr(value, "nbytes", 0))
-    return total

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from ..files import write_atomic
 from .common import cpu_info
 
 try:  # POSIX; elsewhere concurrent builds still cannot load a half-written file (os.replace)
@@ -48,11 +49,14 @@ def _timeout() -> float:
         return 120.0
 
 
-def _cache() -> Path:
+def cache_dir() -> Path:
+    """Where the library and the tuning choices are kept: $TRITON_DSL_CACHE, or
+    ~/.cache/triton-dsl."""
     return Path(os.environ.get("TRITON_DSL_CACHE") or Path.home() / ".cache" / "triton-dsl")
 
 
-def _cpu_id() -> str:
+def cpu_id() -> str:
+    """The lines of /proc/cpuinfo that decide what code runs best here: model and flags."""
     keep = [line for line in cpu_info().splitlines() if line.startswith(("model name", "flags"))]
     return "\n".join(sorted(set(keep)))
 
@@ -90,13 +94,6 @@ def _locked(path: Path):
         yield
 
 
-def _write_atomic(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def build(extra_flags: tuple = ()) -> Path:
     """Compile (or find in the cache) the library; raises BuildError saying why it cannot."""
     flags = FLAGS + list(extra_flags)
@@ -108,8 +105,8 @@ def build(extra_flags: tuple = ()) -> Path:
         except (BuildError, OSError):
             version = "no answer to --version"  # the compile below says what is wrong
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), cc or "", version,
-                                    _cpu_id()]).encode()).hexdigest()[:16]
-    cache = _cache()
+                                    cpu_id()]).encode()).hexdigest()[:16]
+    cache = cache_dir()
     lib, failed = cache / f"cpu_linear-{key}.so", cache / f"cpu_linear-{key}.failed"
     retry = os.environ.get("TRITON_DSL_CPU_RETRY") == "1"
     if lib.exists():
@@ -125,7 +122,7 @@ def build(extra_flags: tuple = ()) -> Path:
         try:
             _compile(cc, flags, lib)
         except BuildError as e:
-            _write_atomic(failed, str(e) + "\n")
+            write_atomic(str(failed), str(e) + "\n")
             raise
         with contextlib.suppress(FileNotFoundError):
             failed.unlink()

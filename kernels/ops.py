@@ -60,11 +60,6 @@ def cpu_matmul(prepacked, x, bias, activations):
     return run(x2, bias).to(x.dtype).reshape(*x.shape[:-1], prepacked.n)
 
 
-def on_cpu_paths(x) -> bool:
-    """Whether x runs the CPU paths: a CPU tensor outside Triton's interpreter."""
-    return not x.is_cuda and not use_triton(x)
-
-
 def _cpu_form(tensors, spec, activations, unpack):
     """The prepacked CPU form cpu_paths.choose picks, cached on the weight tensors (the
     functional API's cache; frozen layers keep their own, see runtime/dispatch.py)."""

@@ -181,6 +181,8 @@ def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli):
     rc, _, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
                          "--prompt-len", *map(str, range(1, 10)))
     assert rc == 2 and "--prompt-len takes at most 8 lengths, got 9" in err
+    rc, out, err = run_cli("bench", "--model", tiny, "--device", "cpu")  # no --decode
+    assert rc == 2 and "language model" in err and "--decode" in err and "Traceback" not in err
 
 
 def test_a_language_model_given_images_is_told_so(tmp_path):

@@ -72,7 +72,9 @@ class FrozenConv2d(nn.Module):
         return prep.runners["qconv"]
 
     def forward_qconv(self, x):
-        run = self._qconv()
+        prep = self.linear.prepared  # built once: the checks of _qconv only the first time
+        run = prep.runners.get("qconv") if prep is not None else None
+        run = run or self._qconv()
         return None if run is None else run(x)
 
     def forward_conv(self, x):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomic
-from ..kernels.common import cpu_info
+from ..kernels import native_build
 
 ROUNDS = 7  # timed rounds per candidate, interleaved; the median decides
 _MEMORY: dict = {}
@@ -31,10 +31,8 @@ def enabled() -> bool:
 
 
 def _path() -> Path:
-    keep = [line for line in cpu_info().splitlines() if line.startswith(("model name", "flags"))]
-    cpu = hashlib.sha256("\n".join(sorted(set(keep))).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("TRITON_DSL_CACHE") or Path.home() / ".cache" / "triton-dsl")
-    return root / f"tuning-{cpu}.json"
+    cpu = hashlib.sha256(native_build.cpu_id().encode()).hexdigest()[:12]
+    return native_build.cache_dir() / f"tuning-{cpu}.json"
 
 
 def _load(path: Path):

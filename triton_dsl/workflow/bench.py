@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from .timing import spread
+
 GPU_PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}  # HBM bandwidth, vendor figures
 
 
@@ -91,15 +93,7 @@ def _time_cpu_interleaved(fns: dict, x, repeat, warmup=3) -> dict:
             t = time.perf_counter()
             fn(x)
             ts[name].append(time.perf_counter() - t)
-    return {name: (_spread([t * 1e3 for t in v]), None) for name, v in ts.items()}
-
-
-def _spread(ts) -> tuple[float, float, float]:
-    """(median, first quartile, third quartile) of the times."""
-    if len(ts) < 2:
-        return ts[0], ts[0], ts[0]
-    q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive")
-    return statistics.median(ts), q1, q3
+    return {name: (spread([t * 1e3 for t in v]), None) for name, v in ts.items()}
 
 
 def _time_gpu(fn, x, repeat, warmup=10):
@@ -138,7 +132,7 @@ def _time_gpu(fn, x, repeat, warmup=10):
         graph_ms = statistics.median(gs)
     except Exception:  # a method that cannot be captured reports kernel time only
         pass
-    return _spread(ts), graph_ms
+    return spread(ts), graph_ms
 
 
 def stream_read_gbs(device: str = "cpu", gib: float = 1.0, repeat: int = 5) -> float:

@@ -24,7 +24,8 @@ from ..runtime import KVCache, freeze
 from ..runtime.build import load as load_class
 from ..runtime.frozen import FrozenLinear
 from ..runtime.transformer import KV_DTYPES
-from .model_bench import _spread, plain
+from .timing import spread
+from .model_bench import plain
 
 
 MAX_CONTEXTS = 8
@@ -98,14 +99,14 @@ def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | 
                 inside[p, n].append(clock[0])
     recs = []
     for p, n in runs:
-        med, q1, q3 = _spread(ts[p, n])
+        med, q1, q3 = spread(ts[p, n])
         nbytes = linear_bytes(named[n])
         r = {"model": tdsl, "method": n, "prompt_len": p, "new_tokens": new_tokens,
              "kv_cache": kv_cache,
              "ms_per_token": round(med * 1e3, 4), "iqr_ms": round((q3 - q1) * 1e3, 4),
              "tokens_per_s": round(1 / med, 2),
-             "speedup_vs_fp32": round(_spread(ts[p, "fp32"])[0] / med, 3),
-             "ctx_ratio": round(med / _spread(ts[prompt_lens[0], n])[0], 3),
+             "speedup_vs_fp32": round(spread(ts[p, "fp32"])[0] / med, 3),
+             "ctx_ratio": round(med / spread(ts[prompt_lens[0], n])[0], 3),
              "linear_weight_bytes": nbytes, "gbs": round(nbytes / med / 1e9, 2)}
         if stream_gbs:
             r["of_stream"] = round(r["gbs"] / stream_gbs, 3)

@@ -18,7 +18,6 @@ Each record gives the median and interquartile range in ms, the speedup over fp3
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import warnings
 
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from ..runtime import freeze
+from .timing import spread
 from ..runtime.build import load as load_class
 from ..runtime.frozen import FrozenLinear
 from ..runtime.layers import Conv2d, Linear, to_torch
@@ -84,6 +84,9 @@ def models(tdsl: str, compile_: bool = False, seed: int = 0) -> tuple[dict, dict
     """({method name: model}, {method: note}) for one .tdsl file."""
     torch.manual_seed(seed)
     fp32 = load_class(tdsl, fp32=True)().eval()
+    if getattr(fp32, "vocab_size", None) is not None:
+        raise ValueError(f"{tdsl} declares a language model (input tokens(...)): time its "
+                         "decoding with --decode")
     quant = load_class(tdsl)()
     quant.load_state_dict(fp32.state_dict(), strict=False)  # quantizers keep their own state
     with torch.no_grad():
@@ -105,11 +108,6 @@ def models(tdsl: str, compile_: bool = False, seed: int = 0) -> tuple[dict, dict
     return out, notes
 
 
-def _spread(ts):
-    q1, _, q3 = statistics.quantiles(ts, n=4, method="inclusive")
-    return statistics.median(ts), q1, q3
-
-
 def time_models(named: dict, x: torch.Tensor, repeat: int, warmup: int = 3) -> dict:
     """{name: (median, q1, q3) in ms}: every model runs once per round, in turn."""
     ts = {n: [] for n in named}
@@ -122,7 +120,7 @@ def time_models(named: dict, x: torch.Tensor, repeat: int, warmup: int = 3) -> d
                 t = time.perf_counter()
                 m(x)
                 ts[n].append((time.perf_counter() - t) * 1e3)
-    return {n: _spread(v) for n, v in ts.items()}
+    return {n: spread(v) for n, v in ts.items()}
 
 
 def run(tdsl: str, batches=(1, 64), repeat: int = 30, compile_: bool = False, log=print):
