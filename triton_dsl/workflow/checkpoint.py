@@ -99,7 +99,7 @@ def load(path: str, expect_model: str | None = None):
 
 def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
     """load() from bytes; ``name`` only names the file in messages."""
-    from ..runtime.frozen import freeze, prepare
+    from ..runtime.frozen import freeze
     tensors, meta, fields, infos = _parse(blob, name)
     if "external" in meta:
         raise CheckpointError(f"{name} holds an existing {meta['model']} quantized by rules, "
@@ -116,26 +116,7 @@ def loads(blob: bytes, name: str = "<bytes>", expect_model: str | None = None):
         except (RuntimeError, ValueError) as e:
             raise CheckpointError(f"{name}: the model its source declares cannot be frozen: "
                                   f"{' '.join(str(e).split())[:200]}") from None
-    state = model.state_dict()
-    encs = C.encodings(model)
-    if encs != fields["encodings"]:
-        raise CheckpointError(f"{name}: metadata field 'encodings' does not match the model its "
-                              "source declares")
-    C.compare({k: (v.dtype, tuple(v.shape)) for k, v in state.items() if k not in encs},
-              {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items() if k not in encs}, name)
-    tensors = C.decode_all(tensors, state, encs, name)
-    C.check_codes(model, tensors, name)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{name}: tensors do not fit model {meta['model']!r}: "
-                              f"{first}") from None
-    model.eval()
-    if meta["kind"] == "frozen":
-        prepare(model)  # the native library and CPU layouts now, not in the first forward pass
-    model.checkpoint_meta = meta
-    return model
+    return C.fill(model, tensors, meta, fields, name, "the model its source declares")
 
 
 def save_quantized(model, path: str) -> int:

@@ -143,3 +143,31 @@ def check_codes(model, tensors: dict, name: str):
                 bad = int(c.min()) if c.min() < -lim else int(c.max())
                 raise CheckpointError(f"{name}: tensor {key!r} holds code {bad}, outside "
                                       f"[{-lim}, {lim}] of {p.to_source()}")
+
+
+def fill(model, tensors: dict, meta: dict, fields: dict, name: str, what: str,
+         state: dict | None = None):
+    """Load a checkpoint's tensors into ``model`` (built, and frozen if the file is): the
+    encodings and every tensor's dtype and shape compared with the model's (``what`` names it
+    in messages), codes decoded and checked, the state loaded; then eval and, frozen, the CPU
+    forms built, so the first forward pass pays for nothing. Returns the model."""
+    from ..runtime.frozen import prepare
+    state = model.state_dict() if state is None else state
+    encs = encodings(model)
+    if encs != fields["encodings"]:
+        raise CheckpointError(f"{name}: metadata field 'encodings' does not match {what}")
+    compare({k: (v.dtype, tuple(v.shape)) for k, v in state.items() if k not in encs},
+            {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items() if k not in encs}, name)
+    tensors = decode_all(tensors, state, encs, name)
+    check_codes(model, tensors, name)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{name}: tensors do not fit model {meta['model']!r}: "
+                              f"{first}") from None
+    model.eval()
+    if meta["kind"] == "frozen":
+        prepare(model)
+    model.checkpoint_meta = meta
+    return model

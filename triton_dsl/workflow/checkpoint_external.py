@@ -80,7 +80,7 @@ def load_quantized(path: str, model):
     from ..lang.diagnostics import TdslError
     from ..lang.external import parse_rules
     from ..runtime.external import quantize
-    from ..runtime.frozen import freeze, prepare
+    from ..runtime.frozen import freeze
     tensors, meta, fields, _ = parse(read_file(path), path)
     ext = _external(meta, path)
     if ext["class"] != identity(model):
@@ -103,19 +103,7 @@ def load_quantized(path: str, model):
     C.same_keys(state, tensors,
                 lambda k: f"{path}: the model has {k!r}, the checkpoint does not: {why}",
                 lambda k: f"{path}: the checkpoint has {k!r}, the model does not: {why}")
-    encs = C.encodings(model)
-    if encs != fields["encodings"]:
-        raise CheckpointError(f"{path}: metadata field 'encodings' does not match the model")
-    C.compare({k: (v.dtype, tuple(v.shape)) for k, v in state.items() if k not in encs},
-              {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items() if k not in encs}, path)
-    tensors = C.decode_all(tensors, state, encs, path)
-    C.check_codes(model, tensors, path)
-    model.load_state_dict(tensors, strict=True)
-    model.eval()
-    if meta["kind"] == "frozen":
-        prepare(model)
-    model.checkpoint_meta = meta
-    return model
+    return C.fill(model, tensors, meta, fields, path, "the model", state)
 
 
 __all__ = ["save_quantized", "dumps_quantized", "load_quantized"]
