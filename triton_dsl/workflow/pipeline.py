@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -175,21 +176,13 @@ def needs_calibration(net) -> bool:
     return any(getattr(m, "mode", None) == "static" for m in net.modules())
 
 
-@torch.no_grad()
 def calibrate(net, ds: D.Dataset, batches: int = 8, batch_size: int = 64):
-    """Observe static activation ranges on a few training batches (eval mode otherwise)."""
+    """Observe static activation ranges on the first ``batches`` shuffled training batches
+    (runtime.external.calibrate, which any model takes); the model is left in eval mode."""
+    from ..runtime.external import calibrate as observe
+    xs = (x for x, _ in ds.batches("train", batch_size, shuffle=True, seed=0))
+    observe(net, itertools.islice(xs, batches))
     net.eval()
-    observers = [m for m in net.modules() if getattr(m, "mode", None) == "static"]
-    for o in observers:
-        o.calibrating = True
-    try:
-        for i, (x, _) in enumerate(ds.batches("train", batch_size, shuffle=True, seed=0)):
-            if i >= batches:
-                break
-            net(x)
-    finally:
-        for o in observers:
-            o.calibrating = False
 
 
 def ptq(tdsl: str, weights: str, out: str, calib: str | None = None, calib_batches: int = 8,
