@@ -146,7 +146,7 @@ def test_a_bf16_cache_decodes_close_to_the_full_pass():
         rt.KVCache(8, torch.int8)
 
 
-def test_generate_takes_a_kv_cache_type(run_cli, tmp_path):
+def test_generate_takes_a_kv_cache_type(run_cli, tmp_path, cpu_paths):
     from triton_dsl.workflow import checkpoint as ck
     from triton_dsl.workflow.textgen import generate
     path = str(tmp_path / "lm.safetensors")
