@@ -156,8 +156,9 @@ def test_ddp_trains_a_language_model(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli):
+def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli, monkeypatch):
     import json
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU kernels it times
     out = tmp_path / "decode.json"
     rc, text, err = run_cli("bench", "--model", tiny, "--decode", "--device", "cpu",
                             "--prompt-len", "8", "4", "--new-tokens", "6", "--kv-cache", "bf16",
@@ -169,6 +170,10 @@ def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli):
     assert all(r["tokens_per_s"] > 0 and 0 < r["of_stream"] and r["kv_cache"] == "bf16"
                for r in recs)
     assert [r["ctx_ratio"] for r in recs[:3]] == [1.0, 1.0, 1.0]
+    kernel = [r for r in recs if "kernel_ms_per_token" in r]  # frozen only: native calls timed
+    assert [r["method"] for r in kernel] == ["frozen", "frozen"]
+    assert all(0 < r["kernel_ms_per_token"] < r["ms_per_token"] for r in kernel)
+    assert "inside the native linear kernels" in text
     assert recs[1]["linear_weight_bytes"] < recs[0]["linear_weight_bytes"]  # fp32 head kept
     rc, _, err = run_cli("bench", "--decode", "--device", "cpu")
     assert rc == 2 and "--decode needs --model" in err
