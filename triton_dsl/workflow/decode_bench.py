@@ -20,28 +20,18 @@ import warnings
 
 import torch
 
-from ..runtime import KVCache, freeze
-from ..runtime.build import load as load_class
+from ..runtime import KVCache
 from ..runtime.frozen import FrozenLinear
 from ..runtime.transformer import KV_DTYPES
+from .model_bench import fp32_and_frozen
 from .timing import spread
-from .model_bench import plain
 
 
 MAX_CONTEXTS = 8
 
 
 def lm_models(tdsl: str, seed: int = 0) -> dict:
-    torch.manual_seed(seed)
-    fp32 = load_class(tdsl, fp32=True)().eval()
-    if getattr(fp32, "vocab_size", None) is None:
-        raise ValueError(f"{tdsl}: --decode needs a language model (input tokens(...))")
-    quant = load_class(tdsl)()
-    quant.load_state_dict(fp32.state_dict(), strict=False)
-    with torch.no_grad():
-        quant.train()(quant.example_input(2))  # quantizer statistics a trained model has
-    frozen = freeze(quant.eval())
-    fp32 = plain(fp32)
+    fp32, frozen = fp32_and_frozen(tdsl, seed, language=True, batch=2)
     with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao
         warnings.simplefilter("ignore")
         from torch.ao.quantization import quantize_dynamic

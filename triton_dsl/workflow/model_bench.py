@@ -80,22 +80,30 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(m.weight_bytes() for m in frozen) + rest + packed
 
 
-def models(tdsl: str, compile_: bool = False, seed: int = 0) -> tuple[dict, dict]:
-    """({method name: model}, {method: note}) for one .tdsl file."""
+def fp32_and_frozen(tdsl: str, seed: int, language: bool, batch: int = 8):
+    """(fp32, frozen) of one .tdsl file from the same random weights: the quantized model takes
+    the fp32 weights, one training-mode pass on an example batch gives its quantizers the
+    statistics a trained model has, and the fp32 model takes back what that pass changed
+    (batchnorm statistics). ``language``: whether the bench needs a token model."""
     torch.manual_seed(seed)
     fp32 = load_class(tdsl, fp32=True)().eval()
-    if getattr(fp32, "vocab_size", None) is not None:
-        raise ValueError(f"{tdsl} declares a language model (input tokens(...)): time its "
-                         "decoding with --decode")
+    if (getattr(fp32, "vocab_size", None) is not None) != language:
+        raise ValueError(f"{tdsl}: --decode needs a language model (input tokens(...))"
+                         if language else f"{tdsl} declares a language model (input "
+                         "tokens(...)): time its decoding with --decode")
     quant = load_class(tdsl)()
     quant.load_state_dict(fp32.state_dict(), strict=False)  # quantizers keep their own state
     with torch.no_grad():
-        quant.train()(torch.randn(8, *fp32.input_shape))  # statistics a trained model would have
+        quant.train()(quant.example_input(batch))
     mine = fp32.state_dict()
     fp32.load_state_dict({k: v for k, v in quant.state_dict().items() if k in mine},
                          strict=False)
-    frozen = freeze(quant.eval())
-    fp32 = plain(fp32)
+    return plain(fp32), freeze(quant.eval())
+
+
+def models(tdsl: str, compile_: bool = False, seed: int = 0) -> tuple[dict, dict]:
+    """({method name: model}, {method: note}) for one .tdsl file."""
+    fp32, frozen = fp32_and_frozen(tdsl, seed, language=False)
     out, notes = {"fp32": fp32, "frozen": frozen}, {}
     int8, name = _torch_int8(fp32, fp32.input_shape)
     if int8 is None:
