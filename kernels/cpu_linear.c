@@ -31,6 +31,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -87,7 +88,7 @@ enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
 
 /* The ABI version: native.py's SIGNATURES table declares this file's exported functions; bump
    both together when a signature or a layout changes, so a stale cached library is refused. */
-#define TDSL_ABI 4
+#define TDSL_ABI 5
 int tdsl_abi(void) { return TDSL_ABI; }
 int tdsl_isa(void) { return TDSL_ISA; }
 int tdsl_tile_rows(void) { return NB; } /* the weight layout's rows per tile */
@@ -349,9 +350,9 @@ static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int m
 /* y [M, N] = x [M, K] (row stride ldx) times the weight [N, ...] in kind's layout, scaled per
    output channel (w_scale), + bias (may be NULL). w_sum: the int8 kind's per-row code sums.
    Returns 0, or -1 when scratch memory cannot be allocated. */
-int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
-                int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias,
-                int mode, float *y, int threads) {
+static int linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
+                  int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias,
+                  int mode, float *y, int threads) {
     const int64_t kb = (k + 63) / 64, kp = kb * 64;
     const int64_t stride = NB * (kind == INT8 ? 64 : 16); /* bytes per block of a tile */
     const int64_t tile_bytes = kb * stride, w_bytes = (n + NB - 1) / NB * tile_bytes;
@@ -455,6 +456,31 @@ int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, con
     free(rsum);
     free(xs);
     return failed ? -1 : 0;
+}
+
+/* Nanoseconds spent in tdsl_linear since the library loaded (two clock reads a call): the
+   decode benchmark's account of a step, weights against the rest, also where the calls come
+   from native code (cpu_decode.c). */
+static int64_t linear_ns;
+
+static int64_t now_ns(void) {
+    struct timespec t;
+    timespec_get(&t, TIME_UTC);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
+                int64_t n, const float *w_scale, const int32_t *w_sum, const float *bias,
+                int mode, float *y, int threads) {
+    const int64_t t0 = now_ns();
+    const int rc = linear(kind, x, m, k, ldx, w, n, w_scale, w_sum, bias, mode, y, threads);
+    __atomic_fetch_add(&linear_ns, now_ns() - t0, __ATOMIC_RELAXED);
+    return rc;
+}
+
+int tdsl_linear_clock(int64_t *ns) {
+    *ns = __atomic_load_n(&linear_ns, __ATOMIC_RELAXED);
+    return 0;
 }
 
 /* ---- Grouped int8 weights (per-group scales: W8A16, W4A16) ----------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .native_build import FLAGS, SOURCE, BuildError, build  # noqa: F401 (re-exported)
+from .native_build import FLAGS, SOURCES, BuildError, build  # noqa: F401 (re-exported)
 from .native_build import compiler  # noqa: F401 (the tests find the system compiler with it)
 
 ISAS = {0: "scalar", 1: "avx2", 2: "avx512-vnni"}
@@ -29,7 +29,7 @@ MAX_K = 65536
 LIMIT_K = 1 << 24  # the C kernel's per-row code sums are int32: Library.linear refuses more
 MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 TERNARY, INT8 = 0, 1
-ABI = 4  # cpu_linear.c's TDSL_ABI
+ABI = 5  # cpu_linear.c's TDSL_ABI
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The exported C functions: name -> (return type, argument types), in the prototypes' order.
@@ -39,6 +39,8 @@ SIGNATURES = {
     "tdsl_tile_rows": (_I32, []),
     # kind, x, m, k, ldx, w, n, w_scale, w_sum, bias, mode, y, threads
     "tdsl_linear": (_I32, [_I32, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32, _P, _I32]),
+    # ns: the nanoseconds spent in tdsl_linear so far
+    "tdsl_linear_clock": (_I32, [_P]),
     # x, m, k, ldx, w, nib, n, group, scale, wsum, bias, y, threads
     "tdsl_grouped_linear": (_I32, [_P, _I64, _I64, _I64, _P, _I32, _I64, _I64, _P, _P, _P, _P,
                                    _I32]),
@@ -46,7 +48,24 @@ SIGNATURES = {
     "tdsl_quantize_u8": (_I32, [_P, _I64, _F32, _I32, _I32, _I32, _P, _I32]),
     # x, m, n, ldx, w, eps, y, threads
     "tdsl_rmsnorm": (_I32, [_P, _I64, _I64, _I64, _P, _F32, _P, _I32]),
+    # cpu_decode.c: x, qkv, o, heads, kv_heads, head_dim, cos, sin, kc, vc, cache_type,
+    # max_len, pos, norm, y, threads
+    "tdsl_attention_step": (_I32, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I32, _I64,
+                                   _I64, _P, _P, _I32]),
+    # x, up, gated, activation, norm, down, y, threads
+    "tdsl_mlp_step": (_I32, [_P, _P, _I32, _I32, _P, _P, _P, _I32]),
 }
+
+
+class Lin(ctypes.Structure):
+    """cpu_decode.c's tdsl_lin: a packed linear layer as tdsl_linear takes it."""
+    _fields_ = [("kind", _I32), ("mode", _I32), ("n", _I64), ("k", _I64), ("w", _P),
+                ("scale", _P), ("w_sum", _P), ("bias", _P)]
+
+
+class Norm(ctypes.Structure):
+    """cpu_decode.c's tdsl_norm: an RMSNorm before a projection (on = 0: none)."""
+    _fields_ = [("on", _I32), ("eps", _F32), ("w", _P)]
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -102,6 +121,13 @@ class Library:
             if rc != 0:
                 raise MemoryError("native linear: could not allocate scratch memory")
         return y
+
+    def linear_seconds(self) -> float:
+        """Seconds spent in the native linear kernel since the library loaded, by all callers
+        (Python, or the native decoding steps)."""
+        ns = ctypes.c_int64()
+        self.dll.tdsl_linear_clock(ctypes.byref(ns))
+        return ns.value / 1e9
 
     def quantize_u8(self, x: torch.Tensor, scale: float, zp: int, lo: int, hi: int):
         """uint8 codes clamp(round(x / scale) + zp, lo, hi) of fp32 x, in x's memory layout

@@ -29,7 +29,8 @@ try:  # POSIX; elsewhere concurrent builds still cannot load a half-written file
 except ImportError:  # pragma: no cover
     fcntl = None
 
-SOURCE = Path(__file__).with_name("cpu_linear.c")
+# compiled together into one library; cpu_linear.c declares the ABI version
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_linear.c", "cpu_decode.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -104,7 +105,8 @@ def build(extra_flags: tuple = ()) -> Path:
             version = _run([cc, "--version"], min(_timeout(), 30)).stdout
         except (BuildError, OSError):
             version = "no answer to --version"  # the compile below says what is wrong
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(flags), cc or "", version,
+    texts = [s.read_text() for s in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, " ".join(flags), cc or "", version,
                                     cpu_id()]).encode()).hexdigest()[:16]
     cache = cache_dir()
     lib, failed = cache / f"cpu_linear-{key}.so", cache / f"cpu_linear-{key}.failed"
@@ -142,7 +144,7 @@ def _compile(cc: str | None, flags: list, lib: Path):
     os.close(fd)
     try:
         try:
-            run = _run([cc, *flags, str(SOURCE), "-o", tmp, "-lm"], _timeout())
+            run = _run([cc, *flags, *map(str, SOURCES), "-o", tmp, "-lm"], _timeout())
         except OSError as e:
             raise BuildError(f"{cc} could not run: {e}") from None
         if run.returncode != 0:  # the first line that says error (gcc ends with "compilation

@@ -125,7 +125,7 @@ def test_compiler_timeout_does_not_hang(tmp_path):
 def test_abi_table_matches_the_c_prototypes():
     """native.SIGNATURES is the one declaration of the exported functions: the C prototypes
     must say the same, in the same order, and the C ABI number must be native.ABI."""
-    src = native.SOURCE.read_text()
+    src = "\n".join(s.read_text() for s in native.SOURCES)
     ctypes_of = {"int": native._I32, "int64_t": native._I64, "float": native._F32, "void": None}
     found = {}
     for ret, name, args in re.findall(r"^(int) (tdsl_\w+)\(([^)]*)\)", src, re.M):

@@ -32,9 +32,10 @@ class Joined:
         forms = [r.forms[0] for r in runs]
         if reuse is not None and reuse.forms == forms:  # another shape, the same choice
             self.form, self.run, self.bias = reuse.form, reuse.run, reuse.bias
+            self.act = reuse.act
         else:
             self.form = PackedNative.join(forms)
-            act = mods[0]._act()
+            self.act = act = mods[0]._act()
             self.run = self.form.dynamic_matmul if act == "dynamic" else self.form.float_matmul
             biases = [r.bias for r in runs]
             self.bias = None if all(b is None for b in biases) else torch.cat(
@@ -54,9 +55,18 @@ class Joined:
 
 def project(owner: torch.nn.Module, names: tuple, x: torch.Tensor) -> tuple:
     """``owner``'s child layers ``names`` applied to x, as a tuple: jointly where they can be."""
+    joined = joined_for(owner, names, x)
+    if joined is None:
+        return tuple(owner._modules[n](x) for n in names)
+    return joined(x)
+
+
+def joined_for(owner: torch.nn.Module, names: tuple, x: torch.Tensor) -> Joined | None:
+    """How ``owner``'s frozen child layers ``names`` run x (its form None: one by one), built
+    once per kind of input; None for layers not frozen, or the compiler tracing."""
     if torch.compiler.is_compiling() or not isinstance(owner._modules[names[0]], FrozenLinear):
         # training, or the compiler tracing the members' own custom ops (compile_ops.py)
-        return tuple(owner._modules[n](x) for n in names)
+        return None
     key = (x.shape, x.dtype, x.device, interpreting())
     joined = owner.__dict__.get("_joined")
     if joined is None or not joined.current(key):
@@ -65,7 +75,7 @@ def project(owner: torch.nn.Module, names: tuple, x: torch.Tensor) -> tuple:
         # the member layers choose and build first (runner), so the key sees their slots
         joined = Joined(key, mods, runs, joined)
         owner.__dict__["_joined"] = joined
-    return joined(x)
+    return joined
 
 
 def _joinable(mods, x) -> list | None:
@@ -89,9 +99,10 @@ def _joinable(mods, x) -> list | None:
 
 class Joins:
     """Mixin for a module whose forward uses project(): pickling and copies carry the members'
-    buffers, never a joined native form."""
+    buffers, never a joined native form (nor a native decoding step, decode_step.py)."""
 
     def __getstate__(self):
         state = dict(super().__getstate__())
         state.pop("_joined", None)
+        state.pop("_step", None)
         return state

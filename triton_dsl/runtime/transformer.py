@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import native
+from . import decode_step
 from .joined import Joins, project
 from .quant import TORCH_DTYPES
 
@@ -71,15 +72,21 @@ class KVCache:
         self.start, self.end = self.end, self.end + seq
         self.memo = {}
 
-    def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
-        """Store this step's k and v [batch, kv_heads, seq, head_dim]; return all so far."""
+    def slot(self, layer: nn.Module, batch: int, kv_heads: int, head_dim: int,
+             dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers [batch, kv_heads, max_len, head_dim] (made on first
+        use, in the cache's type or else dtype)."""
         slot = self.slots.get(id(layer))
         if slot is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            dt = self.dtype or k.dtype
-            slot = self.slots[id(layer)] = (k.new_empty(shape, dtype=dt),
-                                            v.new_empty(shape, dtype=dt))
-        keys, values = slot
+            shape = (batch, kv_heads, self.max_len, head_dim)
+            dt = self.dtype or dtype
+            slot = self.slots[id(layer)] = (torch.empty(shape, dtype=dt, device=device),
+                                            torch.empty(shape, dtype=dt, device=device))
+        return slot
+
+    def update(self, layer: nn.Module, k: torch.Tensor, v: torch.Tensor):
+        """Store this step's k and v [batch, kv_heads, seq, head_dim]; return all so far."""
+        keys, values = self.slot(layer, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
         keys[:, :, self.start:self.end] = k
         values[:, :, self.start:self.end] = v
         return keys[:, :, :self.end], values[:, :, :self.end]
@@ -129,6 +136,10 @@ class Attention(Joins, nn.Module):
         return out
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None:  # one token of a frozen model: one native call, if it can
+            y = decode_step.attention(self, x, cache)
+            if y is not None:
+                return y
         b, t, _ = x.shape
         q, k, v = project(self, ("q", "k", "v"), x)
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
@@ -174,6 +185,9 @@ class MLP(Joins, nn.Module):
         self.act = _ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = decode_step.mlp(self, x)
+        if y is not None:
+            return y
         if self.gated:
             g, h = project(self, ("gate", "up"), x)
             h = self.act(g) * h

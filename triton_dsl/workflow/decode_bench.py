@@ -12,7 +12,6 @@ the shortest prompt's, for the same method.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import statistics
 import time
@@ -79,14 +78,14 @@ def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | 
             steps[p, n] = m(x, caches[p, n])[:, -1:].argmax(-1)
     ts = {r: [] for r in runs}
     inside = {r: [] for r in runs}  # of each step, the time inside the native linear kernels
-    with _kernel_clock() as clock:
-        for _ in range(new_tokens):
-            for p, n in runs:
-                clock[0] = 0.0
-                t = time.perf_counter()
-                steps[p, n] = named[n](steps[p, n], caches[p, n])[:, -1:].argmax(-1)
-                ts[p, n].append(time.perf_counter() - t)
-                inside[p, n].append(clock[0])
+    kernel_seconds = _kernel_seconds()
+    for _ in range(new_tokens):
+        for p, n in runs:
+            k = kernel_seconds()
+            t = time.perf_counter()
+            steps[p, n] = named[n](steps[p, n], caches[p, n])[:, -1:].argmax(-1)
+            ts[p, n].append(time.perf_counter() - t)
+            inside[p, n].append(kernel_seconds() - k)
     recs = []
     for p, n in runs:
         med, q1, q3 = spread(ts[p, n])
@@ -122,29 +121,13 @@ def kernel_summary(recs: list[dict], stream_gbs: float | None, log=print):
                 + (f" ({100 * gbs / stream_gbs:.0f}% of read)" if stream_gbs else ""))
 
 
-@contextlib.contextmanager
-def _kernel_clock():
-    """Adds the seconds spent in the native library's linear calls to clock[0] (a frozen
-    model's projections; torch's own layers are not counted)."""
+def _kernel_seconds():
+    """A reader of the seconds spent in the native linear kernel so far: a frozen model's
+    projections, called from Python or from the native decoding steps (torch's own layers are
+    not counted). Always 0 without the native library."""
     from ..kernels import native
-    clock = [0.0]
     lib = native.library()
-    if lib is None:
-        yield clock
-        return
-    plain = lib.linear
-
-    def timed(*args, **kwargs):
-        t = time.perf_counter()
-        try:
-            return plain(*args, **kwargs)
-        finally:
-            clock[0] += time.perf_counter() - t
-    lib.linear = timed
-    try:
-        yield clock
-    finally:
-        del lib.linear  # the class's method again
+    return lib.linear_seconds if lib is not None else lambda: 0.0
 
 
 HEADER = (f"{'method':<22}{'prompt':>7}{'ms/token':>10}{'IQR ms':>9}{'tokens/s':>11}"

@@ -1,0 +1,192 @@
+"""The native decoding steps (kernels/cpu_decode.c): one token of an attention layer or a
+feed-forward block in one call, held to pure-PyTorch twins on awkward shapes (grouped-query
+heads, head sizes that are not multiples of 16, the first and the last cache row, NaN), and
+whole models decoding through them held to the torch path they replace."""
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triton_dsl import runtime as rt
+from triton_dsl.kernels import native
+from triton_dsl.kernels.cpu import PackedNative
+from triton_dsl.runtime import decode_step
+from triton_dsl.runtime.transformer import Attention, rotate
+from test_lm import SRC, _net
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no native CPU library here")
+
+
+@pytest.fixture
+def cpu_paths(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU kernels, not Triton's
+
+
+def _ternary(n, k, gen):
+    return PackedNative(torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen),
+                        torch.rand(n, generator=gen) + 0.5, True)
+
+
+def _identity(n):
+    """y = x to 16-bit fixed point (float activations): the step's output is its input, to
+    half a step of max|x| / 32639 (close() allows for it)."""
+    return PackedNative(torch.eye(n, dtype=torch.int8), torch.ones(n), True)
+
+
+def close(got, want):
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-5 * want.abs().max().item())
+
+
+def _angles(d, pos):
+    a = Attention(d, heads=1)
+    return [t.reshape(d) for t in a.angles(pos, pos + 1, torch.float32, None)]
+
+
+@needs_native
+@pytest.mark.parametrize("heads,kv,d", [(4, 4, 16), (4, 2, 8), (6, 2, 6), (1, 1, 130)])
+@pytest.mark.parametrize("pos", [0, 5, 11])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_step_matches_its_twin(heads, kv, d, pos, dtype):
+    gen = torch.Generator().manual_seed(pos + d)
+    dim, max_len = heads * d, 12
+    qkv, o = _ternary((heads + 2 * kv) * d, dim, gen), _identity(dim)
+    bias = torch.randn(qkv.n, generator=gen)
+    plan = decode_step._Plan((), [(qkv, bias, "dynamic"), (o, None, "none")], None)
+    kc = torch.randn(1, kv, max_len, d, generator=gen).to(dtype)
+    vc = torch.randn(1, kv, max_len, d, generator=gen).to(dtype)
+    x = torch.randn(1, 1, dim, generator=gen)
+    cos, sin = _angles(d, pos)
+    want_k, want_v = kc.clone(), vc.clone()
+    y = decode_step.run_attention(native.library(), plan, x, heads, kv, cos, sin, kc, vc, pos)
+
+    proj = qkv.dynamic_matmul(x.view(1, dim), bias).view(-1)
+    q, k, v = proj.split([heads * d, kv * d, kv * d])
+    q, k = (rotate(t.view(-1, d), cos, sin) for t in (q, k))
+    want_k[0, :, pos], want_v[0, :, pos] = k.to(dtype), v.view(kv, d).to(dtype)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # rotated and rounded as torch
+    want = decode_step.reference_attention(q, want_k[0, :, :pos + 1], want_v[0, :, :pos + 1])
+    close(y.view(-1), want.reshape(-1))
+
+
+@needs_native
+def test_attention_step_without_rotary_with_a_norm_and_nan():
+    gen = torch.Generator().manual_seed(0)
+    heads, d, max_len, pos = 3, 5, 8, 7  # odd head size: no rotary; the last cache row
+    dim = heads * d
+    qkv, o = _ternary(3 * dim, dim, gen), _identity(dim)
+    norm = rt.RMSNorm(dim, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2, generator=gen)
+    plan = decode_step._Plan((), [(qkv, None, "none"), (o, None, "none")], norm)
+    kc, vc = torch.randn(2, 1, heads, max_len, d, generator=gen)
+    x = torch.randn(1, 1, dim, generator=gen)
+    y = decode_step.run_attention(native.library(), plan, x, heads, heads, None, None, kc, vc, pos)
+    q = qkv.float_matmul(x.view(1, dim)).view(-1)[:dim].view(heads, d)
+    att = decode_step.reference_attention(q, kc[0], vc[0]).reshape(dim)
+    want = F.rms_norm(att, (dim,), norm.weight.detach(), 1e-5)
+    close(y.view(-1), want)
+
+    vc[0, 1, 3, 0] = float("nan")  # a NaN value in the cache: that head's output is NaN
+    y = decode_step.run_attention(native.library(), plan, x, heads, heads, None, None, kc, vc, pos)
+    assert y.isnan().all()  # and the norm spreads it over the row, as torch's does
+    x[0, 0, 2] = float("nan")
+    kc, vc = torch.randn(2, 1, heads, max_len, d, generator=gen)
+    y = decode_step.run_attention(native.library(), plan, x, heads, heads, None, None, kc, vc, 0)
+    assert y.isnan().all()
+
+
+@needs_native
+def test_attention_step_refuses_what_does_not_fit():
+    gen = torch.Generator().manual_seed(0)
+    qkv, o = _ternary(48, 16, gen), _identity(16)
+    plan = decode_step._Plan((), [(qkv, None, "none"), (o, None, "none")], None)
+    kc, vc = torch.zeros(2, 1, 4, 8, 4)
+    lib = native.library()
+    x = torch.randn(1, 1, 16)
+    for bad in (dict(pos=8), dict(pos=-1), dict(heads=3), dict(x=torch.randn(1, 1, 17)),
+                dict(x=torch.randn(1, 32)[:, ::2]), dict(kc=torch.zeros(1, 4, 8, 5)),
+                dict(cos=torch.ones(3))):
+        args = dict(x=x, heads=4, cos=None, kc=kc, pos=0) | bad
+        with pytest.raises(ValueError, match="do not fit|must be"):
+            decode_step.run_attention(lib, plan, args["x"], args["heads"], 4, args["cos"],
+                                      args["cos"], args["kc"], vc, args["pos"])
+
+
+@needs_native
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("with_norm", [True, False])
+def test_mlp_step_matches_its_twin(gated, activation, with_norm):
+    gen = torch.Generator().manual_seed(3)
+    dim, hidden = 20, 37
+    up, down = _ternary(hidden * (2 if gated else 1), dim, gen), _identity(hidden)
+    norm = rt.RMSNorm(hidden) if with_norm else None
+    plan = decode_step._Plan((), [(up, None, "dynamic"), (down, None, "none")], norm)
+    x = torch.randn(1, 1, dim, generator=gen)
+    x[0, 0, 3] = 40.0  # a wide range: GELU's tails, ReLU's zeros
+    y = decode_step.run_mlp(native.library(), plan, x, gated, activation)
+    h = up.dynamic_matmul(x.view(1, dim)).view(-1)
+    act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation]
+    want = act(h[:hidden]) * h[hidden:] if gated else act(h)
+    if with_norm:
+        want = F.rms_norm(want, (hidden,), norm.weight.detach(), norm.eps)
+    close(y.view(-1), want)
+    x[0, 0, 0] = float("nan")
+    assert decode_step.run_mlp(native.library(), plan, x, gated, activation).isnan().all()
+    with pytest.raises(ValueError, match="must be one token"):
+        decode_step.run_mlp(native.library(), plan, torch.randn(1, 2, dim), gated, activation)
+
+
+def _steps(net, x, dtype=None):
+    """Batch-1 decoding: a prompt of 3 tokens, then one token a call."""
+    cache = rt.KVCache(x.shape[1], dtype)
+    with torch.no_grad():
+        parts = [net(x[:, :3], cache)] + [net(x[:, i:i + 1], cache)
+                                          for i in range(3, x.shape[1])]
+    return torch.cat(parts, 1)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_frozen_model_decodes_through_the_steps_as_through_torch(cpu_paths, monkeypatch,
+                                                                   dtype):
+    net = rt.freeze(_net())
+    x = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(4))
+    got = _steps(net, x, dtype)
+    for block in (net.blocks[0], net.blocks[1]):
+        assert "_step" in block.attn.__dict__ and "_step" in block.mlp.__dict__
+    monkeypatch.setattr(decode_step, "attention", lambda *a: None)
+    monkeypatch.setattr(decode_step, "mlp", lambda *a: None)
+    want = _steps(copy.deepcopy(net), x, dtype)
+    # the steps attend in fp32, torch in the cache's type: a bf16 cache's tolerance is the
+    # one test_decode_path allows it against the full pass
+    tol = 2e-3 if dtype is None else 0.05
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@needs_native
+def test_steps_take_the_torch_path_where_they_do_not_apply(cpu_paths):
+    net = rt.freeze(_net())
+    x = torch.randint(0, 64, (2, 6))
+    _steps(net, x)  # batch 2
+    with torch.no_grad():
+        net(x[:1, :4], rt.KVCache(8, torch.float16))  # fp16 cache: torch's attention
+        net(x[:1, :1])  # no cache: the attention is torch's, the MLP steps
+    assert "_step" not in net.blocks[0].attn.__dict__ and "_step" in net.blocks[0].mlp.__dict__
+    with torch.enable_grad():  # gradients wanted: torch's path
+        net(x[:1, :1])
+    float_net = _net()
+    _steps(float_net, x[:1])  # not frozen
+    assert "_step" not in float_net.blocks[0].mlp.__dict__
+
+
+@needs_native
+def test_copies_and_pickles_drop_the_step(cpu_paths):
+    net = rt.freeze(_net())
+    x = torch.randint(0, 64, (1, 6))
+    want = _steps(net, x)
+    for again in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        assert "_step" not in again.blocks[0].attn.__dict__
+        assert torch.equal(_steps(again, x), want)
