@@ -17,6 +17,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* from cpu_linear.c */
 int tdsl_linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, const uint8_t *w,
@@ -76,44 +79,103 @@ static void rotate(float *x, int64_t d, const float *cos, const float *sin, floa
     }
 }
 
-/* one row of the cache as fp32: a view of it, or converted into buf */
-static inline const float *cache_row(const void *c, int type, int64_t at, int64_t d, float *buf) {
-    if (type == CACHE_F32) return (const float *)c + at * d;
-    const uint16_t *h = (const uint16_t *)c + at * d;
-    for (int64_t i = 0; i < d; i++) buf[i] = from_bf16(h[i]);
-    return buf;
+#if defined(__AVX512F__)
+/* e^x for 16 floats, about an ulp from expf: 2^n e^r with n = round(x log2 e), r in
+   [-ln2/2, ln2/2] by a degree-6 Taylor polynomial; scalef gives inf, 0 and NaN where expf
+   does. (glibc's expf is a call per float: 5632 of them a feed-forward step.) */
+static inline __m512 exp16(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x); /* ln 2, high part */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);       /* and the rest */
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 
-static inline float dot(const float *a, const float *b, int64_t d) {
-    float lane[16] = {0}; /* 16 independent sums: vectorized without reassociating */
+/* 16 cache values as fp32 (bf16 is fp32's top half: widen and shift) */
+static inline __m512 load16(const void *c, int type, int64_t i) {
+    if (type == CACHE_F32) return _mm512_loadu_ps((const float *)c + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+static inline float load1(const void *c, int type, int64_t i) {
+    return type == CACHE_F32 ? ((const float *)c)[i] : from_bf16(((const uint16_t *)c)[i]);
+}
+
+/* q . row i of the cache (d values from c + i d) */
+static inline float dot_row(const float *q, const void *c, int type, int64_t at, int64_t d) {
     int64_t i = 0;
-    for (; i + 16 <= d; i += 16)
-        for (int l = 0; l < 16; l++) lane[l] += a[i + l] * b[i + l];
     float s = 0.0f;
+#if defined(__AVX512F__)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= d; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(c, type, at + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#else
+    float lane[16] = {0}; /* 16 independent sums: vectorized without reassociating */
+    for (; i + 16 <= d; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] += q[i + l] * load1(c, type, at + i + l);
     for (int l = 0; l < 16; l++) s += lane[l];
-    for (; i < d; i++) s += a[i] * b[i];
+#endif
+    for (; i < d; i++) s += q[i] * load1(c, type, at + i);
     return s;
 }
 
-/* y [dim] = o(norm(attention of x's token over the cache)), x [dim] already normed.
-   qkv is the joined q, k, v projection (heads, kv_heads, kv_heads rows of head_dim); the new
-   key (rotated) and value are written to row pos of the caches kc, vc [kv_heads, max_len,
-   head_dim], and the token attends to rows 0..pos. cos, sin [head_dim] are the position's
-   rotary factors, or NULL for none. Returns 0, or -1 when scratch memory cannot be had. */
-int tdsl_attention_step(const float *x, const tdsl_lin *qkv, const tdsl_lin *o, int64_t heads,
-                        int64_t kv_heads, int64_t head_dim, const float *cos, const float *sin,
-                        void *kc, void *vc, int cache_type, int64_t max_len, int64_t pos,
-                        const tdsl_norm *norm, float *y, int threads) {
+/* out += p * row i of the cache */
+static inline void add_row(float *out, float p, const void *c, int type, int64_t at, int64_t d) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    const __m512 pv = _mm512_set1_ps(p);
+    for (; i + 16 <= d; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_fmadd_ps(pv, load16(c, type, at + i),
+                                                  _mm512_loadu_ps(out + i)));
+#endif
+    for (; i < d; i++) out[i] += p * load1(c, type, at + i);
+}
+
+/* x [dim] with pre (the block's RMSNorm before this layer) applied, into buf; or x itself */
+static const float *normed(const float *x, int64_t n, const tdsl_norm *pre, float *buf) {
+    if (!pre->on) return x;
+    tdsl_rmsnorm(x, 1, n, n, pre->w, pre->eps, buf, 1);
+    return buf;
+}
+
+/* y = x + out when residual, else out */
+static void finish(float *y, const float *x, int64_t n, int residual) {
+    if (residual)
+        for (int64_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+/* y [dim] = o(norm(attention of the token h over the cache)), h = pre(x) [dim], plus x when
+   residual (a pre-norm residual block: x + attention(rmsnorm(x))). qkv is the joined q, k, v
+   projection (heads, kv_heads, kv_heads rows of head_dim); the new key (rotated) and value are
+   written to row pos of the caches kc, vc [kv_heads, max_len, head_dim], and the token attends
+   to rows 0..pos. cos, sin [head_dim] are the position's rotary factors, or NULL for none.
+   Returns 0, or -1 when scratch memory cannot be had. */
+int tdsl_attention_step(const float *x, const tdsl_norm *pre, const tdsl_lin *qkv,
+                        const tdsl_lin *o, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                        const float *cos, const float *sin, void *kc, void *vc, int cache_type,
+                        int64_t max_len, int64_t pos, const tdsl_norm *norm, int residual,
+                        float *y, int threads) {
     const int64_t d = head_dim, dim = heads * d, ctx = pos + 1, group = heads / kv_heads;
-    float *buf = malloc(sizeof(float) * (size_t)(qkv->n + 2 * dim + d));
-    float *scores = malloc(sizeof(float) * (size_t)(heads * (ctx + 2 * d)));
-    if (!buf || !scores || run_linear(qkv, x, buf, threads)) {
+    float *buf = malloc(sizeof(float) * (size_t)(qkv->n + 2 * dim + d + qkv->k));
+    float *scores = malloc(sizeof(float) * (size_t)(heads * ctx));
+    if (!buf || !scores ||
+        run_linear(qkv, normed(x, qkv->k, pre, buf + qkv->n + 2 * dim + d), buf, threads)) {
         free(buf);
         free(scores);
         return -1;
     }
     float *q = buf, *k = buf + dim, *v = k + kv_heads * d, *att = buf + qkv->n;
-    float *normed = att + dim, *tmp = normed + dim;
+    float *tmp = att + 2 * dim;
     if (cos)
         for (int64_t h = 0; h < heads + kv_heads; h++) /* q's heads, then k's */
             rotate(h < heads ? q + h * d : k + (h - heads) * d, d, cos, sin, tmp);
@@ -132,33 +194,34 @@ int tdsl_attention_step(const float *x, const tdsl_lin *qkv, const tdsl_lin *o, 
     const float scale = 1.0f / sqrtf((float)d);
 #pragma omp parallel for num_threads(threads) schedule(static) if (ctx * dim >= (1 << 17))
     for (int64_t h = 0; h < heads; h++) {
-        const int64_t g = h / group;
-        float *s = scores + h * (ctx + 2 * d), *row = s + ctx, *out = row + d;
+        const int64_t base = h / group * max_len * d; /* this head's kv head, row 0 */
+        float *s = scores + h * ctx, *out = att + h * d;
         const float *qh = q + h * d;
         float mx = -INFINITY;
         for (int64_t j = 0; j < ctx; j++) {
-            s[j] = dot(qh, cache_row(kc, cache_type, g * max_len + j, d, row), d) * scale;
+            s[j] = dot_row(qh, kc, cache_type, base + j * d, d) * scale;
             mx = s[j] > mx ? s[j] : mx;
         }
-        float sum = 0.0f;
-        for (int64_t j = 0; j < ctx; j++) {
-            s[j] = expf(s[j] - mx); /* a NaN anywhere makes mx or s[j], and so the row, NaN */
+        float sum = 0.0f; /* a NaN anywhere makes mx or s[j], and so the row, NaN */
+        int64_t j = 0;
+#if defined(__AVX512F__)
+        __m512 acc = _mm512_setzero_ps();
+        for (; j + 16 <= ctx; j += 16) {
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(mx)));
+            _mm512_storeu_ps(s + j, e);
+            acc = _mm512_add_ps(acc, e);
+        }
+        sum = _mm512_reduce_add_ps(acc);
+#endif
+        for (; j < ctx; j++) {
+            s[j] = expf(s[j] - mx);
             sum += s[j];
         }
         for (int64_t i = 0; i < d; i++) out[i] = 0.0f;
-        for (int64_t j = 0; j < ctx; j++) {
-            const float *vr = cache_row(vc, cache_type, g * max_len + j, d, row);
-            const float p = s[j];
-            for (int64_t i = 0; i < d; i++) out[i] += p * vr[i];
-        }
-        for (int64_t i = 0; i < d; i++) att[h * d + i] = out[i] / sum;
+        for (j = 0; j < ctx; j++) add_row(out, s[j] / sum, vc, cache_type, base + j * d, d);
     }
-    const float *in = att;
-    if (norm->on) {
-        tdsl_rmsnorm(att, 1, dim, dim, norm->w, norm->eps, normed, 1);
-        in = normed;
-    }
-    const int rc = run_linear(o, in, y, threads);
+    const int rc = run_linear(o, normed(att, dim, norm, att + dim), y, threads);
+    finish(y, x, o->n, residual);
     free(buf);
     free(scores);
     return rc;
@@ -170,26 +233,34 @@ static inline float act(int kind, float g) {
     return g < 0.0f ? 0.0f : g; /* relu; NaN stays NaN */
 }
 
-/* y [dim] = down(norm(act(gate x) * up x)), or down(norm(act(up x))) when not gated; up is the
-   joined gate and up projection (gate's rows first) when gated. Returns 0, or -1 when scratch
-   memory cannot be had. */
-int tdsl_mlp_step(const float *x, const tdsl_lin *up, int gated, int activation,
-                  const tdsl_norm *norm, const tdsl_lin *down, float *y, int threads) {
+/* y [dim] = down(norm(act(gate h) * up h)), or down(norm(act(up h))) when not gated, with
+   h = pre(x) [dim], plus x when residual; up is the joined gate and up projection (gate's rows
+   first) when gated. Returns 0, or -1 when scratch memory cannot be had. */
+int tdsl_mlp_step(const float *x, const tdsl_norm *pre, const tdsl_lin *up, int gated,
+                  int activation, const tdsl_norm *norm, const tdsl_lin *down, int residual,
+                  float *y, int threads) {
     const int64_t hidden = down->k;
-    float *h = malloc(sizeof(float) * (size_t)(up->n + hidden));
-    if (!h || run_linear(up, x, h, threads)) {
+    float *h = malloc(sizeof(float) * (size_t)(up->n + hidden + up->k));
+    if (!h || run_linear(up, normed(x, up->k, pre, h + up->n + hidden), h, threads)) {
         free(h);
         return -1;
     }
     const float *u = gated ? h + hidden : h;
-    for (int64_t i = 0; i < hidden; i++)
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    if (activation == ACT_SILU) /* g / (1 + e^-g), 16 at a time */
+        for (; i + 16 <= hidden; i += 16) {
+            const __m512 g = _mm512_loadu_ps(h + i);
+            const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            if (gated) a = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
+            _mm512_storeu_ps(h + i, a);
+        }
+#endif
+    for (; i < hidden; i++)
         h[i] = gated ? act(activation, h[i]) * u[i] : act(activation, h[i]);
-    const float *in = h;
-    if (norm->on) {
-        tdsl_rmsnorm(h, 1, hidden, hidden, norm->w, norm->eps, h + up->n, 1);
-        in = h + up->n;
-    }
-    const int rc = run_linear(down, in, y, threads);
+    const int rc = run_linear(down, normed(h, hidden, norm, h + up->n), y, threads);
+    finish(y, x, down->n, residual);
     free(h);
     return rc;
 }

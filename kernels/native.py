@@ -48,12 +48,12 @@ SIGNATURES = {
     "tdsl_quantize_u8": (_I32, [_P, _I64, _F32, _I32, _I32, _I32, _P, _I32]),
     # x, m, n, ldx, w, eps, y, threads
     "tdsl_rmsnorm": (_I32, [_P, _I64, _I64, _I64, _P, _F32, _P, _I32]),
-    # cpu_decode.c: x, qkv, o, heads, kv_heads, head_dim, cos, sin, kc, vc, cache_type,
-    # max_len, pos, norm, y, threads
-    "tdsl_attention_step": (_I32, [_P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I32, _I64,
-                                   _I64, _P, _P, _I32]),
-    # x, up, gated, activation, norm, down, y, threads
-    "tdsl_mlp_step": (_I32, [_P, _P, _I32, _I32, _P, _P, _P, _I32]),
+    # cpu_decode.c: x, pre, qkv, o, heads, kv_heads, head_dim, cos, sin, kc, vc, cache_type,
+    # max_len, pos, norm, residual, y, threads
+    "tdsl_attention_step": (_I32, [_P, _P, _P, _P, _I64, _I64, _I64, _P, _P, _P, _P, _I32,
+                                   _I64, _I64, _P, _I32, _P, _I32]),
+    # x, pre, up, gated, activation, norm, down, residual, y, threads
+    "tdsl_mlp_step": (_I32, [_P, _P, _P, _I32, _I32, _P, _P, _I32, _P, _I32]),
 }
 
 

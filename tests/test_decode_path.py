@@ -126,12 +126,17 @@ def test_rmsnorm_takes_torch_where_gradients_or_odd_inputs_are(monkeypatch):
     assert not calls and x.grad is not None
 
 
-def test_rotary_angles_are_computed_once_a_step():
+def test_rotary_angles_are_computed_once_a_cache():
     net = _net()
     cache = rt.KVCache(24)
     with torch.no_grad():
         net(torch.randint(0, 64, (1, 5)), cache)
-    assert len(cache.memo) == 1  # both layers share one (cos, sin) for this step's positions
+        cos, sin = cache.rotary(net.blocks[0].attn.inv_freq, torch.float32)
+        net(torch.randint(0, 64, (1, 1)), cache)
+    assert len(cache.tables) == 1  # both layers, every step: one table of every position
+    assert cache.rotary(net.blocks[1].attn.inv_freq, torch.float32)[0] is cos
+    want = rt.transformer.angles(net.blocks[0].attn.inv_freq, 3, 4, torch.float32)
+    torch.testing.assert_close((cos[3:4], sin[3:4]), want)
 
 
 def test_a_bf16_cache_decodes_close_to_the_full_pass():

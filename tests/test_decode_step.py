@@ -39,31 +39,31 @@ def close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-5 * want.abs().max().item())
 
 
-def _angles(d, pos):
-    a = Attention(d, heads=1)
-    return [t.reshape(d) for t in a.angles(pos, pos + 1, torch.float32, None)]
+def _angles(d, max_len):
+    """The rotary tables [max_len, d] a KV cache holds."""
+    return rt.KVCache(max_len).rotary(Attention(d, heads=1).inv_freq, torch.float32)
 
 
 @needs_native
 @pytest.mark.parametrize("heads,kv,d", [(4, 4, 16), (4, 2, 8), (6, 2, 6), (1, 1, 130)])
-@pytest.mark.parametrize("pos", [0, 5, 11])
+@pytest.mark.parametrize("pos", [0, 5, 47])  # 48 keys: the softmax's vector loop and tail
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_step_matches_its_twin(heads, kv, d, pos, dtype):
     gen = torch.Generator().manual_seed(pos + d)
-    dim, max_len = heads * d, 12
+    dim, max_len = heads * d, 48
     qkv, o = _ternary((heads + 2 * kv) * d, dim, gen), _identity(dim)
     bias = torch.randn(qkv.n, generator=gen)
-    plan = decode_step._Plan((), [(qkv, bias, "dynamic"), (o, None, "none")], None)
+    plan = decode_step._Plan([], [(qkv, bias, "dynamic"), (o, None, "none")], None)
     kc = torch.randn(1, kv, max_len, d, generator=gen).to(dtype)
     vc = torch.randn(1, kv, max_len, d, generator=gen).to(dtype)
     x = torch.randn(1, 1, dim, generator=gen)
-    cos, sin = _angles(d, pos)
+    cos, sin = _angles(d, max_len)
     want_k, want_v = kc.clone(), vc.clone()
-    y = decode_step.run_attention(native.library(), plan, x, heads, kv, cos, sin, kc, vc, pos)
+    y = decode_step.run_attention(plan, x, heads, kv, cos, sin, kc, vc, pos)
 
     proj = qkv.dynamic_matmul(x.view(1, dim), bias).view(-1)
     q, k, v = proj.split([heads * d, kv * d, kv * d])
-    q, k = (rotate(t.view(-1, d), cos, sin) for t in (q, k))
+    q, k = (rotate(t.view(-1, d), cos[pos], sin[pos]) for t in (q, k))
     want_k[0, :, pos], want_v[0, :, pos] = k.to(dtype), v.view(kv, d).to(dtype)
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v)  # rotated and rounded as torch
     want = decode_step.reference_attention(q, want_k[0, :, :pos + 1], want_v[0, :, :pos + 1])
@@ -79,21 +79,24 @@ def test_attention_step_without_rotary_with_a_norm_and_nan():
     norm = rt.RMSNorm(dim, eps=1e-5)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2, generator=gen)
-    plan = decode_step._Plan((), [(qkv, None, "none"), (o, None, "none")], norm)
+    pre = rt.RMSNorm(dim, elementwise_affine=False)  # the block's norm, before the layer
+    plan = decode_step._Plan([], [(qkv, None, "none"), (o, None, "none")], norm, pre)
     kc, vc = torch.randn(2, 1, heads, max_len, d, generator=gen)
     x = torch.randn(1, 1, dim, generator=gen)
-    y = decode_step.run_attention(native.library(), plan, x, heads, heads, None, None, kc, vc, pos)
-    q = qkv.float_matmul(x.view(1, dim)).view(-1)[:dim].view(heads, d)
+    y = decode_step.run_attention(plan, x, heads, heads, None, None, kc, vc, pos,
+                                  residual=True)
+    h = F.rms_norm(x.view(1, dim), (dim,), None, torch.finfo(torch.float32).eps)
+    q = qkv.float_matmul(h).view(-1)[:dim].view(heads, d)
     att = decode_step.reference_attention(q, kc[0], vc[0]).reshape(dim)
     want = F.rms_norm(att, (dim,), norm.weight.detach(), 1e-5)
-    close(y.view(-1), want)
+    close(y.view(-1) - x.view(-1), want)
 
     vc[0, 1, 3, 0] = float("nan")  # a NaN value in the cache: that head's output is NaN
-    y = decode_step.run_attention(native.library(), plan, x, heads, heads, None, None, kc, vc, pos)
-    assert y.isnan().all()  # and the norm spreads it over the row, as torch's does
+    y = decode_step.run_attention(plan, x, heads, heads, None, None, kc, vc, pos)
+    assert y.isnan().all()  # and the sub-norm spreads it over the row, as torch's does
     x[0, 0, 2] = float("nan")
     kc, vc = torch.randn(2, 1, heads, max_len, d, generator=gen)
-    y = decode_step.run_attention(native.library(), plan, x, heads, heads, None, None, kc, vc, 0)
+    y = decode_step.run_attention(plan, x, heads, heads, None, None, kc, vc, 0)
     assert y.isnan().all()
 
 
@@ -101,16 +104,15 @@ def test_attention_step_without_rotary_with_a_norm_and_nan():
 def test_attention_step_refuses_what_does_not_fit():
     gen = torch.Generator().manual_seed(0)
     qkv, o = _ternary(48, 16, gen), _identity(16)
-    plan = decode_step._Plan((), [(qkv, None, "none"), (o, None, "none")], None)
+    plan = decode_step._Plan([], [(qkv, None, "none"), (o, None, "none")], None)
     kc, vc = torch.zeros(2, 1, 4, 8, 4)
-    lib = native.library()
     x = torch.randn(1, 1, 16)
     for bad in (dict(pos=8), dict(pos=-1), dict(heads=3), dict(x=torch.randn(1, 1, 17)),
                 dict(x=torch.randn(1, 32)[:, ::2]), dict(kc=torch.zeros(1, 4, 8, 5)),
-                dict(cos=torch.ones(3))):
+                dict(cos=torch.ones(4)), dict(cos=torch.ones(1, 4), pos=1)):
         args = dict(x=x, heads=4, cos=None, kc=kc, pos=0) | bad
         with pytest.raises(ValueError, match="do not fit|must be"):
-            decode_step.run_attention(lib, plan, args["x"], args["heads"], 4, args["cos"],
+            decode_step.run_attention(plan, args["x"], args["heads"], 4, args["cos"],
                                       args["cos"], args["kc"], vc, args["pos"])
 
 
@@ -121,22 +123,31 @@ def test_attention_step_refuses_what_does_not_fit():
 def test_mlp_step_matches_its_twin(gated, activation, with_norm):
     gen = torch.Generator().manual_seed(3)
     dim, hidden = 20, 37
-    up, down = _ternary(hidden * (2 if gated else 1), dim, gen), _identity(hidden)
+    up = _ternary(hidden * (2 if gated else 1), dim, gen)
+    down = _ternary(dim, hidden, gen) if with_norm else _identity(hidden)  # the residual's
     norm = rt.RMSNorm(hidden) if with_norm else None
-    plan = decode_step._Plan((), [(up, None, "dynamic"), (down, None, "none")], norm)
+    pre = rt.RMSNorm(dim, eps=1e-5) if with_norm else None  # the block's, and the residual
+    if with_norm:
+        with torch.no_grad():
+            pre.weight.uniform_(0.5, 2, generator=gen)
+    plan = decode_step._Plan([], [(up, None, "dynamic"), (down, None, "none")], norm, pre)
     x = torch.randn(1, 1, dim, generator=gen)
     x[0, 0, 3] = 40.0  # a wide range: GELU's tails, ReLU's zeros
-    y = decode_step.run_mlp(native.library(), plan, x, gated, activation)
+    y = decode_step.run_mlp(plan, x, gated, activation, residual=with_norm)
+    if with_norm:
+        y = y - x
+        x = F.rms_norm(x, (dim,), pre.weight.detach(), 1e-5)
     h = up.dynamic_matmul(x.view(1, dim)).view(-1)
     act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation]
     want = act(h[:hidden]) * h[hidden:] if gated else act(h)
     if with_norm:
         want = F.rms_norm(want, (hidden,), norm.weight.detach(), norm.eps)
+        want = down.float_matmul(want[None]).view(-1)
     close(y.view(-1), want)
     x[0, 0, 0] = float("nan")
-    assert decode_step.run_mlp(native.library(), plan, x, gated, activation).isnan().all()
+    assert decode_step.run_mlp(plan, x, gated, activation).isnan().all()
     with pytest.raises(ValueError, match="must be one token"):
-        decode_step.run_mlp(native.library(), plan, torch.randn(1, 2, dim), gated, activation)
+        decode_step.run_mlp(plan, torch.randn(1, 2, dim), gated, activation)
 
 
 def _steps(net, x, dtype=None):
@@ -157,8 +168,8 @@ def test_a_frozen_model_decodes_through_the_steps_as_through_torch(cpu_paths, mo
     got = _steps(net, x, dtype)
     for block in (net.blocks[0], net.blocks[1]):
         assert "_step" in block.attn.__dict__ and "_step" in block.mlp.__dict__
-    monkeypatch.setattr(decode_step, "attention", lambda *a: None)
-    monkeypatch.setattr(decode_step, "mlp", lambda *a: None)
+    monkeypatch.setattr(decode_step, "attention", lambda *a, **k: None)
+    monkeypatch.setattr(decode_step, "mlp", lambda *a, **k: None)
     want = _steps(copy.deepcopy(net), x, dtype)
     # the steps attend in fp32, torch in the cache's type: a bf16 cache's tolerance is the
     # one test_decode_path allows it against the full pass

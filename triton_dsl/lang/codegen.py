@@ -29,6 +29,13 @@ def _pair(v):
     return tuple(v) if isinstance(v, tuple) else v
 
 
+def _pre_norm(n: ir.Residual) -> bool:
+    """A residual around an rmsnorm and an attention or mlp, nothing else: the transformer
+    block's half that rt.pre_norm runs (as one native call for a token of a frozen model)."""
+    return not n.shortcut and len(n.body) == 2 and n.body[0].op is ir.Op.LAYER \
+        and n.body[0].kind == "rmsnorm" and n.body[1].op is ir.Op.COMPOSITE
+
+
 class _Emitter:
     def __init__(self, model: ir.Model, fname: str):
         self.m, self.fname = model, fname
@@ -44,6 +51,13 @@ class _Emitter:
             self.init.append(f"{_attr(n.name)} = rt.Group(){self.where(n.line)}")
             for c in n.body:
                 self.node(c)
+        elif n.op is ir.Op.RESIDUAL and _pre_norm(n):
+            norm, layer = n.body
+            self.init.append(f"{_attr(norm.name)} = {self.constructor(norm, dict(norm.args))}"
+                             f"{self.where(norm.line)}")
+            mod, args = self.composite(layer)
+            self.fwd.append(f"x = rt.pre_norm({_attr(norm.name)}, {mod}, {args})"
+                            f"{self.where(n.line)}")
         elif n.op is ir.Op.RESIDUAL:
             self.skips += 1
             skip = f"skip{self.skips}"
@@ -54,12 +68,14 @@ class _Emitter:
                 self.layer(c, skip, out=skip)
             self.fwd.append(f"x = x + {skip}{self.where(n.line)}")
         elif n.op is ir.Op.COMPOSITE:
-            self.composite(n)
+            mod, args = self.composite(n)
+            self.fwd.append(f"x = {mod}({args}){self.where(n.line)}")
         else:
             self.layer(n)
 
-    def composite(self, n: ir.Composite):
-        """Attention or mlp: the runtime module, then its projections as its children."""
+    def composite(self, n: ir.Composite) -> tuple[str, str]:
+        """Attention or mlp: the runtime module, then its projections as its children. Returns
+        the call's module and arguments ("self.attn", "x, cache")."""
         a, mod = dict(n.args), _attr(n.name)
         if n.kind == "attention":
             max_len = self.m.tokens[1] if self.m.tokens else n.in_shape[0]
@@ -79,7 +95,7 @@ class _Emitter:
             self.init.append(f"{_attr(c.name)} = {self.constructor(c, dict(c.args))}"
                              f"{self.where(c.line)}")
         cache = ", cache" if n.kind == "attention" and self.m.tokens else ""
-        self.fwd.append(f"x = {mod}(x{cache}){self.where(n.line)}")
+        return mod, f"x{cache}"
 
     def layer(self, l: ir.Layer, x: str = "x", out: str = "x"):
         a = dict(l.args)

@@ -14,8 +14,10 @@ import ctypes
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..kernels import native
+from ..kernels.common import interpreting
 from ..kernels.cpu import PackedNative
 from . import dispatch
 from .frozen_linear import FrozenLinear
@@ -44,25 +46,55 @@ def _packed(mod, x):
     return run.forms[0], run.bias, act
 
 
-class _Plan:
-    """The C structs of one module's step, and what they were built from: current while the
-    layers' choices stand (the same objects; holding them keeps the pointed-to memory alive)."""
+def _fits(norm, n: int) -> bool:
+    """Whether the native step can apply norm (none, or an RMSNorm over n features with an
+    fp32 weight or none)."""
+    if norm is None:
+        return True
+    w = getattr(norm, "weight", None)
+    return isinstance(norm, nn.RMSNorm) and tuple(norm.normalized_shape) == (n,) and (
+        w is None or (w.dtype is torch.float32 and w.device.type == "cpu"
+                      and w.is_contiguous()))
 
-    def __init__(self, made_of: tuple, lins: list, norm):
-        self.made_of = made_of
+
+class _Plan:
+    """The C structs of one module's step for inputs of one shape, built once. It holds what
+    they point into (the packed forms, biases, norm weights), so the memory stays valid; it is
+    current while the projection layers keep their prepared forms (a checkpoint save or a
+    reload replaces them) and the norms' weights stay where the structs point."""
+
+    def __init__(self, members: list, lins: list, norm=None, pre=None, shape=None):
+        self.members = [(m, m.prepared) for m in members]
+        self.shape, self.pre_module = shape, pre
         self.keep = []  # tensors the structs point into
+        self.weights = []  # (norm weight, the address the struct holds)
         self.lins = [self._lin(*p) for p in lins]
-        self.norm = native.Norm(0, 0.0, None)
-        if norm is not None:
-            w = None if norm.weight is None else self._hold(norm.weight.detach().float())
-            eps = torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
-            self.norm = native.Norm(1, eps, w)
-        self.ptrs = [ctypes.addressof(s) for s in (*self.lins, self.norm)]
+        self.norm, self.pre = self._norm(norm), self._norm(pre)
+        self.ptrs = [ctypes.addressof(s) for s in (*self.lins, self.norm, self.pre)]
+
+    def current(self, x: torch.Tensor, pre) -> bool:
+        """Whether this plan runs x now (after the caller found the compiler not tracing):
+        a cheap check, a decoding step makes eight of them."""
+        return (pre is self.pre_module and x.shape == self.shape and x.dtype is torch.float32
+                and x.is_contiguous() and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and not interpreting()
+                and all(m.prepared is p for m, p in self.members)
+                and all(w.data_ptr() == at for w, at in self.weights))
 
     def _hold(self, t: torch.Tensor) -> int:
         t = t.contiguous()
         self.keep.append(t)
         return t.data_ptr()
+
+    def _norm(self, norm) -> native.Norm:
+        if norm is None:
+            return native.Norm(0, 0.0, None)
+        w = None
+        if norm.weight is not None:
+            w = self._hold(norm.weight.detach())
+            self.weights.append((norm.weight, w))
+        return native.Norm(1, torch.finfo(torch.float32).eps if norm.eps is None else norm.eps,
+                           w)
 
     def _lin(self, form: PackedNative, bias, act: str) -> native.Lin:
         if bias is not None:
@@ -74,113 +106,132 @@ class _Plan:
                           self._hold(form.weight), self._hold(form.scale), w_sum, bias)
 
 
-def _plan(owner, made_of: tuple, build):
-    plan = owner.__dict__.get("_step")
-    if plan is None or len(plan.made_of) != len(made_of) or \
-            any(a is not b for a, b in zip(plan.made_of, made_of)):
-        plan = owner.__dict__["_step"] = build()
-    return plan
-
-
-def attention(attn, x: torch.Tensor, cache) -> torch.Tensor | None:
-    """attn's output for x [1, 1, dim] at the cache's next position, through one native call;
-    None where the step does not apply."""
+def attention(attn, x: torch.Tensor, cache, pre=None, residual: bool = False):
+    """attn's output for x [1, 1, dim] at the cache's next position through one native call,
+    or with ``pre`` (an RMSNorm) and ``residual`` x + attn(pre(x), cache); None where the step
+    does not apply."""
     if torch.compiler.is_compiling():  # the members' own custom ops (compile_ops.py)
         return None
+    plan = attn.__dict__.get("_step")
+    if plan is None or not plan.current(x, pre):
+        plan = _attention_plan(attn, x, pre)
+        if plan is None:
+            return None
+    kc, vc = cache.slot(attn, 1, attn.kv_heads, attn.head_dim, torch.float32, x.device)
+    if kc.dtype not in CACHE_TYPES or cache.end != cache.start + 1:
+        return None  # fp16: torch's attention; a wrong slot or step: torch says what is wrong
+    cos = sin = None
+    if attn.rotary:
+        cos, sin = cache.rotary(attn.inv_freq, torch.float32)
+    return run_attention(plan, x, attn.heads, attn.kv_heads, cos, sin, kc, vc, cache.start,
+                         residual)
+
+
+def _attention_plan(attn, x, pre) -> _Plan | None:
     lib = native.loaded()
-    if lib is None or (cache.dtype or torch.float32) not in CACHE_TYPES or not _one_token(x) \
-            or cache.end != cache.start + 1:
+    if lib is None or not _one_token(x):
         return None
     qkv = joined_for(attn, ("q", "k", "v"), x)
     o = _packed(attn._modules["o"], x)
-    if qkv is None or qkv.form is None or o is None:
+    norm = attn._modules.get("o_norm")
+    if qkv is None or qkv.form is None or o is None or \
+            not (_fits(pre, x.shape[-1]) and _fits(norm, o[0].k)):
         return None
-    d, heads, kv = attn.head_dim, attn.heads, attn.kv_heads
-    made_of = (qkv, *o[:2])
-    plan = _plan(attn, made_of, lambda: _Plan(
-        made_of, [(qkv.form, qkv.bias, qkv.act), o], attn._modules.get("o_norm")))
-    kc, vc = cache.slot(attn, 1, kv, d, torch.float32, x.device)
-    if kc.shape != (1, kv, cache.max_len, d) or kc.dtype != (cache.dtype or torch.float32) \
-            or not kc.is_contiguous() or not vc.is_contiguous():
-        return None  # another call's slot (batch 2, say): the torch path says what is wrong
-    cos = sin = None
-    if attn.rotary:
-        cos, sin = attn.angles(cache.start, cache.end, torch.float32, cache)
-    return run_attention(lib, plan, x, heads, kv, cos, sin, kc, vc, cache.start)
+    plan = attn.__dict__["_step"] = _Plan(
+        [attn._modules[n] for n in ("q", "k", "v", "o")],
+        [(qkv.form, qkv.bias, qkv.act), o], norm, pre, x.shape)
+    return plan
 
 
-def run_attention(lib, plan: _Plan, x, heads: int, kv_heads: int, cos, sin, kc, vc,
-                  pos: int) -> torch.Tensor:
-    """The native step for x [..., dim] (one token, fp32, contiguous) with plan's projections,
-    the caches kc, vc [1, kv_heads, max_len, head_dim] (contiguous, fp32 or bf16) and the
-    rotary factors cos, sin [head_dim] (or None) of position pos."""
+def run_attention(plan: _Plan, x, heads: int, kv_heads: int, cos, sin, kc, vc, pos: int,
+                  residual: bool = False) -> torch.Tensor:
+    """The native step for x [..., dim] (one token, fp32, contiguous) with plan's projections
+    and norms, the caches kc, vc [1, kv_heads, max_len, head_dim] (contiguous, fp32 or bf16)
+    and the rotary factors cos, sin [max_len, head_dim] (or None): position pos's rows."""
     _, kv, max_len, d = kc.shape
     qkv, o = plan.lins[:2]
     if not 0 <= pos < max_len or kv != kv_heads or heads % kv_heads or vc.shape != kc.shape \
             or vc.dtype != kc.dtype or not (kc.is_contiguous() and vc.is_contiguous()) \
-            or qkv.n != (heads + 2 * kv) * d or o.k != heads * d:
+            or qkv.n != (heads + 2 * kv) * d or o.k != heads * d or kc.shape[0] != 1:
         raise ValueError(f"position {pos} and caches of shape {tuple(kc.shape)}, "
                          f"{tuple(vc.shape)} do not fit {heads} heads, {kv_heads} kv heads "
                          f"and projections of {qkv.n} and {o.k} rows")
-    _check_x(x, qkv.k)
+    _check_x(x, qkv.k, o.n if residual else None)
     for name, t in (("cos", cos), ("sin", sin)):
-        if t is not None and (t.dtype != torch.float32 or t.numel() != d
-                              or not t.is_contiguous()):
-            raise ValueError(f"{name} must be {d} contiguous fp32 values, got "
+        if t is not None and (t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != d
+                              or t.shape[0] <= pos or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous fp32 [positions > {pos}, {d}], got "
                              f"{t.dtype} of shape {tuple(t.shape)}")
-    y = torch.empty(*x.shape[:-1], plan.lins[1].n)
-    if lib.dll.tdsl_attention_step(
-            x.data_ptr(), plan.ptrs[0], plan.ptrs[1], heads, kv_heads, d,
-            None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+    row = 4 * d * pos  # bytes to position pos's factors
+    y = torch.empty(*x.shape[:-1], o.n)
+    if native.library().dll.tdsl_attention_step(
+            x.data_ptr(), plan.ptrs[3], plan.ptrs[0], plan.ptrs[1], heads, kv_heads, d,
+            None if cos is None else cos.data_ptr() + row,
+            None if sin is None else sin.data_ptr() + row,
             kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype], max_len, pos, plan.ptrs[2],
-            y.data_ptr(), torch.get_num_threads()):
+            int(residual), y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("native attention step: could not allocate scratch memory")
     return y
 
 
-def mlp(block, x: torch.Tensor) -> torch.Tensor | None:
-    """The feed-forward block's output for x [1, 1, dim] through one native call; None where
-    the step does not apply."""
+def mlp(block, x: torch.Tensor, pre=None, residual: bool = False):
+    """The feed-forward block's output for x [1, 1, dim] through one native call, or with
+    ``pre`` (an RMSNorm) and ``residual`` x + block(pre(x)); None where the step does not
+    apply."""
     if torch.compiler.is_compiling():
         return None
+    plan = block.__dict__.get("_step")
+    if plan is None or not plan.current(x, pre):
+        plan = _mlp_plan(block, x, pre)
+        if plan is None:
+            return None
+    return run_mlp(plan, x, block.gated, block.activation, residual)
+
+
+def _mlp_plan(block, x, pre) -> _Plan | None:
     lib = native.loaded()
     if lib is None or not _one_token(x):
         return None
+    names = ("gate", "up") if block.gated else ("up",)
     if block.gated:
-        j = joined_for(block, ("gate", "up"), x)
+        j = joined_for(block, names, x)
         up = None if j is None or j.form is None else (j.form, j.bias, j.act)
-        made_of = (j,)
     else:
         up = _packed(block._modules["up"], x)
-        made_of = up[:2] if up else ()
-    down = _packed(block._modules["down"], x.new_zeros(1, 1, block._modules["down"].in_features))
-    if up is None or down is None:
+    down_mod = block._modules["down"]
+    down = _packed(down_mod, x.new_zeros(1, 1, down_mod.in_features))
+    norm = block._modules.get("down_norm")
+    if up is None or down is None or not (_fits(pre, x.shape[-1]) and _fits(norm, down[0].k)):
         return None
-    made_of += down[:2]
-    plan = _plan(block, made_of, lambda: _Plan(made_of, [up, down],
-                                               block._modules.get("down_norm")))
-    return run_mlp(lib, plan, x, block.gated, block.activation)
+    plan = block.__dict__["_step"] = _Plan(
+        [block._modules[n] for n in (*names, "down")], [up, down], norm, pre, x.shape)
+    return plan
 
 
-def run_mlp(lib, plan: _Plan, x, gated: bool, activation: str) -> torch.Tensor:
+def run_mlp(plan: _Plan, x, gated: bool, activation: str,
+            residual: bool = False) -> torch.Tensor:
     """The native step for x [..., dim] (one token, fp32, contiguous) with plan's projections
-    (up, or gate and up joined; down)."""
+    (up, or gate and up joined; down) and norms."""
     up, down = plan.lins[:2]
     if up.n != down.k * (2 if gated else 1):
         raise ValueError(f"up projection of {up.n} rows for a down projection of {down.k} "
                          f"inputs (gated: {gated})")
-    _check_x(x, up.k)
-    y = torch.empty(*x.shape[:-1], plan.lins[1].n)
-    if lib.dll.tdsl_mlp_step(x.data_ptr(), plan.ptrs[0], int(gated), ACTIVATIONS[activation],
-                             plan.ptrs[2], plan.ptrs[1], y.data_ptr(), torch.get_num_threads()):
+    _check_x(x, up.k, down.n if residual else None)
+    y = torch.empty(*x.shape[:-1], down.n)
+    if native.library().dll.tdsl_mlp_step(
+            x.data_ptr(), plan.ptrs[3], plan.ptrs[0], int(gated), ACTIVATIONS[activation],
+            plan.ptrs[2], plan.ptrs[1], int(residual), y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("native feed-forward step: could not allocate scratch memory")
     return y
 
 
-def _check_x(x: torch.Tensor, k: int):
-    if x.dtype != torch.float32 or x.numel() != k or x.shape[-1] != k or not x.is_contiguous():
-        raise ValueError(f"x must be one token of {k} contiguous fp32 features, got {x.dtype} "
-                         f"of shape {tuple(x.shape)}")
+def _check_x(x: torch.Tensor, k: int, out: int | None):
+    """x is one token of k contiguous fp32 features (and, added to the output, out = k)."""
+    if x.dtype != torch.float32 or x.numel() != k or x.shape[-1] != k or not x.is_contiguous() \
+            or out not in (None, k):
+        raise ValueError(f"x must be one token of {k} contiguous fp32 features"
+                         + ("" if out in (None, k) else f" (added to {out} outputs)")
+                         + f", got {x.dtype} of shape {tuple(x.shape)}")
 
 
 def reference_attention(q, keys, values) -> torch.Tensor:

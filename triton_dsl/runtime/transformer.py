@@ -63,14 +63,13 @@ class KVCache:
         self.max_len, self.dtype = max_len, dtype
         self.start = self.end = 0  # this step's positions: start..end-1
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.memo: dict = {}  # what every layer needs of this step (rotary angles)
+        self.tables: dict = {}  # rotary factors for every position, per head size
 
     def step(self, seq: int):
         if self.end + seq > self.max_len:
             raise ValueError(f"the sequence would reach {self.end + seq} tokens, more than "
                              f"max_len={self.max_len}")
         self.start, self.end = self.end, self.end + seq
-        self.memo = {}
 
     def slot(self, layer: nn.Module, batch: int, kv_heads: int, head_dim: int,
              dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,8 +90,24 @@ class KVCache:
         values[:, :, self.start:self.end] = v
         return keys[:, :, :self.end], values[:, :, :self.end]
 
+    def rotary(self, inv_freq: torch.Tensor, dtype: torch.dtype):
+        """(cos, sin) [max_len, head_dim] for rotate() at every position the cache holds,
+        computed on first use for each head size: a step then slices rows, no tensor math."""
+        key = (inv_freq.numel(), dtype, inv_freq.device)
+        if key not in self.tables:
+            self.tables[key] = angles(inv_freq, 0, self.max_len, dtype)
+        return self.tables[key]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for kv in self.slots.values() for t in kv)
+
+
+def angles(inv_freq: torch.Tensor, start: int, end: int, dtype: torch.dtype):
+    """(cos, sin) [end - start, head_dim] for rotate() at positions start..end-1."""
+    pos = torch.arange(start, end, dtype=torch.float32, device=inv_freq.device)
+    ang = torch.outer(pos, inv_freq.float())
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -122,18 +137,12 @@ class Attention(Joins, nn.Module):
                              persistent=False)
 
     def angles(self, start: int, end: int, dtype: torch.dtype, cache: "KVCache | None"):
-        """(cos, sin) for rotate() at positions start..end-1; with a cache, computed once per
-        step for every layer of the same head size."""
-        key = (self.head_dim, dtype, self.inv_freq.device)
-        if cache is not None and key in cache.memo:
-            return cache.memo[key]
-        pos = torch.arange(start, end, dtype=torch.float32, device=self.inv_freq.device)
-        ang = torch.outer(pos, self.inv_freq.float())
-        cos, sin = ang.cos(), ang.sin()
-        out = torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
-        if cache is not None:
-            cache.memo[key] = out
-        return out
+        """(cos, sin) for rotate() at positions start..end-1; with a cache, rows of its tables,
+        shared by every layer of the same head size."""
+        if cache is None:
+            return angles(self.inv_freq, start, end, dtype)
+        cos, sin = cache.rotary(self.inv_freq, dtype)
+        return cos[start:end], sin[start:end]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if cache is not None:  # one token of a frozen model: one native call, if it can
@@ -173,6 +182,20 @@ def attend(q, k, v, causal: bool, start: int, gqa: bool) -> torch.Tensor:
             mask = torch.ones(t, total, dtype=torch.bool, device=q.device).tril(start)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                           enable_gqa=gqa)
+
+
+def pre_norm(norm: nn.Module, layer: nn.Module, x: torch.Tensor, *args) -> torch.Tensor:
+    """x + layer(norm(x), *args): a pre-norm residual, each half of a transformer block. One
+    token of a frozen model (an RMSNorm before an attention or a feed-forward block) runs it
+    as one native call (decode_step.py); then neither the norm's nor the layer's forward (nor
+    their hooks) is called."""
+    if isinstance(layer, Attention) and args and args[0] is not None:
+        y = decode_step.attention(layer, x, args[0], pre=norm, residual=True)
+    elif isinstance(layer, MLP) and not args:
+        y = decode_step.mlp(layer, x, pre=norm, residual=True)
+    else:
+        y = None
+    return layer(norm(x), *args) + x if y is None else y
 
 
 class MLP(Joins, nn.Module):
