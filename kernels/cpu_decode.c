@@ -129,6 +129,30 @@ static inline float dot_row(const float *q, const void *c, int type, int64_t at,
     return s;
 }
 
+/* q . rows at, at + d, at + 2d, at + 3d of the cache, into s[0..3]: four independent chains
+   of FMAs, where one row's chain would wait on each FMA's latency */
+static inline void dot4(const float *q, const void *c, int type, int64_t at, int64_t d,
+                        float *s) {
+#if defined(__AVX512F__)
+    if (d % 16 == 0) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < d; i += 16) {
+            const __m512 qv = _mm512_loadu_ps(q + i);
+            a0 = _mm512_fmadd_ps(qv, load16(c, type, at + i), a0);
+            a1 = _mm512_fmadd_ps(qv, load16(c, type, at + d + i), a1);
+            a2 = _mm512_fmadd_ps(qv, load16(c, type, at + 2 * d + i), a2);
+            a3 = _mm512_fmadd_ps(qv, load16(c, type, at + 3 * d + i), a3);
+        }
+        s[0] = _mm512_reduce_add_ps(a0);
+        s[1] = _mm512_reduce_add_ps(a1);
+        s[2] = _mm512_reduce_add_ps(a2);
+        s[3] = _mm512_reduce_add_ps(a3);
+        return;
+    }
+#endif
+    for (int r = 0; r < 4; r++) s[r] = dot_row(q, c, type, at + r * d, d);
+}
+
 /* out += p * row i of the cache */
 static inline void add_row(float *out, float p, const void *c, int type, int64_t at, int64_t d) {
     int64_t i = 0;
@@ -198,12 +222,15 @@ int tdsl_attention_step(const float *x, const tdsl_norm *pre, const tdsl_lin *qk
         float *s = scores + h * ctx, *out = att + h * d;
         const float *qh = q + h * d;
         float mx = -INFINITY;
-        for (int64_t j = 0; j < ctx; j++) {
-            s[j] = dot_row(qh, kc, cache_type, base + j * d, d) * scale;
+        int64_t j = 0;
+        for (; j + 4 <= ctx; j += 4) dot4(qh, kc, cache_type, base + j * d, d, s + j);
+        for (; j < ctx; j++) s[j] = dot_row(qh, kc, cache_type, base + j * d, d);
+        for (j = 0; j < ctx; j++) {
+            s[j] *= scale;
             mx = s[j] > mx ? s[j] : mx;
         }
         float sum = 0.0f; /* a NaN anywhere makes mx or s[j], and so the row, NaN */
-        int64_t j = 0;
+        j = 0;
 #if defined(__AVX512F__)
         __m512 acc = _mm512_setzero_ps();
         for (; j + 16 <= ctx; j += 16) {
@@ -262,5 +289,45 @@ int tdsl_mlp_step(const float *x, const tdsl_norm *pre, const tdsl_lin *up, int 
     const int rc = run_linear(down, normed(h, hidden, norm, h + up->n), y, threads);
     finish(y, x, down->n, residual);
     free(h);
+    return rc;
+}
+
+/* One step of a chain: an attention or feed-forward layer with the block's norm before it and
+   the residual around it (decode_step.py's Step mirrors this). */
+typedef struct {
+    int attention;               /* 1: tdsl_attention_step, 0: tdsl_mlp_step */
+    int cache_type, gated, activation;
+    const tdsl_norm *pre, *norm; /* the block's norm before the layer; the layer's sub-norm */
+    const tdsl_lin *a, *b;       /* q, k, v joined and o; or up (gate and up) and down */
+    int64_t heads, kv_heads, head_dim, max_len;
+    const float *cos, *sin;      /* rotary tables [max_len, head_dim], or NULL */
+    void *kc, *vc;               /* this layer's caches [kv_heads, max_len, head_dim] */
+} tdsl_step;
+
+/* y [dim] = x [dim] through count pre-norm residual steps in order, the token at position pos:
+   a transformer's blocks in one call, so that a decoding step returns to Python once rather
+   than twice a block. Returns 0, or -1 when scratch memory cannot be had. */
+int tdsl_decode_steps(const float *x, const tdsl_step *steps, int64_t count, int64_t pos,
+                      float *y, int threads) {
+    const int64_t dim = steps[0].a->k;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * dim));
+    int rc = buf ? 0 : -1;
+    const float *cur = x;
+    for (int64_t i = 0; i < count && !rc; i++) {
+        const tdsl_step *s = steps + i;
+        float *out = i == count - 1 ? y : buf + (i % 2) * dim;
+        if (s->attention) {
+            const int64_t row = pos * s->head_dim;
+            rc = tdsl_attention_step(cur, s->pre, s->a, s->b, s->heads, s->kv_heads,
+                                     s->head_dim, s->cos ? s->cos + row : NULL,
+                                     s->sin ? s->sin + row : NULL, s->kc, s->vc, s->cache_type,
+                                     s->max_len, pos, s->norm, 1, out, threads);
+        } else {
+            rc = tdsl_mlp_step(cur, s->pre, s->a, s->gated, s->activation, s->norm, s->b, 1,
+                               out, threads);
+        }
+        cur = out;
+    }
+    free(buf);
     return rc;
 }

@@ -54,6 +54,8 @@ SIGNATURES = {
                                    _I64, _I64, _P, _I32, _P, _I32]),
     # x, pre, up, gated, activation, norm, down, residual, y, threads
     "tdsl_mlp_step": (_I32, [_P, _P, _P, _I32, _I32, _P, _P, _I32, _P, _I32]),
+    # x, steps, count, pos, y, threads
+    "tdsl_decode_steps": (_I32, [_P, _P, _I64, _I64, _P, _I32]),
 }
 
 
@@ -66,6 +68,14 @@ class Lin(ctypes.Structure):
 class Norm(ctypes.Structure):
     """cpu_decode.c's tdsl_norm: an RMSNorm before a projection (on = 0: none)."""
     _fields_ = [("on", _I32), ("eps", _F32), ("w", _P)]
+
+
+class Step(ctypes.Structure):
+    """cpu_decode.c's tdsl_step: one pre-norm residual step of tdsl_decode_steps."""
+    _fields_ = [("attention", _I32), ("cache_type", _I32), ("gated", _I32),
+                ("activation", _I32), ("pre", _P), ("norm", _P), ("a", _P), ("b", _P),
+                ("heads", _I64), ("kv_heads", _I64), ("head_dim", _I64), ("max_len", _I64),
+                ("cos", _P), ("sin", _P), ("kc", _P), ("vc", _P)]
 
 
 def _load(path: Path) -> ctypes.CDLL:

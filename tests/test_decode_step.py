@@ -199,5 +199,61 @@ def test_copies_and_pickles_drop_the_step(cpu_paths):
     x = torch.randint(0, 64, (1, 6))
     want = _steps(net, x)
     for again in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
-        assert "_step" not in again.blocks[0].attn.__dict__
+        assert not {"_step", "_chain"} & set(again.blocks[0].attn.__dict__)
         assert torch.equal(_steps(again, x), want)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_a_chain_of_blocks_gives_the_steps_outputs_exactly(cpu_paths, monkeypatch, dtype):
+    """rt.pre_norms runs a token through every block in one native call (decode_step.chain);
+    layer by layer, through the same native steps, the numbers are the same bit for bit."""
+    net = rt.freeze(_net())
+    apart = copy.deepcopy(net)
+    x = torch.randint(0, 64, (1, 12), generator=torch.Generator().manual_seed(5))
+    got = _steps(net, x, dtype)
+    chain = net.blocks[0].attn.__dict__["_chain"]
+    assert len(chain.plans) == 4 and chain.modules[1] is net.blocks[0].attn
+    monkeypatch.setattr(decode_step, "chain", lambda *a: None)
+    assert torch.equal(_steps(apart, x, dtype), got)
+    assert "_chain" not in apart.blocks[0].attn.__dict__ and "_step" in apart.blocks[0].attn.__dict__
+
+
+@needs_native
+def test_a_chain_follows_the_model_it_runs(cpu_paths, monkeypatch):
+    net = rt.freeze(_net())
+    x = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(6))
+    want = _steps(net, x)
+    net.blocks[1].mlp = copy.deepcopy(net.blocks[1].mlp)  # a module replaced: a new chain
+    assert torch.equal(_steps(net, x), want)
+    assert net.blocks[0].attn.__dict__["_chain"].modules[7] is net.blocks[1].mlp
+    with torch.no_grad():  # a norm's weight changed in place: the step reads the new one
+        net.blocks[1].mlp_norm.weight.mul_(2)
+    moved = _steps(net, x)
+    assert not torch.equal(moved, want)
+    w = net.blocks[1].mlp_norm.weight
+    w.data = w.data / 2  # back, in new memory: the chain points at it anew
+    assert torch.equal(_steps(net, x), want)
+    w.data = w.data * 2
+    monkeypatch.setattr(decode_step, "chain", lambda *a: None)
+    monkeypatch.setattr(decode_step, "attention", lambda *a, **k: None)
+    monkeypatch.setattr(decode_step, "mlp", lambda *a, **k: None)
+    torch.testing.assert_close(moved, _steps(net, x), rtol=2e-3, atol=2e-3)  # torch's path
+
+
+@needs_native
+def test_a_chain_with_a_layer_it_cannot_run_runs_layer_by_layer(cpu_paths):
+    net = rt.freeze(_net(SRC + "    layer blocks.1.attn.q: int8(activations=dynamic)\n"))
+    x = torch.randint(0, 64, (1, 8))
+    got = _steps(net, x)
+    assert "_chain" not in net.blocks[0].attn.__dict__  # q, k, v of block 1 do not join
+    assert "_step" in net.blocks[0].mlp.__dict__  # the others still step natively
+    torch.testing.assert_close(got, _decode_torch(net, x), rtol=2e-3, atol=2e-3)
+
+
+def _decode_torch(net, x):
+    from unittest import mock
+    with mock.patch.object(decode_step, "chain", lambda *a: None), \
+            mock.patch.object(decode_step, "attention", lambda *a, **k: None), \
+            mock.patch.object(decode_step, "mlp", lambda *a, **k: None):
+        return _steps(copy.deepcopy(net), x)

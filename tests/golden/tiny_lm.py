@@ -69,10 +69,13 @@ class TinyLM(rt.CompiledModel):
     def forward(self, x, cache=None):
         x = self.check_input(x, cache)
         x = self.embed(x)  # tiny_lm.tdsl:14
-        x = rt.pre_norm(self.blocks[0].attn_norm, self.blocks[0].attn, x, cache)  # tiny_lm.tdsl:5
-        x = rt.pre_norm(self.blocks[0].mlp_norm, self.blocks[0].mlp, x)  # tiny_lm.tdsl:8
-        x = rt.pre_norm(self.blocks[1].attn_norm, self.blocks[1].attn, x, cache)  # tiny_lm.tdsl:5
-        x = rt.pre_norm(self.blocks[1].mlp_norm, self.blocks[1].mlp, x)  # tiny_lm.tdsl:8
+        x = rt.pre_norms(
+            x, cache,
+            (self.blocks[0].attn_norm, self.blocks[0].attn),  # tiny_lm.tdsl:5
+            (self.blocks[0].mlp_norm, self.blocks[0].mlp),  # tiny_lm.tdsl:8
+            (self.blocks[1].attn_norm, self.blocks[1].attn),  # tiny_lm.tdsl:5
+            (self.blocks[1].mlp_norm, self.blocks[1].mlp),  # tiny_lm.tdsl:8
+        )
         skip1 = x  # residual residual1: tiny_lm.tdsl:16
         x = self.last_attn(x, cache)  # tiny_lm.tdsl:17
         x = x + skip1  # tiny_lm.tdsl:16

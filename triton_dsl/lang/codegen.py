@@ -42,6 +42,18 @@ class _Emitter:
         self.init: list[str] = []
         self.fwd: list[str] = []
         self.skips = 0  # names for residual skip tensors: skip1, skip2, ...
+        self.run: list[tuple[str, str, str, int]] = []  # pre-norm residuals not yet emitted
+
+    def flush(self):
+        """Emit the pending pre-norm residuals: one rt.pre_norm, or rt.pre_norms for a run."""
+        run, self.run = self.run, []
+        if len(run) == 1:
+            norm, mod, args, line = run[0]
+            self.fwd.append(f"x = rt.pre_norm({norm}, {mod}, {args}){self.where(line)}")
+        elif run:
+            self.fwd += ["x = rt.pre_norms(", "    x, cache,"]
+            self.fwd += [f"    ({norm}, {mod}),{self.where(line)}" for norm, mod, _, line in run]
+            self.fwd.append(")")
 
     def where(self, line):
         return f"  # {self.fname}:{line}"
@@ -56,9 +68,11 @@ class _Emitter:
             self.init.append(f"{_attr(norm.name)} = {self.constructor(norm, dict(norm.args))}"
                              f"{self.where(norm.line)}")
             mod, args = self.composite(layer)
-            self.fwd.append(f"x = rt.pre_norm({_attr(norm.name)}, {mod}, {args})"
-                            f"{self.where(n.line)}")
+            self.run.append((_attr(norm.name), mod, args, n.line))
+            if not self.m.tokens:  # runs share a KV cache: token models only
+                self.flush()
         elif n.op is ir.Op.RESIDUAL:
+            self.flush()
             self.skips += 1
             skip = f"skip{self.skips}"
             self.fwd.append(f"{skip} = x  # residual {n.name}: {self.fname}:{n.line}")
@@ -68,9 +82,11 @@ class _Emitter:
                 self.layer(c, skip, out=skip)
             self.fwd.append(f"x = x + {skip}{self.where(n.line)}")
         elif n.op is ir.Op.COMPOSITE:
+            self.flush()
             mod, args = self.composite(n)
             self.fwd.append(f"x = {mod}({args}){self.where(n.line)}")
         else:
+            self.flush()
             self.layer(n)
 
     def composite(self, n: ir.Composite) -> tuple[str, str]:
@@ -179,6 +195,7 @@ def generate(models: list[ir.Model], path: str, source: str, fp32: bool = False)
         e = _Emitter(m, shown)
         for n in m.body:
             e.node(n)
+        e.flush()
         shape = ", ".join(map(str, m.input_shape))
         output = ", ".join(map(str, m.output_shape))
         if m.tokens:  # the sequence length varies: write it as seq

@@ -149,21 +149,21 @@ def run_attention(plan: _Plan, x, heads: int, kv_heads: int, cos, sin, kc, vc, p
     and norms, the caches kc, vc [1, kv_heads, max_len, head_dim] (contiguous, fp32 or bf16)
     and the rotary factors cos, sin [max_len, head_dim] (or None): position pos's rows."""
     _, kv, max_len, d = kc.shape
-    qkv, o = plan.lins[:2]
-    if not 0 <= pos < max_len or kv != kv_heads or heads % kv_heads or vc.shape != kc.shape \
-            or vc.dtype != kc.dtype or not (kc.is_contiguous() and vc.is_contiguous()) \
-            or qkv.n != (heads + 2 * kv) * d or o.k != heads * d or kc.shape[0] != 1:
+    _check_attention(plan, heads, kv_heads, d)
+    if not 0 <= pos < max_len or kv != kv_heads or kc.shape != (1, kv_heads, max_len, d) \
+            or vc.shape != kc.shape or vc.dtype != kc.dtype \
+            or not (kc.is_contiguous() and vc.is_contiguous()):
         raise ValueError(f"position {pos} and caches of shape {tuple(kc.shape)}, "
-                         f"{tuple(vc.shape)} do not fit {heads} heads, {kv_heads} kv heads "
-                         f"and projections of {qkv.n} and {o.k} rows")
-    _check_x(x, qkv.k, o.n if residual else None)
+                         f"{tuple(vc.shape)} do not fit {heads} heads of {d}, {kv_heads} kv "
+                         f"heads")
+    _check_x(x, plan.lins[0].k, plan.lins[1].n if residual else None)
     for name, t in (("cos", cos), ("sin", sin)):
         if t is not None and (t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != d
                               or t.shape[0] <= pos or not t.is_contiguous()):
             raise ValueError(f"{name} must be contiguous fp32 [positions > {pos}, {d}], got "
                              f"{t.dtype} of shape {tuple(t.shape)}")
     row = 4 * d * pos  # bytes to position pos's factors
-    y = torch.empty(*x.shape[:-1], o.n)
+    y = torch.empty(*x.shape[:-1], plan.lins[1].n)
     if native.library().dll.tdsl_attention_step(
             x.data_ptr(), plan.ptrs[3], plan.ptrs[0], plan.ptrs[1], heads, kv_heads, d,
             None if cos is None else cos.data_ptr() + row,
@@ -212,17 +212,120 @@ def run_mlp(plan: _Plan, x, gated: bool, activation: str,
             residual: bool = False) -> torch.Tensor:
     """The native step for x [..., dim] (one token, fp32, contiguous) with plan's projections
     (up, or gate and up joined; down) and norms."""
-    up, down = plan.lins[:2]
-    if up.n != down.k * (2 if gated else 1):
-        raise ValueError(f"up projection of {up.n} rows for a down projection of {down.k} "
-                         f"inputs (gated: {gated})")
-    _check_x(x, up.k, down.n if residual else None)
-    y = torch.empty(*x.shape[:-1], down.n)
+    _check_mlp(plan, gated)
+    _check_x(x, plan.lins[0].k, plan.lins[1].n if residual else None)
+    y = torch.empty(*x.shape[:-1], plan.lins[1].n)
     if native.library().dll.tdsl_mlp_step(
             x.data_ptr(), plan.ptrs[3], plan.ptrs[0], int(gated), ACTIVATIONS[activation],
             plan.ptrs[2], plan.ptrs[1], int(residual), y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("native feed-forward step: could not allocate scratch memory")
     return y
+
+
+class _Chain:
+    """Pre-norm residual steps (norm, layer) run in order as one native call
+    (tdsl_decode_steps): the layers' own plans, and an array of steps pointing into them and,
+    bound at each call, into the KV cache's slots and rotary tables."""
+
+    def __init__(self, modules: tuple, plans: list, dim: int):
+        self.modules, self.plans = modules, plans
+        self.steps = (native.Step * len(plans))()
+        self.attention = []  # (step, layer) of the attention layers
+        for st, plan, layer in zip(self.steps, plans, modules[1::2]):
+            st.a, st.b, st.norm, st.pre = plan.ptrs
+            if _kind(layer) == "attention":
+                _check_attention(plan, layer.heads, layer.kv_heads, layer.head_dim)
+                st.attention, st.heads, st.kv_heads = 1, layer.heads, layer.kv_heads
+                st.head_dim = layer.head_dim
+                self.attention.append((st, layer))
+            else:
+                _check_mlp(plan, layer.gated)
+                st.gated, st.activation = int(layer.gated), ACTIVATIONS[layer.activation]
+            if plan.lins[0].k != dim or plan.lins[1].n != dim:  # each adds to its input
+                raise ValueError(f"a step from {plan.lins[0].k} to {plan.lins[1].n} features "
+                                 f"in a chain of {dim}")
+        self.at = ctypes.addressof(self.steps)
+
+    def current(self, x, modules) -> bool:
+        return len(modules) == len(self.modules) and \
+            all(a is b for a, b in zip(modules, self.modules)) and \
+            all(p.current(x, pre) for p, pre in zip(self.plans, modules[::2]))
+
+    def bind(self, cache) -> bool:
+        """Point the attention steps at cache's buffers (made if new), checked to fit; False
+        where one does not (an fp16 cache, another batch size)."""
+        for st, layer in self.attention:
+            kv, d = layer.kv_heads, layer.head_dim
+            kc, vc = cache.slot(layer, 1, kv, d, torch.float32, torch.device("cpu"))
+            if kc.dtype not in CACHE_TYPES or kc.shape != (1, kv, cache.max_len, d) \
+                    or vc.shape != kc.shape or vc.dtype != kc.dtype \
+                    or not (kc.is_contiguous() and vc.is_contiguous()):
+                return False
+            st.kc, st.vc, st.cache_type = kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype]
+            st.max_len = cache.max_len
+            st.cos = st.sin = None
+            if layer.rotary:
+                cos, sin = cache.rotary(layer.inv_freq, torch.float32)
+                if cos.shape != (cache.max_len, d) or not cos.is_contiguous():
+                    return False
+                st.cos, st.sin = cos.data_ptr(), sin.data_ptr()
+        return True
+
+
+def chain(pairs: tuple, x: torch.Tensor, cache):
+    """x through the pre-norm residuals ``pairs`` ((norm, layer), ...) in order, for one token
+    of batch 1 at the cache's next position, as one native call; None where that does not
+    apply (then each pair runs as pre_norm does)."""
+    if torch.compiler.is_compiling() or cache is None or not pairs:
+        return None
+    modules = tuple(m for pair in pairs for m in pair)
+    plan = modules[1].__dict__.get("_chain")
+    if plan is None or not plan.current(x, modules):
+        plan = _chain_plan(modules, x)
+        if plan is None:
+            return None
+    pos = cache.start
+    if cache.end != pos + 1 or not 0 <= pos < cache.max_len or not plan.bind(cache):
+        return None
+    y = torch.empty_like(x)
+    if native.library().dll.tdsl_decode_steps(x.data_ptr(), plan.at, len(plan.plans), pos,
+                                              y.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("native decoding steps: could not allocate scratch memory")
+    return y
+
+
+def _kind(layer) -> str | None:
+    """transformer.py's Attention and MLP say which step they take (that module imports this
+    one, so the classes are not named here)."""
+    return getattr(type(layer), "step_kind", None)
+
+
+def _chain_plan(modules: tuple, x) -> _Chain | None:
+    plans = []
+    for pre, layer in zip(modules[::2], modules[1::2]):
+        kind = _kind(layer)
+        plan = _attention_plan(layer, x, pre) if kind == "attention" else \
+            _mlp_plan(layer, x, pre) if kind == "mlp" else None
+        if plan is None:
+            return None
+        plans.append(plan)
+    chain = modules[1].__dict__["_chain"] = _Chain(modules, plans, x.shape[-1])
+    return chain
+
+
+def _check_attention(plan: _Plan, heads: int, kv_heads: int, d: int):
+    qkv, o = plan.lins[:2]
+    if heads < 1 or kv_heads < 1 or heads % kv_heads or qkv.n != (heads + 2 * kv_heads) * d \
+            or o.k != heads * d:
+        raise ValueError(f"projections of {qkv.n} and {o.k} rows do not fit {heads} heads of "
+                         f"{d} and {kv_heads} kv heads")
+
+
+def _check_mlp(plan: _Plan, gated: bool):
+    up, down = plan.lins[:2]
+    if up.n != down.k * (2 if gated else 1):
+        raise ValueError(f"up projection of {up.n} rows for a down projection of {down.k} "
+                         f"inputs (gated: {gated})")
 
 
 def _check_x(x: torch.Tensor, k: int, out: int | None):

@@ -105,4 +105,5 @@ class Joins:
         state = dict(super().__getstate__())
         state.pop("_joined", None)
         state.pop("_step", None)
+        state.pop("_chain", None)
         return state

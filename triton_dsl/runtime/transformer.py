@@ -123,6 +123,8 @@ class Attention(Joins, nn.Module):
     F.scaled_dot_product_attention. The generated module adds the projections q, k, v, o (and
     o_norm, an RMSNorm before o, with sub_norm)."""
 
+    step_kind = "attention"  # the native step a token takes (decode_step.py)
+
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, causal: bool = True,
                  rotary: bool = True, max_len: int = 2048, sub_norm: bool = False):
         super().__init__()
@@ -198,9 +200,24 @@ def pre_norm(norm: nn.Module, layer: nn.Module, x: torch.Tensor, *args) -> torch
     return layer(norm(x), *args) + x if y is None else y
 
 
+def pre_norms(x: torch.Tensor, cache: KVCache | None, *pairs) -> torch.Tensor:
+    """x through the pre-norm residuals ``pairs`` ((norm, layer), ...) in order, each as
+    pre_norm: a transformer's blocks. One token of a frozen model runs them all as one native
+    call (decode_step.chain), so a decoding step returns to Python once, not twice a block."""
+    y = decode_step.chain(pairs, x, cache)
+    if y is not None:
+        return y
+    for norm, layer in pairs:
+        x = pre_norm(norm, layer, x, cache) if isinstance(layer, Attention) else \
+            pre_norm(norm, layer, x)
+    return x
+
+
 class MLP(Joins, nn.Module):
     """Feed-forward block: down(act(up(x))), or with a gate down(act(gate(x)) * up(x)) (SwiGLU
     with silu). The generated module adds up, gate, down (and down_norm with sub_norm)."""
+
+    step_kind = "mlp"  # the native step a token takes (decode_step.py)
 
     def __init__(self, gate: bool = False, activation: str = "silu", sub_norm: bool = False):
         super().__init__()
