@@ -245,11 +245,18 @@ class _Chain:
                 raise ValueError(f"a step from {plan.lins[0].k} to {plan.lins[1].n} features "
                                  f"in a chain of {dim}")
         self.at = ctypes.addressof(self.steps)
+        # the plans' currency checks, flattened: a step makes one pass, not one a layer
+        self.shape = plans[0].shape
+        self.members = [pair for p in plans for pair in p.members]
+        self.weights = [pair for p in plans for pair in p.weights]
 
     def current(self, x, modules) -> bool:
-        return len(modules) == len(self.modules) and \
-            all(a is b for a, b in zip(modules, self.modules)) and \
-            all(p.current(x, pre) for p, pre in zip(self.plans, modules[::2]))
+        """Plan.current for every layer at once; the modules compare by identity."""
+        return (modules == self.modules and x.shape == self.shape
+                and x.dtype is torch.float32 and x.is_contiguous() and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and not interpreting()
+                and all(m.prepared is p for m, p in self.members)
+                and all(w.data_ptr() == at for w, at in self.weights))
 
     def bind(self, cache) -> bool:
         """Point the attention steps at cache's buffers (made if new), checked to fit; False
