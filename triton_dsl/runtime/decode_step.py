@@ -106,20 +106,25 @@ class _Plan:
                           self._hold(form.weight), self._hold(form.scale), w_sum, bias)
 
 
+def _current_plan(mod, x, pre, build) -> _Plan | None:
+    """mod's plan when it is current for x, else build(mod, x, pre): a new one, or None."""
+    plan = mod.__dict__.get("_step")
+    return plan if plan is not None and plan.current(x, pre) else build(mod, x, pre)
+
+
 def attention(attn, x: torch.Tensor, cache, pre=None, residual: bool = False):
     """attn's output for x [1, 1, dim] at the cache's next position through one native call,
     or with ``pre`` (an RMSNorm) and ``residual`` x + attn(pre(x), cache); None where the step
     does not apply."""
     if torch.compiler.is_compiling():  # the members' own custom ops (compile_ops.py)
         return None
-    plan = attn.__dict__.get("_step")
-    if plan is None or not plan.current(x, pre):
-        plan = _attention_plan(attn, x, pre)
-        if plan is None:
-            return None
+    plan = _current_plan(attn, x, pre, _attention_plan)
+    if plan is None:
+        return None
     kc, vc = cache.slot(attn, 1, attn.kv_heads, attn.head_dim, torch.float32, x.device)
     if kc.dtype not in CACHE_TYPES or cache.end != cache.start + 1:
-        return None  # fp16: torch's attention; a wrong slot or step: torch says what is wrong
+        return None  # fp16: torch's attention; a step of another length: torch's path
+    # a slot of another shape (the cache held a batch of 2): run_attention says so
     cos = sin = None
     if attn.rotary:
         cos, sin = cache.rotary(attn.inv_freq, torch.float32)
@@ -180,11 +185,9 @@ def mlp(block, x: torch.Tensor, pre=None, residual: bool = False):
     apply."""
     if torch.compiler.is_compiling():
         return None
-    plan = block.__dict__.get("_step")
-    if plan is None or not plan.current(x, pre):
-        plan = _mlp_plan(block, x, pre)
-        if plan is None:
-            return None
+    plan = _current_plan(block, x, pre, _mlp_plan)
+    if plan is None:
+        return None
     return run_mlp(plan, x, block.gated, block.activation, residual)
 
 
