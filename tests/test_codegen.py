@@ -87,3 +87,22 @@ def test_state_dict_save_and_to(tmp_path):
     assert torch.equal(net(x), other(x))
     assert net.to(torch.float64)(x.double()).dtype == torch.float64
     pickle.dumps(net)  # the whole module pickles (its class lives in a registered module)
+
+
+def test_a_pre_norm_residual_nested_in_another_runs_before_its_add():
+    """Pre-norm residuals wait to be emitted as one rt.pre_norms run; one at the end of an
+    outer residual's body must still come before that residual's add."""
+    import torch
+    import triton_dsl
+    src = ("model LM:\n    input tokens(vocab=64, max_len=16)\n    layer embed: embedding(32)\n"
+           "    residual outer:\n        layer fc: linear(32)\n        residual:\n"
+           "            layer n1: rmsnorm\n            layer attn: attention(heads=4)\n"
+           "    layer head: linear(64)\n")
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(src)().eval()
+    x = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        e = net.embed(x)
+        h = net.fc(e)
+        want = net.head(e + h + net.attn(net.n1(h)))
+        torch.testing.assert_close(net(x), want)

@@ -131,10 +131,10 @@ def test_rotary_angles_are_computed_once_a_cache():
     cache = rt.KVCache(24)
     with torch.no_grad():
         net(torch.randint(0, 64, (1, 5)), cache)
-        cos, sin = cache.rotary(net.blocks[0].attn.inv_freq, torch.float32)
+        cos, sin = cache.rotary(net.blocks[0].attn.inv_freq, torch.float32, 6)
         net(torch.randint(0, 64, (1, 1)), cache)
     assert len(cache.tables) == 1  # both layers, every step: one table of every position
-    assert cache.rotary(net.blocks[1].attn.inv_freq, torch.float32)[0] is cos
+    assert cache.rotary(net.blocks[1].attn.inv_freq, torch.float32, 6)[0] is cos
     want = rt.transformer.angles(net.blocks[0].attn.inv_freq, 3, 4, torch.float32)
     torch.testing.assert_close((cos[3:4], sin[3:4]), want)
 

@@ -35,13 +35,21 @@ def _identity(n):
     return PackedNative(torch.eye(n, dtype=torch.int8), torch.ones(n), True)
 
 
+def _plan(lins, norm=None, pre=None):
+    """A step's plan for these (form, bias, act) projections, a sub-norm and a pre-norm."""
+    owner = torch.nn.Module()
+    if norm is not None:
+        owner.sub = norm
+    return decode_step._Plan(owner, (), lins, "sub" if norm is not None else None, pre)
+
+
 def close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=3e-5 * want.abs().max().item())
 
 
 def _angles(d, max_len):
     """The rotary tables [max_len, d] a KV cache holds."""
-    return rt.KVCache(max_len).rotary(Attention(d, heads=1).inv_freq, torch.float32)
+    return rt.KVCache(max_len).rotary(Attention(d, heads=1).inv_freq, torch.float32, max_len)
 
 
 @needs_native
@@ -53,7 +61,7 @@ def test_attention_step_matches_its_twin(heads, kv, d, pos, dtype):
     dim, max_len = heads * d, 48
     qkv, o = _ternary((heads + 2 * kv) * d, dim, gen), _identity(dim)
     bias = torch.randn(qkv.n, generator=gen)
-    plan = decode_step._Plan([], [(qkv, bias, "dynamic"), (o, None, "none")], None)
+    plan = _plan([(qkv, bias, "dynamic"), (o, None, "none")])
     kc = torch.randn(1, kv, max_len, d, generator=gen).to(dtype)
     vc = torch.randn(1, kv, max_len, d, generator=gen).to(dtype)
     x = torch.randn(1, 1, dim, generator=gen)
@@ -80,7 +88,7 @@ def test_attention_step_without_rotary_with_a_norm_and_nan():
     with torch.no_grad():
         norm.weight.uniform_(0.5, 2, generator=gen)
     pre = rt.RMSNorm(dim, elementwise_affine=False)  # the block's norm, before the layer
-    plan = decode_step._Plan([], [(qkv, None, "none"), (o, None, "none")], norm, pre)
+    plan = _plan([(qkv, None, "none"), (o, None, "none")], norm, pre)
     kc, vc = torch.randn(2, 1, heads, max_len, d, generator=gen)
     x = torch.randn(1, 1, dim, generator=gen)
     y = decode_step.run_attention(plan, x, heads, heads, None, None, kc, vc, pos,
@@ -104,7 +112,7 @@ def test_attention_step_without_rotary_with_a_norm_and_nan():
 def test_attention_step_refuses_what_does_not_fit():
     gen = torch.Generator().manual_seed(0)
     qkv, o = _ternary(48, 16, gen), _identity(16)
-    plan = decode_step._Plan([], [(qkv, None, "none"), (o, None, "none")], None)
+    plan = _plan([(qkv, None, "none"), (o, None, "none")])
     kc, vc = torch.zeros(2, 1, 4, 8, 4)
     x = torch.randn(1, 1, 16)
     for bad in (dict(pos=8), dict(pos=-1), dict(heads=3), dict(x=torch.randn(1, 1, 17)),
@@ -130,7 +138,7 @@ def test_mlp_step_matches_its_twin(gated, activation, with_norm):
     if with_norm:
         with torch.no_grad():
             pre.weight.uniform_(0.5, 2, generator=gen)
-    plan = decode_step._Plan([], [(up, None, "dynamic"), (down, None, "none")], norm, pre)
+    plan = _plan([(up, None, "dynamic"), (down, None, "none")], norm, pre)
     x = torch.randn(1, 1, dim, generator=gen)
     x[0, 0, 3] = 40.0  # a wide range: GELU's tails, ReLU's zeros
     y = decode_step.run_mlp(plan, x, gated, activation, residual=with_norm)
@@ -246,7 +254,11 @@ def test_a_chain_with_a_layer_it_cannot_run_runs_layer_by_layer(cpu_paths):
     net = rt.freeze(_net(SRC + "    layer blocks.1.attn.q: int8(activations=dynamic)\n"))
     x = torch.randint(0, 64, (1, 8))
     got = _steps(net, x)
-    assert "_chain" not in net.blocks[0].attn.__dict__  # q, k, v of block 1 do not join
+    # q, k, v of block 1 do not join: remembered, so tokens go layer by layer at once
+    assert isinstance(net.blocks[0].attn.__dict__["_chain"], decode_step._Unchained)
+    step = net.blocks[0].mlp.__dict__["_step"]
+    _steps(net, x)
+    assert net.blocks[0].mlp.__dict__["_step"] is step  # the other layers' plans are kept
     assert "_step" in net.blocks[0].mlp.__dict__  # the others still step natively
     torch.testing.assert_close(got, _decode_torch(net, x), rtol=2e-3, atol=2e-3)
 
@@ -257,3 +269,91 @@ def _decode_torch(net, x):
             mock.patch.object(decode_step, "attention", lambda *a, **k: None), \
             mock.patch.object(decode_step, "mlp", lambda *a, **k: None):
         return _steps(copy.deepcopy(net), x)
+
+
+def _torch_path(monkeypatch):
+    monkeypatch.setattr(decode_step, "chain", lambda *a: None)
+    monkeypatch.setattr(decode_step, "attention", lambda *a, **k: None)
+    monkeypatch.setattr(decode_step, "mlp", lambda *a, **k: None)
+
+
+@needs_native
+def test_two_threads_decode_with_their_own_caches(cpu_paths):
+    """Each call binds its own copy of the chain's steps: a shared array let one thread's
+    call read the other's cache (wrong numbers, or memory out of bounds)."""
+    import threading
+    net = rt.freeze(_net(SRC.replace("max_len=24", "max_len=40")))
+    xs = [torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n))
+          for n in (40, 12)]  # caches of different lengths
+    want = [_steps(net, x) for x in xs]
+    got = {}
+
+    def run(i):
+        got[i] = [_steps(net, xs[i]) for _ in range(5)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(y, want[i]) for i in (0, 1) for y in got[i])
+
+
+@needs_native
+def test_steps_follow_layers_and_parameters_changed_after_a_first_token(cpu_paths,
+                                                                        monkeypatch):
+    """A plan is current only while what it copied or points to is unchanged: replaced
+    layers and norms, weights and biases in new memory, a new eps."""
+    other = rt.freeze(_net(seed=1))
+    net = rt.freeze(_net(SRC.replace("sub_norm=true)", "sub_norm=true, bias=true)")))
+    x = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(7))
+    b0 = net.blocks[0]
+    edits = [lambda: setattr(b0.attn, "q", copy.deepcopy(other.blocks[0].attn.q)),
+             lambda: setattr(b0.mlp, "down", copy.deepcopy(other.blocks[0].mlp.down)),
+             lambda: setattr(b0.attn, "o_norm", copy.deepcopy(other.blocks[0].attn.o_norm)),
+             lambda: setattr(b0.attn_norm, "weight",
+                             torch.nn.Parameter(2 * b0.attn_norm.weight.detach())),
+             lambda: setattr(b0.mlp_norm, "eps", 0.5),
+             lambda: setattr(b0.attn.o.bias, "data", b0.attn.o.bias.data + 1)]
+    for edit in edits:
+        _steps(net, x)  # plans built
+        edit()
+        got = _steps(net, x)
+        with monkeypatch.context() as m:
+            _torch_path(m)
+            torch.testing.assert_close(got, _steps(net, x), rtol=2e-3, atol=2e-3)
+
+
+@needs_native
+def test_a_norm_weight_of_another_length_never_reaches_native_code(cpu_paths):
+    net = rt.freeze(_net())
+    x = torch.randint(0, 64, (1, 6))
+    _steps(net, x)
+    w = net.blocks[0].attn.o_norm.weight
+    w.data = torch.ones(64)[:1]  # 1 weight for 32 features
+    with pytest.raises(ValueError, match="weight"):  # torch's own complaint
+        _steps(net, x)
+
+
+@needs_native
+def test_half_drops_the_native_plans(cpu_paths):
+    net = rt.freeze(_net())
+    _steps(net, torch.randint(0, 64, (1, 6)))
+    net.half()
+    assert not {"_step", "_chain", "_joined"} & set(net.blocks[0].attn.__dict__)
+
+
+def test_rotary_tables_grow_with_the_context():
+    cache = rt.KVCache(65536)
+    inv = Attention(128, heads=1).inv_freq
+    cos, _ = cache.rotary(inv, torch.float32, 10)
+    assert cos.shape == (64, 128)  # not 65536 rows up front
+    cos2, _ = cache.rotary(inv, torch.float32, 100)
+    assert cos2.shape == (128, 128) and torch.equal(cos2[:64], cos)
+
+
+def test_rejected_token_ids_do_not_advance_the_cache():
+    net = _net()
+    cache = rt.KVCache(24)
+    with torch.no_grad(), pytest.raises(ValueError, match="token ids"):
+        net(torch.tensor([[64]]), cache)
+    assert cache.end == 0

@@ -78,6 +78,7 @@ class _Emitter:
             self.fwd.append(f"{skip} = x  # residual {n.name}: {self.fname}:{n.line}")
             for c in n.body:
                 self.node(c)
+            self.flush()  # the body's own pre-norm residuals come before the add
             for c in n.shortcut:  # projection layers, applied to the skip tensor
                 self.layer(c, skip, out=skip)
             self.fwd.append(f"x = x + {skip}{self.where(n.line)}")

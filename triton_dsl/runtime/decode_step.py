@@ -48,38 +48,58 @@ def _packed(mod, x):
 
 def _fits(norm, n: int) -> bool:
     """Whether the native step can apply norm (none, or an RMSNorm over n features with an
-    fp32 weight or none)."""
+    fp32 weight [n] or none)."""
     if norm is None:
         return True
     w = getattr(norm, "weight", None)
     return isinstance(norm, nn.RMSNorm) and tuple(norm.normalized_shape) == (n,) and (
         w is None or (w.dtype is torch.float32 and w.device.type == "cpu"
-                      and w.is_contiguous()))
+                      and w.shape == (n,) and w.is_contiguous()))
+
+
+def _ptr(t) -> int | None:
+    """Where a tensor's data lives (None for anything else: torch's quantized Linear has a
+    bias() method)."""
+    return t.data_ptr() if isinstance(t, torch.Tensor) else None
+
+
+def _snapshot(owner, names: tuple, norm_name: str | None, pre) -> tuple:
+    """What a plan's structs copy or point to, compared with ==: the layers themselves (the
+    owner's children now, by identity), their prepared forms and where their biases live; the
+    norms, where their weights live (and shape), and eps."""
+    out = []
+    for n in names:
+        m = owner._modules.get(n)
+        out += (m, getattr(m, "prepared", None), _ptr(getattr(m, "bias", None)))
+    for norm in (owner._modules.get(norm_name) if norm_name else None, pre):
+        w = getattr(norm, "weight", None)
+        out += (norm, getattr(norm, "eps", None), _ptr(w), None if w is None else w.shape)
+    return tuple(out)
 
 
 class _Plan:
     """The C structs of one module's step for inputs of one shape, built once. It holds what
-    they point into (the packed forms, biases, norm weights), so the memory stays valid; it is
-    current while the projection layers keep their prepared forms (a checkpoint save or a
-    reload replaces them) and the norms' weights stay where the structs point."""
+    they point into (the packed forms, biases, norm weights), so that memory stays valid, and
+    it is current while nothing they were built from has changed (_snapshot): a layer or norm
+    replaced, a checkpoint save or reload (new prepared forms), a weight or bias given new
+    memory, an eps changed."""
 
-    def __init__(self, members: list, lins: list, norm=None, pre=None, shape=None):
-        self.members = [(m, m.prepared) for m in members]
-        self.shape, self.pre_module = shape, pre
+    def __init__(self, owner, names: tuple, lins: list, norm_name=None, pre=None, shape=None):
+        self.owner, self.names, self.norm_name = owner, names, norm_name
+        self.snapshot = _snapshot(owner, names, norm_name, pre)
+        self.shape = shape
         self.keep = []  # tensors the structs point into
-        self.weights = []  # (norm weight, the address the struct holds)
         self.lins = [self._lin(*p) for p in lins]
+        norm = owner._modules.get(norm_name) if norm_name else None
         self.norm, self.pre = self._norm(norm), self._norm(pre)
         self.ptrs = [ctypes.addressof(s) for s in (*self.lins, self.norm, self.pre)]
 
+    def same(self, pre) -> bool:
+        return _snapshot(self.owner, self.names, self.norm_name, pre) == self.snapshot
+
     def current(self, x: torch.Tensor, pre) -> bool:
-        """Whether this plan runs x now (after the caller found the compiler not tracing):
-        a cheap check, a decoding step makes eight of them."""
-        return (pre is self.pre_module and x.shape == self.shape and x.dtype is torch.float32
-                and x.is_contiguous() and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and not interpreting()
-                and all(m.prepared is p for m, p in self.members)
-                and all(w.data_ptr() == at for w, at in self.weights))
+        """Whether this plan runs x now (after the caller found the compiler not tracing)."""
+        return _token_like(x, self.shape) and self.same(pre)
 
     def _hold(self, t: torch.Tensor) -> int:
         t = t.contiguous()
@@ -89,10 +109,7 @@ class _Plan:
     def _norm(self, norm) -> native.Norm:
         if norm is None:
             return native.Norm(0, 0.0, None)
-        w = None
-        if norm.weight is not None:
-            w = self._hold(norm.weight.detach())
-            self.weights.append((norm.weight, w))
+        w = None if norm.weight is None else self._hold(norm.weight.detach())
         return native.Norm(1, torch.finfo(torch.float32).eps if norm.eps is None else norm.eps,
                            w)
 
@@ -104,6 +121,11 @@ class _Plan:
         w_sum = None if form.w_sum is None else self._hold(form.w_sum)
         return native.Lin(form.kind, 0 if act == "dynamic" else 1, form.n, form.k,
                           self._hold(form.weight), self._hold(form.scale), w_sum, bias)
+
+
+def _token_like(x: torch.Tensor, shape) -> bool:
+    return (x.shape == shape and x.dtype is torch.float32 and x.is_contiguous()
+            and x.device.type == "cpu" and not torch.is_grad_enabled() and not interpreting())
 
 
 def _current_plan(mod, x, pre, build) -> _Plan | None:
@@ -127,7 +149,7 @@ def attention(attn, x: torch.Tensor, cache, pre=None, residual: bool = False):
     # a slot of another shape (the cache held a batch of 2): run_attention says so
     cos = sin = None
     if attn.rotary:
-        cos, sin = cache.rotary(attn.inv_freq, torch.float32)
+        cos, sin = cache.rotary(attn.inv_freq, torch.float32, cache.end)
     return run_attention(plan, x, attn.heads, attn.kv_heads, cos, sin, kc, vc, cache.start,
                          residual)
 
@@ -142,9 +164,9 @@ def _attention_plan(attn, x, pre) -> _Plan | None:
     if qkv is None or qkv.form is None or o is None or \
             not (_fits(pre, x.shape[-1]) and _fits(norm, o[0].k)):
         return None
-    plan = attn.__dict__["_step"] = _Plan(
-        [attn._modules[n] for n in ("q", "k", "v", "o")],
-        [(qkv.form, qkv.bias, qkv.act), o], norm, pre, x.shape)
+    names, norm_name = _layout(attn)
+    plan = attn.__dict__["_step"] = _Plan(attn, names, [(qkv.form, qkv.bias, qkv.act), o],
+                                          norm_name, pre, x.shape)
     return plan
 
 
@@ -195,9 +217,8 @@ def _mlp_plan(block, x, pre) -> _Plan | None:
     lib = native.loaded()
     if lib is None or not _one_token(x):
         return None
-    names = ("gate", "up") if block.gated else ("up",)
     if block.gated:
-        j = joined_for(block, names, x)
+        j = joined_for(block, ("gate", "up"), x)
         up = None if j is None or j.form is None else (j.form, j.bias, j.act)
     else:
         up = _packed(block._modules["up"], x)
@@ -206,8 +227,8 @@ def _mlp_plan(block, x, pre) -> _Plan | None:
     norm = block._modules.get("down_norm")
     if up is None or down is None or not (_fits(pre, x.shape[-1]) and _fits(norm, down[0].k)):
         return None
-    plan = block.__dict__["_step"] = _Plan(
-        [block._modules[n] for n in (*names, "down")], [up, down], norm, pre, x.shape)
+    names, norm_name = _layout(block)
+    plan = block.__dict__["_step"] = _Plan(block, names, [up, down], norm_name, pre, x.shape)
     return plan
 
 
@@ -233,53 +254,48 @@ class _Chain:
     def __init__(self, modules: tuple, plans: list, dim: int):
         self.modules, self.plans = modules, plans
         self.steps = (native.Step * len(plans))()
-        self.attention = []  # (step, layer) of the attention layers
-        for st, plan, layer in zip(self.steps, plans, modules[1::2]):
+        self.attention = []  # (index, layer) of the attention steps
+        for i, (st, plan, layer) in enumerate(zip(self.steps, plans, modules[1::2])):
             st.a, st.b, st.norm, st.pre = plan.ptrs
             if _kind(layer) == "attention":
                 _check_attention(plan, layer.heads, layer.kv_heads, layer.head_dim)
                 st.attention, st.heads, st.kv_heads = 1, layer.heads, layer.kv_heads
                 st.head_dim = layer.head_dim
-                self.attention.append((st, layer))
+                self.attention.append((i, layer))
             else:
                 _check_mlp(plan, layer.gated)
                 st.gated, st.activation = int(layer.gated), ACTIVATIONS[layer.activation]
             if plan.lins[0].k != dim or plan.lins[1].n != dim:  # each adds to its input
                 raise ValueError(f"a step from {plan.lins[0].k} to {plan.lins[1].n} features "
                                  f"in a chain of {dim}")
-        self.at = ctypes.addressof(self.steps)
-        # the plans' currency checks, flattened: a step makes one pass, not one a layer
         self.shape = plans[0].shape
-        self.members = [pair for p in plans for pair in p.members]
-        self.weights = [pair for p in plans for pair in p.weights]
 
     def current(self, x, modules) -> bool:
-        """Plan.current for every layer at once; the modules compare by identity."""
-        return (modules == self.modules and x.shape == self.shape
-                and x.dtype is torch.float32 and x.is_contiguous() and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and not interpreting()
-                and all(m.prepared is p for m, p in self.members)
-                and all(w.data_ptr() == at for w, at in self.weights))
+        """Plan.current for every layer, the modules (norms and layers) by identity."""
+        return modules == self.modules and _token_like(x, self.shape) and \
+            all(p.same(pre) for p, pre in zip(self.plans, modules[::2]))
 
-    def bind(self, cache) -> bool:
-        """Point the attention steps at cache's buffers (made if new), checked to fit; False
-        where one does not (an fp16 cache, another batch size)."""
-        for st, layer in self.attention:
-            kv, d = layer.kv_heads, layer.head_dim
+    def bound(self, cache):
+        """A copy of the steps pointing at cache's buffers (made if new) and rotary tables,
+        each checked to fit; None where one does not (an fp16 cache, another batch size). A
+        copy per call: two threads decoding with two caches must not share one array."""
+        steps = type(self.steps)()
+        ctypes.memmove(steps, self.steps, ctypes.sizeof(steps))
+        for i, layer in self.attention:
+            st, kv, d = steps[i], layer.kv_heads, layer.head_dim
             kc, vc = cache.slot(layer, 1, kv, d, torch.float32, torch.device("cpu"))
             if kc.dtype not in CACHE_TYPES or kc.shape != (1, kv, cache.max_len, d) \
                     or vc.shape != kc.shape or vc.dtype != kc.dtype \
                     or not (kc.is_contiguous() and vc.is_contiguous()):
-                return False
+                return None
             st.kc, st.vc, st.cache_type = kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype]
             st.max_len = cache.max_len
-            st.cos = st.sin = None
             if layer.rotary:
-                cos, sin = cache.rotary(layer.inv_freq, torch.float32)
-                if cos.shape != (cache.max_len, d) or not cos.is_contiguous():
-                    return False
+                cos, sin = cache.rotary(layer.inv_freq, torch.float32, cache.end)
+                if cos.shape[0] < cache.end or cos.shape[1] != d or not cos.is_contiguous():
+                    return None
                 st.cos, st.sin = cos.data_ptr(), sin.data_ptr()
-        return True
+        return steps
 
 
 def chain(pairs: tuple, x: torch.Tensor, cache):
@@ -292,13 +308,14 @@ def chain(pairs: tuple, x: torch.Tensor, cache):
     plan = modules[1].__dict__.get("_chain")
     if plan is None or not plan.current(x, modules):
         plan = _chain_plan(modules, x)
-        if plan is None:
-            return None
+    if plan is None or isinstance(plan, _Unchained):
+        return None
     pos = cache.start
-    if cache.end != pos + 1 or not 0 <= pos < cache.max_len or not plan.bind(cache):
+    steps = plan.bound(cache) if cache.end == pos + 1 and 0 <= pos < cache.max_len else None
+    if steps is None:
         return None
     y = torch.empty_like(x)
-    if native.library().dll.tdsl_decode_steps(x.data_ptr(), plan.at, len(plan.plans), pos,
+    if native.library().dll.tdsl_decode_steps(x.data_ptr(), steps, len(plan.plans), pos,
                                               y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("native decoding steps: could not allocate scratch memory")
     return y
@@ -310,13 +327,44 @@ def _kind(layer) -> str | None:
     return getattr(type(layer), "step_kind", None)
 
 
-def _chain_plan(modules: tuple, x) -> _Chain | None:
+class _Unchained:
+    """What a chain that cannot run natively was tried with (a layer of another precision,
+    say): while nothing of it changes, the next token goes straight to the layer-by-layer
+    path instead of trying every layer again."""
+
+    def __init__(self, modules: tuple, x):
+        self.modules, self.shape = modules, x.shape
+        self.snapshots = self._snapshots(modules)
+
+    @staticmethod
+    def _snapshots(modules) -> tuple:
+        return tuple(_snapshot(layer, *_layout(layer), pre)
+                     for pre, layer in zip(modules[::2], modules[1::2]))
+
+    def current(self, x, modules) -> bool:
+        return modules == self.modules and _token_like(x, self.shape) and \
+            self._snapshots(modules) == self.snapshots
+
+
+def _layout(layer) -> tuple:
+    """(the projection children, the sub-norm child) a step of ``layer`` reads."""
+    if _kind(layer) == "attention":
+        return ("q", "k", "v", "o"), "o_norm"
+    if _kind(layer) == "mlp":
+        return ("gate", "up", "down") if layer.gated else ("up", "down"), "down_norm"
+    return (), None
+
+
+def _chain_plan(modules: tuple, x) -> _Chain | _Unchained | None:
     plans = []
     for pre, layer in zip(modules[::2], modules[1::2]):
-        kind = _kind(layer)
-        plan = _attention_plan(layer, x, pre) if kind == "attention" else \
-            _mlp_plan(layer, x, pre) if kind == "mlp" else None
+        kind = _kind(layer)  # the layers' own plans where current, so a layer that cannot
+        # join the chain does not make the others rebuild theirs every token
+        plan = _current_plan(layer, x, pre, _attention_plan) if kind == "attention" else \
+            _current_plan(layer, x, pre, _mlp_plan) if kind == "mlp" else None
         if plan is None:
+            if _one_token(x) and native.loaded() is not None:  # remember; else x says it all
+                modules[1].__dict__["_chain"] = _Unchained(modules, x)
             return None
         plans.append(plan)
     chain = modules[1].__dict__["_chain"] = _Chain(modules, plans, x.shape[-1])

@@ -26,6 +26,7 @@ class Joined:
     def __init__(self, key, mods, runs=None, reuse: "Joined | None" = None):
         self.key, self.mods = key, mods
         self.prepared = tuple(getattr(m, "prepared", None) for m in mods)
+        self.biases = _bias_ptrs(mods)  # the joined bias is a copy: rebuilt if one moves
         self.form, self.forms = None, []
         if runs is None:
             return
@@ -44,13 +45,19 @@ class Joined:
 
     def current(self, key) -> bool:
         return key == self.key and all(getattr(m, "prepared", None) is p
-                                       for m, p in zip(self.mods, self.prepared))
+                                       for m, p in zip(self.mods, self.prepared)) \
+            and _bias_ptrs(self.mods) == self.biases
 
     def __call__(self, x):
         if self.form is None:
             return tuple(m(x) for m in self.mods)
         y = self.run(as_rows(x), self.bias)
         return y.view(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1)
+
+
+def _bias_ptrs(mods) -> tuple:
+    return tuple(m.bias.data_ptr() if isinstance(getattr(m, "bias", None), torch.Tensor)
+                 else None for m in mods)
 
 
 def project(owner: torch.nn.Module, names: tuple, x: torch.Tensor) -> tuple:
@@ -101,9 +108,15 @@ class Joins:
     """Mixin for a module whose forward uses project(): pickling and copies carry the members'
     buffers, never a joined native form (nor a native decoding step, decode_step.py)."""
 
+    NATIVE = ("_joined", "_step", "_chain")  # what the decoding path builds on the module
+
     def __getstate__(self):
         state = dict(super().__getstate__())
-        state.pop("_joined", None)
-        state.pop("_step", None)
-        state.pop("_chain", None)
+        for name in self.NATIVE:
+            state.pop(name, None)
         return state
+
+    def _apply(self, fn, *args, **kwargs):  # half(), to(): the forms are rebuilt; drop these
+        for name in self.NATIVE:       # now, so they do not keep the old ones alive
+            self.__dict__.pop(name, None)
+        return super()._apply(fn, *args, **kwargs)

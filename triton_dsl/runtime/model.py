@@ -47,9 +47,7 @@ class CompiledModel(nn.Module):
             raise ValueError(f"{name} expects token ids of shape [batch, seq] (integers, "
                              f"1 <= seq <= {self.max_len}), got {x.dtype} of shape "
                              f"{list(x.shape)}")
-        if cache is not None:
-            cache.step(x.shape[1])
-        elif x.shape[1] > self.max_len:
+        if cache is None and x.shape[1] > self.max_len:
             raise ValueError(f"{name}: a sequence of {x.shape[1]} tokens is longer than "
                              f"max_len={self.max_len}")
         if not torch.compiler.is_compiling() and x.numel():
@@ -60,6 +58,8 @@ class CompiledModel(nn.Module):
                 lo, hi = x.min(), x.max()
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"{name}: token ids must be in 0..{self.vocab_size - 1}")
+        if cache is not None:  # only a call that will run advances the cache
+            cache.step(x.shape[1])
         return x.long()
 
     def example_input(self, batch: int = 1, generator=None) -> torch.Tensor:

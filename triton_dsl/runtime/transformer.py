@@ -90,13 +90,16 @@ class KVCache:
         values[:, :, self.start:self.end] = v
         return keys[:, :, :self.end], values[:, :, :self.end]
 
-    def rotary(self, inv_freq: torch.Tensor, dtype: torch.dtype):
-        """(cos, sin) [max_len, head_dim] for rotate() at every position the cache holds,
-        computed on first use for each head size: a step then slices rows, no tensor math."""
+    def rotary(self, inv_freq: torch.Tensor, dtype: torch.dtype, end: int):
+        """(cos, sin) [n, head_dim] for rotate() at positions 0..n-1, n >= end, one table per
+        head size for every layer: a step slices rows, no tensor math. A table grows by
+        doubling (up to max_len) as the context does."""
         key = (inv_freq.numel(), dtype, inv_freq.device)
-        if key not in self.tables:
-            self.tables[key] = angles(inv_freq, 0, self.max_len, dtype)
-        return self.tables[key]
+        table = self.tables.get(key)
+        if table is None or table[0].shape[0] < end:
+            n = min(max(end, 64, 2 * (0 if table is None else table[0].shape[0])), self.max_len)
+            table = self.tables[key] = angles(inv_freq, 0, max(n, end), dtype)
+        return table
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for kv in self.slots.values() for t in kv)
@@ -143,7 +146,7 @@ class Attention(Joins, nn.Module):
         shared by every layer of the same head size."""
         if cache is None:
             return angles(self.inv_freq, start, end, dtype)
-        cos, sin = cache.rotary(self.inv_freq, dtype)
+        cos, sin = cache.rotary(self.inv_freq, dtype, end)
         return cos[start:end], sin[start:end]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
