@@ -1,12 +1,16 @@
 """One decoding step of a frozen attention layer or feed-forward block as one native call
-(kernels/cpu_decode.c): one token of batch 1, fp32 on the CPU, every projection packed for the
-native kernel (an attention's q, k, v and a gated MLP's gate and up joined, joined.py). At
-batch 1 the projections are about half of a step; the other half was some thirty small
-tensor ops and module calls per block, each a few microseconds of fixed cost.
+(kernels/cpu_decode.c), and a chain of them (a transformer's blocks, rt.pre_norms) as one
+call: one token of batch 1, fp32 on the CPU, every projection packed for the native kernel
+(an attention's q, k, v and a gated MLP's gate and up joined, joined.py). At batch 1 the
+projections are about half of a step; the other half was some thirty small tensor ops and
+module calls per block, each a few microseconds of fixed cost, more with the caches cold
+after the weights streamed through.
 
-Anything else returns None and the caller runs its torch path: training or gradients, the
-compiler tracing, longer inputs, other forms (dense choices, static activations), an fp16 KV
-cache. reference_attention() is the pure-PyTorch twin the tests hold the native step to.
+A plan holds the C structs of one module's step and what they point into; it is used while a
+snapshot of what it was built from still holds (_snapshot). Anything else returns None and
+the caller runs its torch path: training or gradients, the compiler tracing, longer inputs,
+other forms (dense choices, static activations), an fp16 KV cache. reference_attention() is
+the pure-PyTorch twin the tests hold the native step to.
 """
 from __future__ import annotations
 
