@@ -63,7 +63,7 @@ class KVCache:
         self.max_len, self.dtype = max_len, dtype
         self.start = self.end = 0  # this step's positions: start..end-1
         self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.tables: dict = {}  # rotary factors for every position, per head size
+        self.tables: dict = {}  # rotary factors per head size, grown with the context
 
     def step(self, seq: int):
         if self.end + seq > self.max_len:
