@@ -271,3 +271,22 @@ def test_portable_build_never_serves_layers(monkeypatch):
     portable = native.Library(native.build(ISA_FLAGS["scalar"]))
     monkeypatch.setattr(native, "library", lambda: portable)
     assert not cpu.native_fits(64) and not cpu.native_int8()
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 4095, 4097, 70001])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_u8_matches_its_twin(lib, n, symmetric):
+    """Static int8 activations (the int8 convolution's input), on every path and length
+    (vector loop, tail, the threads' blocks): the twin is torch.round(x / s) + zp, clamped."""
+    g = torch.Generator().manual_seed(n)
+    scale, zp, lo, hi = (0.05, 128, 1, 255) if symmetric else (0.03, 7, 0, 255)
+    x = torch.randn(n, generator=g) * 4
+    if n > 8:
+        x[:4] = torch.tensor([2.5, -2.5, 0.5, 1.5]) * scale  # halfway: to even
+        x[4:8] = torch.tensor([1e30, -1e30, float("inf"), float("-inf")])
+    want = torch.clamp(torch.round(x / scale) + zp, lo, hi).to(torch.uint8)
+    got = lib.quantize_u8(x, scale, zp, lo, hi)
+    assert torch.equal(got, want)
+    if n:
+        x[n // 2] = float("nan")
+        assert lib.quantize_u8(x, scale, zp, lo, hi) is None
