@@ -5,7 +5,8 @@ thread count, the layer's shape and the bucket. Later processes on the same mach
 
 TRITON_DSL_TUNE=0 turns measuring off (the size heuristics of dispatch.py decide instead: the
 tests use this, so that a path they force is the path that runs). The disk cache lives in
-$TRITON_DSL_CACHE (default ~/.cache/triton-dsl), one JSON file per CPU; delete it to re-tune.
+$TRITON_DSL_CACHE (default ~/.cache/triton-dsl), one JSON file per CPU, native library build
+and torch version; delete it to re-tune.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..files import write_atomic
-from ..kernels import native_build
+from ..kernels import native, native_build
 
 ROUNDS = 7  # timed rounds per candidate, interleaved; the median decides
 _MEMORY: dict = {}
@@ -31,8 +32,14 @@ def enabled() -> bool:
 
 
 def _path() -> Path:
-    cpu = hashlib.sha256(native_build.cpu_id().encode()).hexdigest()[:12]
-    return native_build.cache_dir() / f"tuning-{cpu}.json"
+    """One file per CPU and per build of what is timed (the native library, torch): a choice
+    measured against other kernels is measured again (a faster quantizer turned an int8
+    convolution's batch-1 choice around)."""
+    lib = native.library()  # built by now: tuning times frozen layers
+    what = [native_build.cpu_id(), lib.path.name if lib is not None else "no native library",
+            torch.__version__]
+    return native_build.cache_dir() / \
+        f"tuning-{hashlib.sha256(chr(0).join(what).encode()).hexdigest()[:12]}.json"
 
 
 def _load(path: Path):
