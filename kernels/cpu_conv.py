@@ -47,16 +47,18 @@ class PackedQConv:
                                                      self.x_zp, *self.args, None)
         self.nbytes = self.codes.numel() + 4 * scale.numel()
 
-    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """fp32 output of the convolution of x [B, C, H, W] quantized with the static scale;
-        None when x holds a NaN."""
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None,
+                 relu: bool = False) -> torch.Tensor | None:
+        """fp32 output of the convolution of x [B, C, H, W] quantized with the static scale,
+        then max(0, y) if relu (in the same call: no second pass over the output); None when
+        x holds a NaN."""
         qx = self._quantize(x.float())
         if qx is None:
             return None
         y = torch.ops.onednn.qconv2d_pointwise(
             qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,
-            None if bias is None else bias.float(), *self.args, 1.0, 0, torch.float32, "none",
-            [], "")
+            None if bias is None else bias.float(), *self.args, 1.0, 0, torch.float32,
+            "relu" if relu else "none", [], "")
         return y.to(x.dtype)
 
     def _quantize(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -39,6 +39,7 @@ def test_int8_conv_matches_its_twin(symmetric, zp, stride, padding, groups, quan
                                 (padding, padding), (1, 1), groups)
     want = _twin(x, codes, scale, bias, s, zp, symmetric, stride, padding, groups)
     torch.testing.assert_close(conv(x, bias), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(conv(x, bias, relu=True), F.relu(conv(x, bias)))  # fused: the same
     torch.testing.assert_close(conv(x[:, :, :, 1:], None),  # a non-contiguous input
                                _twin(x[:, :, :, 1:], codes, scale, None, s, zp, symmetric,
                                      stride, padding, groups), atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import triton_dsl
 from triton_dsl import runtime as rt
@@ -335,3 +336,38 @@ def test_static_activation_convs_run_as_int8_convolutions(monkeypatch):
         bad = x.clone()
         bad[0, 0, 0, 0] = float("nan")
         assert torch.isnan(frozen(bad)[0]).all() and torch.isfinite(frozen(bad)[1:]).all()
+
+
+def test_a_frozen_int8_convolution_applies_its_relu_in_the_same_call(monkeypatch):
+    """Generated code runs conv, batchnorm, relu as rt.conv_relu; a frozen int8 convolution
+    (static activations, the batchnorm folded in) fuses the ReLU into the oneDNN call. Its
+    output is the separate ReLU's, bit for bit, and a model that is not frozen runs the three
+    modules as written."""
+    from triton_dsl.kernels import cpu_conv
+    from triton_dsl.runtime import frozen_conv
+    if not cpu_conv.available():
+        pytest.skip("this torch has no oneDNN quantized convolution")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DSL_TUNE", "0")  # no timing: the int8 convolution runs
+    src = ("model C:\n    input [3, 12, 12]\n    layer conv: conv2d(8, kernel=3, padding=1, "
+           "bias=false)\n    layer bn: batchnorm\n    relu\n    flatten\n    layer fc: linear(4)\n"
+           "\nprecision:\n    default ternary(activations=static)\n    layer fc: fp32\n")
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(src)()
+    x = torch.randn(16, 3, 12, 12)
+    net.train()
+    net(x)  # observers and batchnorm statistics
+    net.eval()
+    with torch.no_grad():
+        float_want = net.fc(torch.flatten(F.relu(net.bn(net.conv(x))), 1))
+        torch.testing.assert_close(net(x), float_want)
+        frozen = rt.freeze(net)
+        fused = frozen(x)
+        calls = []
+        plain = frozen_conv.FrozenConv2d.forward_qconv
+        monkeypatch.setattr(frozen_conv.FrozenConv2d, "forward_qconv",
+                            lambda self, x, relu=False: calls.append(relu) or plain(self, x, relu))
+        apart = frozen.fc(torch.flatten(F.relu(frozen.bn(frozen.conv(x))), 1))
+        assert calls == [False]
+        assert torch.equal(frozen(x), fused) and calls[-1] is True
+    assert torch.equal(fused, apart)

@@ -54,29 +54,21 @@ class ResNetTernary(rt.CompiledModel):
 
     def forward(self, x):
         x = self.check_input(x)
-        x = self.stem(x)  # resnet.tdsl:16
-        x = self.stem_bn(x)  # resnet.tdsl:17
-        x = F.relu(x)  # resnet.tdsl:18
+        x = rt.conv_relu(self.stem, self.stem_bn, x)  # resnet.tdsl:16
         skip1 = x  # residual stage1.0.residual1: resnet.tdsl:6
-        x = self.stage1[0].conv1(x)  # resnet.tdsl:7
-        x = self.stage1[0].bn1(x)  # resnet.tdsl:8
-        x = F.relu(x)  # resnet.tdsl:9
+        x = rt.conv_relu(self.stage1[0].conv1, self.stage1[0].bn1, x)  # resnet.tdsl:7
         x = self.stage1[0].conv2(x)  # resnet.tdsl:10
         x = self.stage1[0].bn2(x)  # resnet.tdsl:11
         x = x + skip1  # resnet.tdsl:6
         x = F.relu(x)  # resnet.tdsl:12
         skip2 = x  # residual stage1.1.residual1: resnet.tdsl:6
-        x = self.stage1[1].conv1(x)  # resnet.tdsl:7
-        x = self.stage1[1].bn1(x)  # resnet.tdsl:8
-        x = F.relu(x)  # resnet.tdsl:9
+        x = rt.conv_relu(self.stage1[1].conv1, self.stage1[1].bn1, x)  # resnet.tdsl:7
         x = self.stage1[1].conv2(x)  # resnet.tdsl:10
         x = self.stage1[1].bn2(x)  # resnet.tdsl:11
         x = x + skip2  # resnet.tdsl:6
         x = F.relu(x)  # resnet.tdsl:12
         skip3 = x  # residual stage2.residual1: resnet.tdsl:6
-        x = self.stage2.conv1(x)  # resnet.tdsl:7
-        x = self.stage2.bn1(x)  # resnet.tdsl:8
-        x = F.relu(x)  # resnet.tdsl:9
+        x = rt.conv_relu(self.stage2.conv1, self.stage2.bn1, x)  # resnet.tdsl:7
         x = self.stage2.conv2(x)  # resnet.tdsl:10
         x = self.stage2.bn2(x)  # resnet.tdsl:11
         skip3 = self.stage2.shortcut(skip3)  # resnet.tdsl:6
@@ -84,9 +76,7 @@ class ResNetTernary(rt.CompiledModel):
         x = x + skip3  # resnet.tdsl:6
         x = F.relu(x)  # resnet.tdsl:12
         skip4 = x  # residual stage3.residual1: resnet.tdsl:6
-        x = self.stage3.conv1(x)  # resnet.tdsl:7
-        x = self.stage3.bn1(x)  # resnet.tdsl:8
-        x = F.relu(x)  # resnet.tdsl:9
+        x = rt.conv_relu(self.stage3.conv1, self.stage3.bn1, x)  # resnet.tdsl:7
         x = self.stage3.conv2(x)  # resnet.tdsl:10
         x = self.stage3.bn2(x)  # resnet.tdsl:11
         skip4 = self.stage3.shortcut(skip4)  # resnet.tdsl:6

@@ -36,6 +36,17 @@ def _pre_norm(n: ir.Residual) -> bool:
         and n.body[0].kind == "rmsnorm" and n.body[1].op is ir.Op.COMPOSITE
 
 
+def _conv_relu(nodes, i: int) -> int:
+    """How many nodes from i are a conv2d, maybe its batchnorm, and a relu (rt.conv_relu runs
+    them: a frozen int8 convolution applies the ReLU in the same call), else 0."""
+    kinds = [n.kind if n.op is ir.Op.LAYER else None for n in nodes[i:i + 3]]
+    if kinds[:1] != ["conv2d"]:
+        return 0
+    if kinds[1:2] == ["relu"]:
+        return 2
+    return 3 if kinds[1:3] == ["batchnorm", "relu"] else 0
+
+
 class _Emitter:
     def __init__(self, model: ir.Model, fname: str):
         self.m, self.fname = model, fname
@@ -58,11 +69,28 @@ class _Emitter:
     def where(self, line):
         return f"  # {self.fname}:{line}"
 
+    def body(self, nodes):
+        i = 0
+        while i < len(nodes):
+            run = _conv_relu(nodes, i)
+            if not run:
+                self.node(nodes[i])
+                i += 1
+                continue
+            self.flush()
+            conv, bn = nodes[i], nodes[i + 1] if run == 3 else None
+            for l in (conv, bn) if bn is not None else (conv,):
+                self.init.append(f"{_attr(l.name)} = {self.constructor(l, dict(l.args))}"
+                                 f"{self.where(l.line)}")
+            norm = _attr(bn.name) if bn is not None else "None"
+            self.fwd.append(f"x = rt.conv_relu({_attr(conv.name)}, {norm}, x)"
+                            f"{self.where(conv.line)}")
+            i += run
+
     def node(self, n):
         if n.op is ir.Op.GROUP:
             self.init.append(f"{_attr(n.name)} = rt.Group(){self.where(n.line)}")
-            for c in n.body:
-                self.node(c)
+            self.body(n.body)
         elif n.op is ir.Op.RESIDUAL and _pre_norm(n):
             norm, layer = n.body
             self.init.append(f"{_attr(norm.name)} = {self.constructor(norm, dict(norm.args))}"
@@ -76,8 +104,7 @@ class _Emitter:
             self.skips += 1
             skip = f"skip{self.skips}"
             self.fwd.append(f"{skip} = x  # residual {n.name}: {self.fname}:{n.line}")
-            for c in n.body:
-                self.node(c)
+            self.body(n.body)
             self.flush()  # the body's own pre-norm residuals come before the add
             for c in n.shortcut:  # projection layers, applied to the skip tensor
                 self.layer(c, skip, out=skip)
@@ -194,8 +221,7 @@ def generate(models: list[ir.Model], path: str, source: str, fp32: bool = False)
            ""]
     for m in models:
         e = _Emitter(m, shown)
-        for n in m.body:
-            e.node(n)
+        e.body(m.body)
         e.flush()
         shape = ", ".join(map(str, m.input_shape))
         output = ", ".join(map(str, m.output_shape))

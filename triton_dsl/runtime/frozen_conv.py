@@ -35,25 +35,27 @@ class FrozenConv2d(nn.Module):
         super().__setstate__(state)
         compile_ops.register(self)
 
-    def forward(self, x):
+    def forward(self, x, relu: bool = False):
+        """The convolution of x, then max(0, y) with relu=True (rt.conv_relu): an int8
+        convolution applies it in the same call."""
         if torch.compiler.is_compiling():
-            return torch.ops.triton_dsl.frozen_conv2d(x, self.op_handle)
-        return self.eager_forward(x)
+            y = torch.ops.triton_dsl.frozen_conv2d(x, self.op_handle)
+            return F.relu(y) if relu else y
+        return self.eager_forward(x, relu)
 
-    def eager_forward(self, x):
+    def eager_forward(self, x, relu: bool = False):
         lin = self.linear
         kh, kw = self.kernel_size
         if x.dim() != 4 or x.shape[1] * kh * kw != lin.in_features * self.groups:
             raise ValueError(f"x must be [batch, {lin.in_features * self.groups // (kh * kw)}, "
                              f"height, width], got shape {tuple(x.shape)}")
         way = self._way(x)
-        if way == "im2col":
-            return im2col_conv(x, self, lin)
         if way == "qconv":
-            y = self.forward_qconv(x)
+            y = self.forward_qconv(x, relu)
             if y is not None:
                 return y
-        return self.forward_conv(x)
+        y = im2col_conv(x, self, lin) if way == "im2col" else self.forward_conv(x)
+        return F.relu(y) if relu else y
 
     def _qconv(self):
         """The int8 convolution for static int8 activations (kernels/cpu_conv.py), built once
@@ -71,11 +73,11 @@ class FrozenConv2d(nn.Module):
             prep.runners["qconv"] = runners.QConv(lin, self)
         return prep.runners["qconv"]
 
-    def forward_qconv(self, x):
+    def forward_qconv(self, x, relu: bool = False):
         prep = self.linear.prepared  # built once: the checks of _qconv only the first time
         run = prep.runners.get("qconv") if prep is not None else None
         run = run or self._qconv()
-        return None if run is None else run(x)
+        return None if run is None else run(x, relu)
 
     def forward_conv(self, x):
         lin = self.linear
@@ -111,3 +113,15 @@ class FrozenConv2d(nn.Module):
             prep.picks[key] = way
             dispatch.release_unused(lin)
         return way
+
+
+def conv_relu(conv: nn.Module, bn: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """F.relu(bn(conv(x))), bn optional: what generated code runs for a convolution, its
+    batchnorm and a ReLU. A frozen convolution with that batchnorm folded into it applies the
+    ReLU itself, an int8 convolution in the same call: no second pass over a [B, C, H, W]
+    output, which at batch 64 cost about as much as the int8 convolution."""
+    if isinstance(conv, FrozenConv2d) and (bn is None or conv.linear.fold is bn):
+        return conv(x, relu=True)  # the folded batchnorm passes its input through
+    y = conv(x)
+    return F.relu(y if bn is None else bn(y))
+

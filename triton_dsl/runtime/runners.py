@@ -116,8 +116,8 @@ class QConv(Runner):
             conv.groups)
         self.nbytes = self.packed.nbytes
 
-    def __call__(self, x):
-        return self.packed(x, self.bias)
+    def __call__(self, x, relu: bool = False):
+        return self.packed(x, self.bias, relu)
 
 
 def stored(mod, fn):
