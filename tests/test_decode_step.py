@@ -357,3 +357,36 @@ def test_rejected_token_ids_do_not_advance_the_cache():
     with torch.no_grad(), pytest.raises(ValueError, match="token ids"):
         net(torch.tensor([[64]]), cache)
     assert cache.end == 0
+
+
+@needs_native
+@pytest.mark.parametrize("swap", ["short slot", "slot of another dtype", "bf16 table",
+                                  "short sin", "not a tensor"])
+def test_a_cache_with_replaced_buffers_never_reaches_native_memory(cpu_paths, swap):
+    """A KVCache's slots and rotary tables are plain attributes a caller can replace; what the
+    chain and each step would hand to C is checked first: a clear error, never a read or a
+    write past a buffer."""
+    net = rt.freeze(_net())
+    x = torch.randint(0, 64, (1, 6))
+    cache = rt.KVCache(24)
+    with torch.no_grad():
+        net(x[:, :3], cache)
+        attn = net.blocks[1].attn
+        k, v = cache.slots[id(attn)]
+        key = next(iter(cache.tables))
+        cos, sin = cache.tables[key]
+        if swap == "short slot":
+            cache.slots[id(attn)] = (k[:, :, :2].contiguous(), v[:, :, :2].contiguous())
+        elif swap == "slot of another dtype":
+            cache.slots[id(attn)] = (k.double(), v.double())
+        elif swap == "bf16 table":
+            cache.tables[key] = (cos.bfloat16(), sin.bfloat16())
+        elif swap == "short sin":
+            cache.tables[key] = (cos, sin[:2].contiguous())
+        else:
+            cache.slots[id(attn)] = ("keys", "values")
+        if swap == "slot of another dtype":  # not one C reads: torch's attention, in fp64
+            assert net(x[:, 3:4], cache).shape == (1, 1, 64)
+            return
+        with pytest.raises((ValueError, RuntimeError, TypeError, AttributeError)):
+            net(x[:, 3:4], cache)

@@ -179,27 +179,19 @@ def run_attention(plan: _Plan, x, heads: int, kv_heads: int, cos, sin, kc, vc, p
     """The native step for x [..., dim] (one token, fp32, contiguous) with plan's projections
     and norms, the caches kc, vc [1, kv_heads, max_len, head_dim] (contiguous, fp32 or bf16)
     and the rotary factors cos, sin [max_len, head_dim] (or None): position pos's rows."""
-    _, kv, max_len, d = kc.shape
-    _check_attention(plan, heads, kv_heads, d)
-    if not 0 <= pos < max_len or kv != kv_heads or kc.shape != (1, kv_heads, max_len, d) \
-            or vc.shape != kc.shape or vc.dtype != kc.dtype \
-            or not (kc.is_contiguous() and vc.is_contiguous()):
-        raise ValueError(f"position {pos} and caches of shape {tuple(kc.shape)}, "
-                         f"{tuple(vc.shape)} do not fit {heads} heads of {d}, {kv_heads} kv "
-                         f"heads")
+    d = kc.shape[-1]
+    check_attention(plan, heads, kv_heads, d)
+    problem = cache_problem(kc, vc, kv_heads, d, cos, sin, pos)
+    if problem:
+        raise ValueError(problem)
     _check_x(x, plan.lins[0].k, plan.lins[1].n if residual else None)
-    for name, t in (("cos", cos), ("sin", sin)):
-        if t is not None and (t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != d
-                              or t.shape[0] <= pos or not t.is_contiguous()):
-            raise ValueError(f"{name} must be contiguous fp32 [positions > {pos}, {d}], got "
-                             f"{t.dtype} of shape {tuple(t.shape)}")
     row = 4 * d * pos  # bytes to position pos's factors
     y = torch.empty(*x.shape[:-1], plan.lins[1].n)
     if native.library().dll.tdsl_attention_step(
             x.data_ptr(), plan.ptrs[3], plan.ptrs[0], plan.ptrs[1], heads, kv_heads, d,
             None if cos is None else cos.data_ptr() + row,
             None if sin is None else sin.data_ptr() + row,
-            kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype], max_len, pos, plan.ptrs[2],
+            kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype], kc.shape[2], pos, plan.ptrs[2],
             int(residual), y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("native attention step: could not allocate scratch memory")
     return y
@@ -240,7 +232,7 @@ def run_mlp(plan: _Plan, x, gated: bool, activation: str,
             residual: bool = False) -> torch.Tensor:
     """The native step for x [..., dim] (one token, fp32, contiguous) with plan's projections
     (up, or gate and up joined; down) and norms."""
-    _check_mlp(plan, gated)
+    check_mlp(plan, gated)
     _check_x(x, plan.lins[0].k, plan.lins[1].n if residual else None)
     y = torch.empty(*x.shape[:-1], plan.lins[1].n)
     if native.library().dll.tdsl_mlp_step(
@@ -262,12 +254,12 @@ class _Chain:
         for i, (st, plan, layer) in enumerate(zip(self.steps, plans, modules[1::2])):
             st.a, st.b, st.norm, st.pre = plan.ptrs
             if _kind(layer) == "attention":
-                _check_attention(plan, layer.heads, layer.kv_heads, layer.head_dim)
+                check_attention(plan, layer.heads, layer.kv_heads, layer.head_dim)
                 st.attention, st.heads, st.kv_heads = 1, layer.heads, layer.kv_heads
                 st.head_dim = layer.head_dim
                 self.attention.append((i, layer))
             else:
-                _check_mlp(plan, layer.gated)
+                check_mlp(plan, layer.gated)
                 st.gated, st.activation = int(layer.gated), ACTIVATIONS[layer.activation]
             if plan.lins[0].k != dim or plan.lins[1].n != dim:  # each adds to its input
                 raise ValueError(f"a step from {plan.lins[0].k} to {plan.lins[1].n} features "
@@ -288,16 +280,14 @@ class _Chain:
         for i, layer in self.attention:
             st, kv, d = steps[i], layer.kv_heads, layer.head_dim
             kc, vc = cache.slot(layer, 1, kv, d, torch.float32, torch.device("cpu"))
-            if kc.dtype not in CACHE_TYPES or kc.shape != (1, kv, cache.max_len, d) \
-                    or vc.shape != kc.shape or vc.dtype != kc.dtype \
-                    or not (kc.is_contiguous() and vc.is_contiguous()):
-                return None
-            st.kc, st.vc, st.cache_type = kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype]
-            st.max_len = cache.max_len
+            cos = sin = None
             if layer.rotary:
                 cos, sin = cache.rotary(layer.inv_freq, torch.float32, cache.end)
-                if cos.shape[0] < cache.end or cos.shape[1] != d or not cos.is_contiguous():
-                    return None
+            if cache_problem(kc, vc, kv, d, cos, sin, cache.start):
+                return None  # each layer's own step then says what does not fit
+            st.kc, st.vc, st.cache_type = kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype]
+            st.max_len = kc.shape[2]
+            if cos is not None:
                 st.cos, st.sin = cos.data_ptr(), sin.data_ptr()
         return steps
 
@@ -315,7 +305,7 @@ def chain(pairs: tuple, x: torch.Tensor, cache):
     if plan is None or isinstance(plan, _Unchained):
         return None
     pos = cache.start
-    steps = plan.bound(cache) if cache.end == pos + 1 and 0 <= pos < cache.max_len else None
+    steps = plan.bound(cache) if cache.end == pos + 1 else None
     if steps is None:
         return None
     y = torch.empty_like(x)
@@ -375,7 +365,36 @@ def _chain_plan(modules: tuple, x) -> _Chain | _Unchained | None:
     return chain
 
 
-def _check_attention(plan: _Plan, heads: int, kv_heads: int, d: int):
+def cache_problem(kc, vc, kv_heads: int, d: int, cos, sin, pos: int) -> str | None:
+    """Why key and value caches [1, kv_heads, max_len, d] and rotary tables cos, sin
+    [positions, d] (both, or neither) do not fit a step at position pos; None when they do.
+    The one check before a pointer into them reaches C: they come from a KVCache, whose slots
+    and tables a caller can replace."""
+    if not (isinstance(kc, torch.Tensor) and isinstance(vc, torch.Tensor)) \
+            or kc.dtype not in CACHE_TYPES or kc.device.type != "cpu" or kc.dim() != 4 \
+            or kc.shape[0] != 1 or kc.shape[1] != kv_heads or kc.shape[3] != d \
+            or not 0 <= pos < kc.shape[2] or vc.shape != kc.shape or vc.dtype != kc.dtype \
+            or vc.device != kc.device or not (kc.is_contiguous() and vc.is_contiguous()):
+        return (f"position {pos} and caches {_describe(kc)}, {_describe(vc)} do not fit "
+                f"{kv_heads} kv heads of {d} (contiguous fp32 or bf16 on the CPU, batch 1)")
+    if (cos is None) != (sin is None):
+        return "rotary factors need both cos and sin"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype != torch.float32
+                              or t.device.type != "cpu" or t.dim() != 2 or t.shape[1] != d
+                              or t.shape[0] <= pos or not t.is_contiguous()):
+            return (f"{name} must be contiguous fp32 [positions > {pos}, {d}] on the CPU, "
+                    f"got {_describe(t)}")
+    return None
+
+
+def _describe(t) -> str:
+    if not isinstance(t, torch.Tensor):
+        return type(t).__name__
+    return f"{t.dtype} {tuple(t.shape)} on {t.device}"
+
+
+def check_attention(plan: _Plan, heads: int, kv_heads: int, d: int):
     qkv, o = plan.lins[:2]
     if heads < 1 or kv_heads < 1 or heads % kv_heads or qkv.n != (heads + 2 * kv_heads) * d \
             or o.k != heads * d:
@@ -383,7 +402,7 @@ def _check_attention(plan: _Plan, heads: int, kv_heads: int, d: int):
                          f"{d} and {kv_heads} kv heads")
 
 
-def _check_mlp(plan: _Plan, gated: bool):
+def check_mlp(plan: _Plan, gated: bool):
     up, down = plan.lins[:2]
     if up.n != down.k * (2 if gated else 1):
         raise ValueError(f"up projection of {up.n} rows for a down projection of {down.k} "
