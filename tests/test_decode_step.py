@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from triton_dsl import runtime as rt
 from triton_dsl.kernels import native
 from triton_dsl.kernels.cpu import PackedNative
-from triton_dsl.runtime import decode_step
+from triton_dsl.runtime import decode_chain, decode_step
 from triton_dsl.runtime.transformer import Attention, rotate
 from test_lm import SRC, _net
 
@@ -214,7 +214,7 @@ def test_copies_and_pickles_drop_the_step(cpu_paths):
 @needs_native
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_a_chain_of_blocks_gives_the_steps_outputs_exactly(cpu_paths, monkeypatch, dtype):
-    """rt.pre_norms runs a token through every block in one native call (decode_step.chain);
+    """rt.pre_norms runs a token through every block in one native call (decode_chain.chain);
     layer by layer, through the same native steps, the numbers are the same bit for bit."""
     net = rt.freeze(_net())
     apart = copy.deepcopy(net)
@@ -222,9 +222,10 @@ def test_a_chain_of_blocks_gives_the_steps_outputs_exactly(cpu_paths, monkeypatc
     got = _steps(net, x, dtype)
     chain = net.blocks[0].attn.__dict__["_chain"]
     assert len(chain.plans) == 4 and chain.modules[1] is net.blocks[0].attn
-    monkeypatch.setattr(decode_step, "chain", lambda *a: None)
+    monkeypatch.setattr(decode_chain, "chain", lambda *a: None)
     assert torch.equal(_steps(apart, x, dtype), got)
-    assert "_chain" not in apart.blocks[0].attn.__dict__ and "_step" in apart.blocks[0].attn.__dict__
+    held = apart.blocks[0].attn.__dict__
+    assert "_chain" not in held and "_step" in held
 
 
 @needs_native
@@ -243,7 +244,7 @@ def test_a_chain_follows_the_model_it_runs(cpu_paths, monkeypatch):
     w.data = w.data / 2  # back, in new memory: the chain points at it anew
     assert torch.equal(_steps(net, x), want)
     w.data = w.data * 2
-    monkeypatch.setattr(decode_step, "chain", lambda *a: None)
+    monkeypatch.setattr(decode_chain, "chain", lambda *a: None)
     monkeypatch.setattr(decode_step, "attention", lambda *a, **k: None)
     monkeypatch.setattr(decode_step, "mlp", lambda *a, **k: None)
     torch.testing.assert_close(moved, _steps(net, x), rtol=2e-3, atol=2e-3)  # torch's path
@@ -255,7 +256,7 @@ def test_a_chain_with_a_layer_it_cannot_run_runs_layer_by_layer(cpu_paths):
     x = torch.randint(0, 64, (1, 8))
     got = _steps(net, x)
     # q, k, v of block 1 do not join: remembered, so tokens go layer by layer at once
-    assert isinstance(net.blocks[0].attn.__dict__["_chain"], decode_step._Unchained)
+    assert isinstance(net.blocks[0].attn.__dict__["_chain"], decode_chain.Unchained)
     step = net.blocks[0].mlp.__dict__["_step"]
     _steps(net, x)
     assert net.blocks[0].mlp.__dict__["_step"] is step  # the other layers' plans are kept
@@ -265,14 +266,14 @@ def test_a_chain_with_a_layer_it_cannot_run_runs_layer_by_layer(cpu_paths):
 
 def _decode_torch(net, x):
     from unittest import mock
-    with mock.patch.object(decode_step, "chain", lambda *a: None), \
+    with mock.patch.object(decode_chain, "chain", lambda *a: None), \
             mock.patch.object(decode_step, "attention", lambda *a, **k: None), \
             mock.patch.object(decode_step, "mlp", lambda *a, **k: None):
         return _steps(copy.deepcopy(net), x)
 
 
 def _torch_path(monkeypatch):
-    monkeypatch.setattr(decode_step, "chain", lambda *a: None)
+    monkeypatch.setattr(decode_chain, "chain", lambda *a: None)
     monkeypatch.setattr(decode_step, "attention", lambda *a, **k: None)
     monkeypatch.setattr(decode_step, "mlp", lambda *a, **k: None)
 

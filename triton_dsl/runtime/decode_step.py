@@ -1,10 +1,10 @@
 """One decoding step of a frozen attention layer or feed-forward block as one native call
-(kernels/cpu_decode.c), and a chain of them (a transformer's blocks, rt.pre_norms) as one
-call: one token of batch 1, fp32 on the CPU, every projection packed for the native kernel
-(an attention's q, k, v and a gated MLP's gate and up joined, joined.py). At batch 1 the
-projections are about half of a step; the other half was some thirty small tensor ops and
-module calls per block, each a few microseconds of fixed cost, more with the caches cold
-after the weights streamed through.
+(kernels/cpu_decode.c): one token of batch 1, fp32 on the CPU, every projection packed for the
+native kernel (an attention's q, k, v and a gated MLP's gate and up joined, joined.py). At
+batch 1 the projections are about half of a step; the other half was some thirty small tensor
+ops and module calls per block, each a few microseconds of fixed cost, more with the caches
+cold after the weights streamed through. decode_chain.py runs a transformer's blocks, these
+steps in order, as one call.
 
 A plan holds the C structs of one module's step and what they point into; it is used while a
 snapshot of what it was built from still holds (_snapshot). Anything else returns None and
@@ -32,7 +32,7 @@ CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1}  # cpu_decode.c's CACHE_F32,
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
 
 
-def _one_token(x: torch.Tensor) -> bool:
+def one_token(x: torch.Tensor) -> bool:
     return (x.dtype is torch.float32 and x.device.type == "cpu" and x.dim() == 3
             and x.shape[0] == 1 and x.shape[1] == 1 and x.is_contiguous()
             and not torch.is_grad_enabled() and dispatch.on_cpu_paths(x.device))
@@ -103,7 +103,7 @@ class _Plan:
 
     def current(self, x: torch.Tensor, pre) -> bool:
         """Whether this plan runs x now (after the caller found the compiler not tracing)."""
-        return _token_like(x, self.shape) and self.same(pre)
+        return token_like(x, self.shape) and self.same(pre)
 
     def _hold(self, t: torch.Tensor) -> int:
         t = t.contiguous()
@@ -127,7 +127,7 @@ class _Plan:
                           self._hold(form.weight), self._hold(form.scale), w_sum, bias)
 
 
-def _token_like(x: torch.Tensor, shape) -> bool:
+def token_like(x: torch.Tensor, shape) -> bool:
     return (x.shape == shape and x.dtype is torch.float32 and x.is_contiguous()
             and x.device.type == "cpu" and not torch.is_grad_enabled() and not interpreting())
 
@@ -160,7 +160,7 @@ def attention(attn, x: torch.Tensor, cache, pre=None, residual: bool = False):
 
 def _attention_plan(attn, x, pre) -> _Plan | None:
     lib = native.loaded()
-    if lib is None or not _one_token(x):
+    if lib is None or not one_token(x):
         return None
     qkv = joined_for(attn, ("q", "k", "v"), x)
     o = _packed(attn._modules["o"], x)
@@ -211,7 +211,7 @@ def mlp(block, x: torch.Tensor, pre=None, residual: bool = False):
 
 def _mlp_plan(block, x, pre) -> _Plan | None:
     lib = native.loaded()
-    if lib is None or not _one_token(x):
+    if lib is None or not one_token(x):
         return None
     if block.gated:
         j = joined_for(block, ("gate", "up"), x)
@@ -242,127 +242,32 @@ def run_mlp(plan: _Plan, x, gated: bool, activation: str,
     return y
 
 
-class _Chain:
-    """Pre-norm residual steps (norm, layer) run in order as one native call
-    (tdsl_decode_steps): the layers' own plans, and an array of steps pointing into them and,
-    bound at each call, into the KV cache's slots and rotary tables."""
-
-    def __init__(self, modules: tuple, plans: list, dim: int):
-        self.modules, self.plans = modules, plans
-        self.steps = (native.Step * len(plans))()
-        self.attention = []  # (index, layer) of the attention steps
-        for i, (st, plan, layer) in enumerate(zip(self.steps, plans, modules[1::2])):
-            st.a, st.b, st.norm, st.pre = plan.ptrs
-            if _kind(layer) == "attention":
-                check_attention(plan, layer.heads, layer.kv_heads, layer.head_dim)
-                st.attention, st.heads, st.kv_heads = 1, layer.heads, layer.kv_heads
-                st.head_dim = layer.head_dim
-                self.attention.append((i, layer))
-            else:
-                check_mlp(plan, layer.gated)
-                st.gated, st.activation = int(layer.gated), ACTIVATIONS[layer.activation]
-            if plan.lins[0].k != dim or plan.lins[1].n != dim:  # each adds to its input
-                raise ValueError(f"a step from {plan.lins[0].k} to {plan.lins[1].n} features "
-                                 f"in a chain of {dim}")
-        self.shape = plans[0].shape
-
-    def current(self, x, modules) -> bool:
-        """Plan.current for every layer, the modules (norms and layers) by identity."""
-        return modules == self.modules and _token_like(x, self.shape) and \
-            all(p.same(pre) for p, pre in zip(self.plans, modules[::2]))
-
-    def bound(self, cache):
-        """A copy of the steps pointing at cache's buffers (made if new) and rotary tables,
-        each checked to fit; None where one does not (an fp16 cache, another batch size). A
-        copy per call: two threads decoding with two caches must not share one array."""
-        steps = type(self.steps)()
-        ctypes.memmove(steps, self.steps, ctypes.sizeof(steps))
-        for i, layer in self.attention:
-            st, kv, d = steps[i], layer.kv_heads, layer.head_dim
-            kc, vc = cache.slot(layer, 1, kv, d, torch.float32, torch.device("cpu"))
-            cos = sin = None
-            if layer.rotary:
-                cos, sin = cache.rotary(layer.inv_freq, torch.float32, cache.end)
-            if cache_problem(kc, vc, kv, d, cos, sin, cache.start):
-                return None  # each layer's own step then says what does not fit
-            st.kc, st.vc, st.cache_type = kc.data_ptr(), vc.data_ptr(), CACHE_TYPES[kc.dtype]
-            st.max_len = kc.shape[2]
-            if cos is not None:
-                st.cos, st.sin = cos.data_ptr(), sin.data_ptr()
-        return steps
-
-
-def chain(pairs: tuple, x: torch.Tensor, cache):
-    """x through the pre-norm residuals ``pairs`` ((norm, layer), ...) in order, for one token
-    of batch 1 at the cache's next position, as one native call; None where that does not
-    apply (then each pair runs as pre_norm does)."""
-    if torch.compiler.is_compiling() or cache is None or not pairs:
-        return None
-    modules = tuple(m for pair in pairs for m in pair)
-    plan = modules[1].__dict__.get("_chain")
-    if plan is None or not plan.current(x, modules):
-        plan = _chain_plan(modules, x)
-    if plan is None or isinstance(plan, _Unchained):
-        return None
-    pos = cache.start
-    steps = plan.bound(cache) if cache.end == pos + 1 else None
-    if steps is None:
-        return None
-    y = torch.empty_like(x)
-    if native.library().dll.tdsl_decode_steps(x.data_ptr(), steps, len(plan.plans), pos,
-                                              y.data_ptr(), torch.get_num_threads()):
-        raise MemoryError("native decoding steps: could not allocate scratch memory")
-    return y
-
-
-def _kind(layer) -> str | None:
+def step_kind(layer) -> str | None:
     """transformer.py's Attention and MLP say which step they take (that module imports this
     one, so the classes are not named here)."""
     return getattr(type(layer), "step_kind", None)
 
 
-class _Unchained:
-    """What a chain that cannot run natively was tried with (a layer of another precision,
-    say): while nothing of it changes, the next token goes straight to the layer-by-layer
-    path instead of trying every layer again."""
-
-    def __init__(self, modules: tuple, x):
-        self.modules, self.shape = modules, x.shape
-        self.snapshots = self._snapshots(modules)
-
-    @staticmethod
-    def _snapshots(modules) -> tuple:
-        return tuple(_snapshot(layer, *_layout(layer), pre)
-                     for pre, layer in zip(modules[::2], modules[1::2]))
-
-    def current(self, x, modules) -> bool:
-        return modules == self.modules and _token_like(x, self.shape) and \
-            self._snapshots(modules) == self.snapshots
-
-
 def _layout(layer) -> tuple:
     """(the projection children, the sub-norm child) a step of ``layer`` reads."""
-    if _kind(layer) == "attention":
+    if step_kind(layer) == "attention":
         return ("q", "k", "v", "o"), "o_norm"
-    if _kind(layer) == "mlp":
+    if step_kind(layer) == "mlp":
         return ("gate", "up", "down") if layer.gated else ("up", "down"), "down_norm"
     return (), None
 
 
-def _chain_plan(modules: tuple, x) -> _Chain | _Unchained | None:
-    plans = []
-    for pre, layer in zip(modules[::2], modules[1::2]):
-        kind = _kind(layer)  # the layers' own plans where current, so a layer that cannot
-        # join the chain does not make the others rebuild theirs every token
-        plan = _current_plan(layer, x, pre, _attention_plan) if kind == "attention" else \
-            _current_plan(layer, x, pre, _mlp_plan) if kind == "mlp" else None
-        if plan is None:
-            if _one_token(x) and native.loaded() is not None:  # remember; else x says it all
-                modules[1].__dict__["_chain"] = _Unchained(modules, x)
-            return None
-        plans.append(plan)
-    chain = modules[1].__dict__["_chain"] = _Chain(modules, plans, x.shape[-1])
-    return chain
+def layer_plan(layer, x, pre) -> _Plan | None:
+    """The current plan of an attention or feed-forward layer for x after the norm pre, built
+    if need be; None where the native step does not apply."""
+    kind = step_kind(layer)
+    build = _attention_plan if kind == "attention" else _mlp_plan if kind == "mlp" else None
+    return None if build is None else _current_plan(layer, x, pre, build)
+
+
+def layer_snapshot(layer, pre) -> tuple:
+    """What a plan of ``layer`` after the norm ``pre`` would be built from (_snapshot)."""
+    return _snapshot(layer, *_layout(layer), pre)
 
 
 def cache_problem(kc, vc, kv_heads: int, d: int, cos, sin, pos: int) -> str | None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import native
-from . import decode_step
+from . import decode_chain, decode_step
 from .joined import Joins, project
 from .quant import TORCH_DTYPES
 
@@ -206,8 +206,8 @@ def pre_norm(norm: nn.Module, layer: nn.Module, x: torch.Tensor, *args) -> torch
 def pre_norms(x: torch.Tensor, cache: KVCache | None, *pairs) -> torch.Tensor:
     """x through the pre-norm residuals ``pairs`` ((norm, layer), ...) in order, each as
     pre_norm: a transformer's blocks. One token of a frozen model runs them all as one native
-    call (decode_step.chain), so a decoding step returns to Python once, not twice a block."""
-    y = decode_step.chain(pairs, x, cache)
+    call (decode_chain.py), so a decoding step returns to Python once, not twice a block."""
+    y = decode_chain.chain(pairs, x, cache)
     if y is not None:
         return y
     for norm, layer in pairs:
