@@ -69,6 +69,11 @@ class _Emitter:
     def where(self, line):
         return f"  # {self.fname}:{line}"
 
+    def declare(self, l: ir.Layer):
+        """The __init__ line that makes layer l's module."""
+        self.init.append(f"{_attr(l.name)} = {self.constructor(l, dict(l.args))}"
+                         f"{self.where(l.line)}")
+
     def body(self, nodes):
         i = 0
         while i < len(nodes):
@@ -80,8 +85,7 @@ class _Emitter:
             self.flush()
             conv, bn = nodes[i], nodes[i + 1] if run == 3 else None
             for l in (conv, bn) if bn is not None else (conv,):
-                self.init.append(f"{_attr(l.name)} = {self.constructor(l, dict(l.args))}"
-                                 f"{self.where(l.line)}")
+                self.declare(l)
             norm = _attr(bn.name) if bn is not None else "None"
             self.fwd.append(f"x = rt.conv_relu({_attr(conv.name)}, {norm}, x)"
                             f"{self.where(conv.line)}")
@@ -93,8 +97,7 @@ class _Emitter:
             self.body(n.body)
         elif n.op is ir.Op.RESIDUAL and _pre_norm(n):
             norm, layer = n.body
-            self.init.append(f"{_attr(norm.name)} = {self.constructor(norm, dict(norm.args))}"
-                             f"{self.where(norm.line)}")
+            self.declare(norm)
             mod, args = self.composite(layer)
             self.run.append((_attr(norm.name), mod, args, n.line))
             if not self.m.tokens:  # runs share a KV cache: token models only
@@ -136,8 +139,7 @@ class _Emitter:
         ctor += (", " if opts else "") + "sub_norm=True)" if a["sub_norm"] else ")"
         self.init.append(f"{mod} = {ctor}{self.where(n.line)}")
         for c in n.body:
-            self.init.append(f"{_attr(c.name)} = {self.constructor(c, dict(c.args))}"
-                             f"{self.where(c.line)}")
+            self.declare(c)
         cache = ", cache" if n.kind == "attention" and self.m.tokens else ""
         return mod, f"x{cache}"
 
