@@ -52,18 +52,28 @@ class PackedQConv:
         """fp32 output of the convolution of x [B, C, H, W] quantized with the static scale,
         then max(0, y) if relu (in the same call: no second pass over the output); None when
         x holds a NaN."""
-        qx = self._quantize(x.float())
+        qx = self.quantize(x)
         if qx is None:
             return None
-        y = torch.ops.onednn.qconv2d_pointwise(
-            qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,
-            None if bias is None else bias.float(), *self.args, 1.0, 0, torch.float32,
-            "relu" if relu else "none", [], "")
-        return y.to(x.dtype)
+        return self.run(qx, bias, relu).to(x.dtype)
 
-    def _quantize(self, x: torch.Tensor) -> torch.Tensor | None:
-        """uint8 codes of x in its own memory layout (the previous int8 convolution's output is
-        channels-last): the native kernel's one pass where it is built, else torch ops."""
+    def run(self, qx: torch.Tensor, bias: torch.Tensor | None, relu: bool = False,
+            out: tuple[float, int] | None = None) -> torch.Tensor:
+        """The convolution of uint8 codes qx (at this layer's x_scale and x_zp): fp32, or with
+        ``out`` = (scale, zero point) uint8 codes of the result at that scale, which oneDNN
+        rounds to nearest even and saturates to [0, 255] (the next layer's static quantizer,
+        up to float rounding; with relu the symmetric quantizer's lower bound cannot bind)."""
+        o_scale, o_zp, o_dtype = (1.0, 0, torch.float32) if out is None else (*out, None)
+        return torch.ops.onednn.qconv2d_pointwise(
+            qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,
+            None if bias is None else bias.float(), *self.args, float(o_scale), int(o_zp),
+            o_dtype, "relu" if relu else "none", [], "")
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor | None:
+        """uint8 codes of x at this layer's input scale, in x's own memory layout (the previous
+        int8 convolution's output is channels-last), or None where x holds a NaN: the native
+        kernel's one pass where it is built, else torch ops."""
+        x = x.float()
         lo, hi = (1, 255) if self.symmetric else (0, 255)  # symmetric: [-127, 127] + 128
         lib = native.library()
         if lib is not None:

@@ -56,33 +56,21 @@ class ResNetTernary(rt.CompiledModel):
         x = self.check_input(x)
         x = rt.conv_relu(self.stem, self.stem_bn, x)  # resnet.tdsl:16
         skip1 = x  # residual stage1.0.residual1: resnet.tdsl:6
-        x = rt.conv_relu(self.stage1[0].conv1, self.stage1[0].bn1, x)  # resnet.tdsl:7
-        x = self.stage1[0].conv2(x)  # resnet.tdsl:10
-        x = self.stage1[0].bn2(x)  # resnet.tdsl:11
-        x = x + skip1  # resnet.tdsl:6
-        x = F.relu(x)  # resnet.tdsl:12
+        x = rt.conv_relu(self.stage1[0].conv1, self.stage1[0].bn1, x, into=self.stage1[0].conv2)  # resnet.tdsl:7
+        x = rt.conv_add_relu(self.stage1[0].conv2, self.stage1[0].bn2, x, skip1)  # resnet.tdsl:10
         skip2 = x  # residual stage1.1.residual1: resnet.tdsl:6
-        x = rt.conv_relu(self.stage1[1].conv1, self.stage1[1].bn1, x)  # resnet.tdsl:7
-        x = self.stage1[1].conv2(x)  # resnet.tdsl:10
-        x = self.stage1[1].bn2(x)  # resnet.tdsl:11
-        x = x + skip2  # resnet.tdsl:6
-        x = F.relu(x)  # resnet.tdsl:12
+        x = rt.conv_relu(self.stage1[1].conv1, self.stage1[1].bn1, x, into=self.stage1[1].conv2)  # resnet.tdsl:7
+        x = rt.conv_add_relu(self.stage1[1].conv2, self.stage1[1].bn2, x, skip2)  # resnet.tdsl:10
         skip3 = x  # residual stage2.residual1: resnet.tdsl:6
-        x = rt.conv_relu(self.stage2.conv1, self.stage2.bn1, x)  # resnet.tdsl:7
-        x = self.stage2.conv2(x)  # resnet.tdsl:10
-        x = self.stage2.bn2(x)  # resnet.tdsl:11
+        x = rt.conv_relu(self.stage2.conv1, self.stage2.bn1, x, into=self.stage2.conv2)  # resnet.tdsl:7
         skip3 = self.stage2.shortcut(skip3)  # resnet.tdsl:6
         skip3 = self.stage2.shortcut_bn(skip3)  # resnet.tdsl:6
-        x = x + skip3  # resnet.tdsl:6
-        x = F.relu(x)  # resnet.tdsl:12
+        x = rt.conv_add_relu(self.stage2.conv2, self.stage2.bn2, x, skip3)  # resnet.tdsl:10
         skip4 = x  # residual stage3.residual1: resnet.tdsl:6
-        x = rt.conv_relu(self.stage3.conv1, self.stage3.bn1, x)  # resnet.tdsl:7
-        x = self.stage3.conv2(x)  # resnet.tdsl:10
-        x = self.stage3.bn2(x)  # resnet.tdsl:11
+        x = rt.conv_relu(self.stage3.conv1, self.stage3.bn1, x, into=self.stage3.conv2)  # resnet.tdsl:7
         skip4 = self.stage3.shortcut(skip4)  # resnet.tdsl:6
         skip4 = self.stage3.shortcut_bn(skip4)  # resnet.tdsl:6
-        x = x + skip4  # resnet.tdsl:6
-        x = F.relu(x)  # resnet.tdsl:12
+        x = rt.conv_add_relu(self.stage3.conv2, self.stage3.bn2, x, skip4)  # resnet.tdsl:10
         x = F.adaptive_avg_pool2d(x, (1, 1))  # resnet.tdsl:22
         x = torch.flatten(x, 1)  # resnet.tdsl:23
         x = self.head(x)  # resnet.tdsl:24

@@ -47,6 +47,23 @@ def _conv_relu(nodes, i: int) -> int:
     return 3 if kinds[1:3] == ["batchnorm", "relu"] else 0
 
 
+def _residual_tail(nodes, i: int) -> int:
+    """For a residual at i whose body ends in a conv2d (and its batchnorm) and that a relu
+    follows: how many body nodes rt.conv_add_relu runs with the add and the relu, else 0."""
+    n = nodes[i]
+    if n.op is not ir.Op.RESIDUAL or _pre_norm(n) or i + 1 >= len(nodes) or \
+            nodes[i + 1].op is not ir.Op.LAYER or nodes[i + 1].kind != "relu":
+        return 0
+    kinds = [c.kind if c.op is ir.Op.LAYER else None for c in n.body[-2:]]
+    if kinds[-1:] == ["conv2d"]:
+        return 1
+    return 2 if kinds == ["conv2d", "batchnorm"] else 0
+
+
+def _is_conv(n) -> bool:
+    return n is not None and n.op is ir.Op.LAYER and n.kind == "conv2d"
+
+
 class _Emitter:
     def __init__(self, model: ir.Model, fname: str):
         self.m, self.fname = model, fname
@@ -74,9 +91,16 @@ class _Emitter:
         self.init.append(f"{_attr(l.name)} = {self.constructor(l, dict(l.args))}"
                          f"{self.where(l.line)}")
 
-    def body(self, nodes):
+    def body(self, nodes, after=None):
+        """Emit nodes in order; ``after`` is the node that runs right after the last of them
+        (a residual's last convolution, emitted by the residual)."""
         i = 0
         while i < len(nodes):
+            tail = _residual_tail(nodes, i)
+            if tail:
+                self.residual(nodes[i], tail)
+                i += 2  # the residual and the relu after it
+                continue
             run = _conv_relu(nodes, i)
             if not run:
                 self.node(nodes[i])
@@ -87,7 +111,9 @@ class _Emitter:
             for l in (conv, bn) if bn is not None else (conv,):
                 self.declare(l)
             norm = _attr(bn.name) if bn is not None else "None"
-            self.fwd.append(f"x = rt.conv_relu({_attr(conv.name)}, {norm}, x)"
+            nxt = nodes[i + run] if i + run < len(nodes) else after
+            into = f", into={_attr(nxt.name)}" if _is_conv(nxt) else ""
+            self.fwd.append(f"x = rt.conv_relu({_attr(conv.name)}, {norm}, x{into})"
                             f"{self.where(conv.line)}")
             i += run
 
@@ -103,15 +129,7 @@ class _Emitter:
             if not self.m.tokens:  # runs share a KV cache: token models only
                 self.flush()
         elif n.op is ir.Op.RESIDUAL:
-            self.flush()
-            self.skips += 1
-            skip = f"skip{self.skips}"
-            self.fwd.append(f"{skip} = x  # residual {n.name}: {self.fname}:{n.line}")
-            self.body(n.body)
-            self.flush()  # the body's own pre-norm residuals come before the add
-            for c in n.shortcut:  # projection layers, applied to the skip tensor
-                self.layer(c, skip, out=skip)
-            self.fwd.append(f"x = x + {skip}{self.where(n.line)}")
+            self.residual(n)
         elif n.op is ir.Op.COMPOSITE:
             self.flush()
             mod, args = self.composite(n)
@@ -119,6 +137,30 @@ class _Emitter:
         else:
             self.flush()
             self.layer(n)
+
+    def residual(self, n: ir.Residual, tail: int = 0):
+        """x + skip around the body; with tail (_residual_tail), the body's last convolution
+        [and batchnorm], the add and the relu that follows the residual as one
+        rt.conv_add_relu, the shortcut projection computed before it."""
+        self.flush()
+        self.skips += 1
+        skip = f"skip{self.skips}"
+        self.fwd.append(f"{skip} = x  # residual {n.name}: {self.fname}:{n.line}")
+        head = n.body[:len(n.body) - tail]
+        self.body(head, after=n.body[len(head)] if tail else None)
+        self.flush()  # the body's own pre-norm residuals come before the add
+        conv, bn = (n.body[len(head)], n.body[-1] if tail == 2 else None) if tail else (None,) * 2
+        for l in (conv, bn):
+            if l is not None:
+                self.declare(l)  # in source order, before the shortcut
+        for c in n.shortcut:  # projection layers, applied to the skip tensor
+            self.layer(c, skip, out=skip)
+        if not tail:
+            self.fwd.append(f"x = x + {skip}{self.where(n.line)}")
+            return
+        norm = _attr(bn.name) if bn is not None else "None"
+        self.fwd.append(f"x = rt.conv_add_relu({_attr(conv.name)}, {norm}, x, {skip})"
+                        f"{self.where(conv.line)}")
 
     def composite(self, n: ir.Composite) -> tuple[str, str]:
         """Attention or mlp: the runtime module, then its projections as its children. Returns

@@ -12,6 +12,17 @@ from .frozen_linear import FrozenLinear
 from .layers import Conv2d, im2col_conv
 
 
+class Codes:
+    """An activation as the uint8 codes the next int8 convolution reads (at its static scale
+    and zero point), made by the int8 convolution before it: what rt.conv_relu(..., into=nxt)
+    returns in place of a float tensor. Generated code hands it only to nxt, on the next line;
+    ``dtype`` is the float type it stands for."""
+    __slots__ = ("q", "scale", "zp", "dtype")
+
+    def __init__(self, q: torch.Tensor, scale: float, zp: int, dtype: torch.dtype):
+        self.q, self.scale, self.zp, self.dtype = q, scale, zp, dtype
+
+
 class FrozenConv2d(nn.Module):
     """A convolution whose weight is stored as a FrozenLinear [out, C/groups*kh*kw]. It runs as
     unfold + the frozen matmul ("im2col": the kernels; the only way for per-token int8
@@ -44,6 +55,8 @@ class FrozenConv2d(nn.Module):
         return self.eager_forward(x, relu)
 
     def eager_forward(self, x, relu: bool = False):
+        if isinstance(x, Codes):
+            return self.forward_codes(x, relu)
         lin = self.linear
         kh, kw = self.kernel_size
         if x.dim() != 4 or x.shape[1] * kh * kw != lin.in_features * self.groups:
@@ -78,6 +91,50 @@ class FrozenConv2d(nn.Module):
         run = prep.runners.get("qconv") if prep is not None else None
         run = run or self._qconv()
         return None if run is None else run(x, relu)
+
+    def forward_codes(self, x: Codes, relu: bool = False, out=None):
+        """The int8 convolution of codes handed over by the convolution before (codes_for):
+        fp32 out, or uint8 codes at out = (scale, zero point)."""
+        run = self._qconv()
+        if run is None or run.input_codes() != (x.scale, x.zp) or x.q.shape[1] * \
+                self.kernel_size[0] * self.kernel_size[1] != self.linear.in_features:
+            raise ValueError(f"{type(self).__name__}: uint8 codes at scale {x.scale} and zero "
+                             f"point {x.zp} of shape {tuple(x.q.shape)} are not this "
+                             "convolution's input; only generated code hands codes over")
+        y = run.run(x.q, relu, out)
+        return y if out is not None else y.to(x.dtype)
+
+    def codes_for(self, x, nxt: nn.Module) -> Codes | None:
+        """max(0, self(x)) as the uint8 codes the int8 convolution nxt reads next, quantized
+        by this int8 convolution's own output stage (a quarter of the bytes, and nxt skips its
+        quantizing pass), where both run as int8 convolutions on this input; else None."""
+        if torch.compiler.is_compiling() or not isinstance(nxt, FrozenConv2d):
+            return None
+        kh, kw = self.kernel_size
+        if not isinstance(x, Codes) and (x.dim() != 4 or x.shape[1] * kh * kw !=
+                                         self.linear.in_features or self._way(x) != "qconv"):
+            return None  # a wrong shape: the forward says so
+        run = nxt._qconv()
+        prep = nxt.linear.prepared
+        if run is None or prep is None:
+            return None
+        b, _, h, w = x.q.shape if isinstance(x, Codes) else x.shape
+        key = ("conv", m_bucket(b), (self.out_channels, *self.out_size(h, w)))
+        if prep.picks.get(key) != "qconv":  # nxt's own choice for this input, once made
+            return None
+        if not isinstance(x, Codes):
+            mine = self._qconv()
+            qx = mine.packed.quantize(x)
+            if qx is None:
+                return None  # a NaN: the float path answers
+            x = Codes(qx, *mine.input_codes(), x.dtype)
+        out = run.input_codes()
+        return Codes(self.forward_codes(x, True, out), *out, x.dtype)
+
+    def out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
+                                                  self.dilation)
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
     def forward_conv(self, x):
         lin = self.linear
@@ -115,13 +172,35 @@ class FrozenConv2d(nn.Module):
         return way
 
 
-def conv_relu(conv: nn.Module, bn: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def _fused(conv: nn.Module, bn: nn.Module | None) -> bool:
+    """Whether conv is a frozen convolution with bn (if any) folded into it."""
+    return isinstance(conv, FrozenConv2d) and (bn is None or conv.linear.fold is bn)
+
+
+def conv_relu(conv: nn.Module, bn: nn.Module | None, x, into: nn.Module | None = None):
     """F.relu(bn(conv(x))), bn optional: what generated code runs for a convolution, its
     batchnorm and a ReLU. A frozen convolution with that batchnorm folded into it applies the
     ReLU itself, an int8 convolution in the same call: no second pass over a [B, C, H, W]
-    output, which at batch 64 cost about as much as the int8 convolution."""
-    if isinstance(conv, FrozenConv2d) and (bn is None or conv.linear.fold is bn):
-        return conv(x, relu=True)  # the folded batchnorm passes its input through
+    output, which at batch 64 cost about as much as the int8 convolution. ``into``: the
+    convolution the next line runs on the result; where both are int8 convolutions the result
+    is handed over as its uint8 codes (Codes), as torch's int8 deployments keep activations."""
+    if _fused(conv, bn):  # the folded batchnorm passes its input through
+        codes = None if into is None else conv.codes_for(x, into)
+        return codes if codes is not None else conv(x, relu=True)
     y = conv(x)
     return F.relu(y if bn is None else bn(y))
 
+
+def conv_add_relu(conv: nn.Module, bn: nn.Module | None, x, skip: torch.Tensor):
+    """F.relu(bn(conv(x)) + skip), bn optional: a residual block's last convolution, its
+    batchnorm, the add of the skip and the ReLU after the block. A frozen convolution's output
+    is a new tensor, so it takes the add and the ReLU in place (no two more [B, C, H, W]
+    tensors), where nothing needs it for gradients."""
+    if not _fused(conv, bn):
+        y = conv(x)
+        return F.relu((y if bn is None else bn(y)) + skip)
+    y = conv(x)
+    if (torch.compiler.is_compiling() or y.shape != skip.shape or y.dtype != skip.dtype
+            or (torch.is_grad_enabled() and (y.requires_grad or skip.requires_grad))):
+        return F.relu(y + skip)
+    return y.add_(skip).relu_()

@@ -119,6 +119,15 @@ class QConv(Runner):
     def __call__(self, x, relu: bool = False):
         return self.packed(x, self.bias, relu)
 
+    def run(self, qx, relu: bool = False, out=None):
+        """The convolution of uint8 codes at this layer's input scale: fp32, or uint8 codes at
+        out = (scale, zero point)."""
+        return self.packed.run(qx, self.bias, relu, out)
+
+    def input_codes(self) -> tuple[float, int]:
+        """(scale, zero point) of the uint8 codes this convolution reads."""
+        return self.packed.x_scale, self.packed.x_zp
+
 
 def stored(mod, fn):
     """fn() with the layer's stored buffer in place, put back from the prepacked form if that

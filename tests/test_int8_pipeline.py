@@ -1,0 +1,152 @@
+"""A frozen network with static int8 activations keeps them as uint8 codes from one int8
+convolution to the next (rt.conv_relu(..., into=next)), and a residual block's last convolution
+takes the add and the ReLU after it (rt.conv_add_relu). Both match the fake-quantized model up
+to float rounding, and a model that is not frozen runs the modules as written."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import triton_dsl
+from triton_dsl import runtime as rt
+from triton_dsl.kernels import cpu_conv
+from triton_dsl.runtime import frozen_conv
+
+RESNET = """block Basic(channels, stride=1):
+    residual:
+        layer conv1: conv2d(channels, kernel=3, stride=stride, padding=1, bias=false)
+        layer bn1: batchnorm
+        relu
+        layer conv2: conv2d(channels, kernel=3, padding=1, bias=false)
+        layer bn2: batchnorm
+    relu
+
+model Res:
+    input [3, 12, 12]
+    layer stem: conv2d(8, kernel=3, padding=1, bias=false)
+    layer stem_bn: batchnorm
+    relu
+    layer a: Basic(8)
+    layer b: Basic(16, stride=2)
+    adaptive_avgpool(1)
+    flatten
+    layer head: linear(4)
+
+precision:
+    default ternary(scale=absmean, activations={act})
+    layer stem: int8(activations={act})
+    layer head: int8
+    layer b.shortcut: int8(activations={act})
+"""
+
+
+def _trained(act="static"):
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(RESNET.format(act=act), "res.tdsl")()
+    net.train()
+    for _ in range(3):
+        net(torch.randn(8, *net.input_shape))  # observers and batchnorm statistics
+    return net.eval()
+
+
+@pytest.fixture
+def int8_convs(monkeypatch):
+    if not cpu_conv.available():
+        pytest.skip("this torch has no oneDNN quantized convolution")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_DSL_TUNE", "0")  # no timing: the int8 convolutions run
+
+
+def test_generated_code_hands_codes_to_the_next_convolution(tmp_path):
+    path = tmp_path / "res.tdsl"
+    path.write_text(RESNET.format(act="static"))
+    src = triton_dsl.compile(str(path))
+    assert "x = rt.conv_relu(self.a.conv1, self.a.bn1, x, into=self.a.conv2)" in src
+    assert "x = rt.conv_add_relu(self.a.conv2, self.a.bn2, x, skip1)" in src
+    # the shortcut runs before the convolution that adds it
+    assert src.index("skip2 = self.b.shortcut_bn(skip2)") < src.index(
+        "x = rt.conv_add_relu(self.b.conv2, self.b.bn2, x, skip2)")
+
+
+def test_the_int8_pipeline_matches_the_fake_quantized_model(int8_convs, monkeypatch):
+    net = _trained()
+    x = torch.randn(5, *net.input_shape)
+    with torch.no_grad():
+        want = net(x)
+        frozen = rt.freeze(copy.deepcopy(net))
+        frozen(x)  # the first call makes each layer's choice; the later ones hand codes over
+        handed = []
+        plain = frozen_conv.FrozenConv2d.forward_codes
+        monkeypatch.setattr(frozen_conv.FrozenConv2d, "forward_codes",
+                            lambda self, c, relu=False, out=None:
+                            handed.append(out is not None) or plain(self, c, relu, out))
+        got = frozen(x)
+        assert handed.count(True) == 2 and handed.count(False) == 2  # a.conv1, b.conv1
+        monkeypatch.setattr(frozen_conv.FrozenConv2d, "codes_for", lambda *a: None)
+        apart = frozen(x)
+    # codes from oneDNN's output stage against the next quantizer's x / s: the same up to
+    # float rounding at a tie, which moves one code by one step
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, apart, atol=1e-4, rtol=1e-4)
+
+
+def test_a_nan_input_takes_the_float_path_for_its_own_row(int8_convs):
+    net = rt.freeze(_trained())
+    x = torch.randn(3, *net.input_shape)
+    with torch.no_grad():
+        net(x)
+        x[1, 0, 0, 0] = float("nan")
+        y = net(x)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2]]).all()
+
+
+def test_codes_at_another_scale_are_refused(int8_convs):
+    net = rt.freeze(_trained())
+    with torch.no_grad():
+        net(torch.randn(2, *net.input_shape))
+    conv = net.a.conv2
+    scale, zp = conv._qconv().input_codes()
+    codes = frozen_conv.Codes(torch.zeros(2, 8, 12, 12, dtype=torch.uint8), scale * 2, zp,
+                              torch.float32)
+    with pytest.raises(ValueError, match="not this convolution's input"):
+        conv(codes)
+    with pytest.raises(ValueError, match="not this convolution's input"):
+        conv(frozen_conv.Codes(torch.zeros(2, 5, 12, 12, dtype=torch.uint8), scale, zp,
+                               torch.float32))
+
+
+def test_conv_add_relu_leaves_its_inputs_alone_and_trains(int8_convs):
+    net = rt.freeze(_trained())
+    x = torch.randn(2, 8, 12, 12)
+    skip = torch.randn(2, 8, 12, 12)
+    kept = skip.clone(), x.clone()
+    with torch.no_grad():
+        want = F.relu(net.a.conv2(x) + skip)
+        got = rt.conv_add_relu(net.a.conv2, net.a.bn2, x, skip)
+    assert torch.equal(got, want)
+    assert torch.equal(skip, kept[0]) and torch.equal(x, kept[1])
+    # not frozen: the modules as written, with gradients
+    model = _trained().train()
+    x.requires_grad_(True)
+    y = rt.conv_add_relu(model.a.conv2, model.a.bn2, x, skip)
+    torch.testing.assert_close(y, F.relu(model.a.bn2(model.a.conv2(x)) + skip))
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_float_activations_hand_nothing_over(int8_convs, monkeypatch):
+    """Ternary convolutions with float activations cannot run as int8 convolutions: the same
+    generated code runs them as before."""
+    net = _trained(act="none")
+    x = torch.randn(4, *net.input_shape)
+    with torch.no_grad():
+        want = net(x)
+        frozen = rt.freeze(copy.deepcopy(net))
+        handed = []
+        monkeypatch.setattr(frozen_conv.FrozenConv2d, "forward_codes",
+                            lambda *a, **k: handed.append(a))
+        frozen(x)
+        got = frozen(x)
+    assert handed == []
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
