@@ -12,9 +12,13 @@ float path.
 """
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from . import native
+
+MAX_K = 65536  # cpu_qconv.c's int32 sums: 255 * 127 * K < 2^31
 
 
 def available() -> bool:
@@ -46,6 +50,17 @@ class PackedQConv:
         self.packed = torch.ops.onednn.qconv_prepack(self.codes, self.w_scale, self.x_scale,
                                                      self.x_zp, *self.args, None)
         self.nbytes = self.codes.numel() + 4 * scale.numel()
+        self._native: tuple | None = None  # (bias, NativeQConv or None)
+
+    def native_form(self, bias: torch.Tensor | None) -> NativeQConv | None:
+        """This convolution with this bias for the native library (cpu_qconv.c), built once;
+        None where that does not apply (no library, groups > 1, K > MAX_K)."""
+        if self._native is None or self._native[0] is not bias:
+            stride, padding, dilation, groups = self.args
+            ok = groups == 1 and self.codes[0].numel() <= MAX_K and native.library() is not None
+            self._native = (bias, NativeQConv(self.codes, self.w_scale, self.x_scale, self.x_zp,
+                                              bias, stride, padding, dilation) if ok else None)
+        return self._native[1]
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None,
                  relu: bool = False) -> torch.Tensor | None:
@@ -58,11 +73,14 @@ class PackedQConv:
         return self.run(qx, bias, relu).to(x.dtype)
 
     def run(self, qx: torch.Tensor, bias: torch.Tensor | None, relu: bool = False,
-            out: tuple[float, int] | None = None) -> torch.Tensor:
+            out: tuple[float, int] | None = None, way: str = "onednn") -> torch.Tensor:
         """The convolution of uint8 codes qx (at this layer's x_scale and x_zp): fp32, or with
-        ``out`` = (scale, zero point) uint8 codes of the result at that scale, which oneDNN
-        rounds to nearest even and saturates to [0, 255] (the next layer's static quantizer,
-        up to float rounding; with relu the symmetric quantizer's lower bound cannot bind)."""
+        ``out`` = (scale, zero point) uint8 codes of the result at that scale, rounded to
+        nearest even and saturated to [0, 255] (the next layer's static quantizer, up to float
+        rounding; with relu the symmetric quantizer's lower bound cannot bind). way: "onednn",
+        or "native" (native_form must not be None)."""
+        if way == "native":
+            return self.native_form(bias)(qx, relu, out)
         o_scale, o_zp, o_dtype = (1.0, 0, torch.float32) if out is None else (*out, None)
         return torch.ops.onednn.qconv2d_pointwise(
             qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,
@@ -84,3 +102,74 @@ class PackedQConv:
             return None
         q = torch.round(x / self.x_scale).add_(self.x_zp).clamp_(lo, hi)
         return q.to(torch.uint8)
+
+
+def pack_native(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weight codes [O, C, kh, kw] -> (cpu_qconv.c's layout: per block of 16 output
+    channels, per tap, per group of 4 input channels, 16 x 4 codes, zero-padded; the code sums
+    per output channel, int32, padded to the blocks)."""
+    o, c, kh, kw = codes.shape
+    op, c4 = -(-o // 16) * 16, -(-c // 4) * 4
+    w = torch.zeros(op, c4, kh, kw, dtype=torch.int8)
+    w[:o, :c] = codes
+    # [ob, o16, g, j, kh, kw] -> [ob, kh, kw, g, o16, j]
+    w = w.view(op // 16, 16, c4 // 4, 4, kh, kw).permute(0, 4, 5, 2, 1, 3).contiguous()
+    wsum = torch.zeros(op, dtype=torch.int32)
+    wsum[:o] = codes.sum(dim=(1, 2, 3), dtype=torch.int32)
+    return w.reshape(-1), wsum
+
+
+class NativeQConv:
+    """The int8 convolution of uint8 codes by the native library (cpu_qconv.c): groups=1,
+    numeric padding, K = C * kh * kw <= MAX_K."""
+
+    def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zp: int,
+                 bias: torch.Tensor | None, stride, padding, dilation, lib=None):
+        self.lib = lib  # None: native.library() (the tests pass each instruction-set build)
+        o = codes.shape[0]
+        op = -(-o // 16) * 16
+        self.wt, self.wsum = pack_native(codes)
+        self.mult = torch.zeros(op)
+        self.mult[:o] = (x_scale * w_scale.double()).float()
+        self.bias = torch.zeros(op)
+        if bias is not None:
+            self.bias[:o] = bias.float()
+        self.x_zp, self.shape = int(x_zp), tuple(codes.shape)
+        self.geo = [*stride, *padding, *dilation]
+        self.sizes: dict = {}  # input shape -> (output shape, the C geometry array)
+
+    def _size(self, shape):
+        """(output [B, O, H', W'], cpu_qconv.c's geometry) for a validated input shape."""
+        o, c, kh, kw = self.shape
+        (sh, sw, ph, pw, dh, dw) = self.geo
+        b, _, h, w = shape
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if ho < 1 or wo < 1:
+            raise ValueError(f"qx of shape {tuple(shape)} is smaller than the kernel "
+                             f"{kh}x{kw} with padding {ph}x{pw}")
+        geo = (ctypes.c_int64 * 13)(b, h, w, c, o, kh, kw, *self.geo)
+        if len(self.sizes) < 64:  # a handful of shapes in practice
+            self.sizes[tuple(shape)] = (b, o, ho, wo), geo
+        return (b, o, ho, wo), geo
+
+    def __call__(self, qx: torch.Tensor, relu: bool = False,
+                 out: tuple[float, int] | None = None) -> torch.Tensor:
+        """fp32 [B, O, H', W'] (channels-last), or uint8 codes at out = (scale, zero point)."""
+        c = self.shape[1]
+        if qx.dtype != torch.uint8 or qx.dim() != 4 or qx.shape[1] != c:
+            raise ValueError(f"qx must be uint8 [batch, {c}, height, width], got {qx.dtype} of "
+                             f"shape {tuple(qx.shape)}")
+        size, geo = self.sizes.get(tuple(qx.shape)) or self._size(qx.shape)
+        qx = qx.contiguous(memory_format=torch.channels_last)
+        dtype = torch.float32 if out is None else torch.uint8
+        y = torch.empty(size, dtype=dtype, memory_format=torch.channels_last)
+        lib = self.lib or native.library()
+        if size[0] and (lib is None or lib.dll.tdsl_qconv(
+                qx.data_ptr(), geo, self.x_zp, self.wt.data_ptr(), self.wsum.data_ptr(),
+                self.mult.data_ptr(), self.bias.data_ptr(), int(relu),
+                0.0 if out is None else float(out[0]), 0 if out is None else int(out[1]),
+                y.data_ptr(), torch.get_num_threads())):
+            raise MemoryError("native int8 convolution: no library, or no memory for the "
+                              "padded input")
+        return y

@@ -57,3 +57,82 @@ def test_codes_must_be_4d_int8():
     with pytest.raises(ValueError, match=r"codes must be 4-d int8, got torch.float32 of shape"):
         cpu_conv.PackedQConv(torch.ones(4, 2, 1, 1), torch.ones(4), 0.1, 0, True, (1, 1),
                              (0, 0), (1, 1), 1)
+
+
+# ---- the native int8 convolution (cpu_qconv.c) on every instruction-set build -------------
+
+ISA_FLAGS = {"avx512-vnni": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx2", "-mno-avx512f")}
+RANK = {"scalar": 0, "avx2": 1, "avx512-vnni": 2}
+
+
+@pytest.fixture(scope="module", params=list(ISA_FLAGS))
+def lib(request):
+    from triton_dsl.kernels import native
+    if native.library() is None:
+        pytest.skip("the native CPU kernel is unavailable")
+    if RANK[request.param] > RANK[native.library().isa]:
+        pytest.skip(f"this CPU has no {request.param}")
+    return native.Library(native.build(ISA_FLAGS[request.param]))
+
+
+def _native_twin(qx, zp, codes, mult, bias, stride, padding, dilation, relu, out):
+    """Exact integer sums (float64 holds them), then the kernel's fp32 operations in order."""
+    acc = F.conv2d(qx.double() - zp, codes.double(), None, stride, padding, dilation)
+    y = acc.float() * mult.reshape(-1, 1, 1) + (0 if bias is None else bias.reshape(-1, 1, 1))
+    y = F.relu(y) if relu else y
+    if out is None:
+        return y
+    return torch.clamp(torch.round(y / out[0]) + out[1], 0, 255).to(torch.uint8)
+
+
+# (batch, C, O, H, W, kernel, stride, padding, dilation): channels off 4 and 16, rows off the
+# 8-pixel tile, non-square kernels, dilation, an empty batch, K at the int32 bound's scale
+NATIVE_SHAPES = [(1, 16, 16, 10, 10, (3, 3), 1, 1, 1), (2, 3, 17, 9, 7, (3, 3), 2, 1, 1),
+                 (1, 1, 1, 5, 5, (1, 1), 1, 0, 1), (3, 5, 33, 11, 13, (2, 3), (2, 1), (0, 2), 1),
+                 (1, 8, 20, 12, 12, (3, 3), 1, 2, 2), (0, 4, 16, 6, 6, (3, 3), 1, 1, 1),
+                 (1, 7000, 5, 3, 3, (3, 3), 1, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", NATIVE_SHAPES, ids=str)
+def test_native_int8_conv_matches_its_twin(lib, shape):
+    b, c, o, h, w, k, stride, padding, dilation = shape
+    g = torch.Generator().manual_seed(c * o)
+    codes = torch.randint(-127, 128, (o, c, *k), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(o, generator=g) * 1e-3, torch.randn(o, generator=g)
+    x_scale, zp = 0.02, 128 if c % 2 else 9
+    pair = (lambda v: v if isinstance(v, tuple) else (v, v))
+    conv = cpu_conv.NativeQConv(codes, w_scale, x_scale, zp, bias if o > 1 else None,
+                                pair(stride), pair(padding), pair(dilation), lib=lib)
+    qx = torch.randint(0, 256, (b, c, h, w), generator=g, dtype=torch.uint8)
+    mult = (x_scale * w_scale.double()).float()
+    for relu, out in [(False, None), (True, None), (True, (0.05, 128)), (False, (0.3, 3))]:
+        want = _native_twin(qx, zp, codes, mult, bias if o > 1 else None, stride, padding,
+                            dilation, relu, out)
+        got = conv(qx, relu, out)  # qx is channels-first: the kernel takes it channels-last
+        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(got, want), (relu, out, (got.float() - want.float()).abs().max())
+
+
+def test_native_int8_conv_refuses_what_it_cannot_read(lib):
+    conv = cpu_conv.NativeQConv(torch.ones(4, 2, 3, 3, dtype=torch.int8), torch.ones(4), 0.1, 0,
+                                None, (1, 1), (0, 0), (1, 1), lib=lib)
+    with pytest.raises(ValueError, match=r"qx must be uint8 \[batch, 2, height, width\], got "
+                                         r"torch.float32 of shape \(1, 2, 5, 5\)"):
+        conv(torch.zeros(1, 2, 5, 5))
+    with pytest.raises(ValueError, match=r"qx must be uint8 \[batch, 2"):
+        conv(torch.zeros(1, 3, 5, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"smaller than the kernel 3x3"):
+        conv(torch.zeros(1, 2, 2, 5, dtype=torch.uint8))
+
+
+def test_native_form_only_where_it_applies():
+    from triton_dsl.kernels import native
+    if native.library() is None:
+        pytest.skip("the native CPU kernel is unavailable")
+    args = (torch.ones(4), 0.1, 0, True, (1, 1), (0, 0), (1, 1))
+    assert cpu_conv.PackedQConv(torch.ones(4, 2, 1, 1, dtype=torch.int8), *args, 1) \
+        .native_form(None) is not None
+    assert cpu_conv.PackedQConv(torch.ones(4, 1, 1, 1, dtype=torch.int8), *args, 2) \
+        .native_form(None) is None  # grouped
+    big = torch.ones(4, 8192, 3, 3, dtype=torch.int8)  # K = 73728: int32 sums could overflow
+    assert cpu_conv.PackedQConv(big, *args, 1).native_form(None) is None

@@ -50,12 +50,20 @@ def _trained(act="static"):
     return net.eval()
 
 
-@pytest.fixture
-def int8_convs(monkeypatch):
+@pytest.fixture(params=["native", "onednn"])
+def int8_convs(request, monkeypatch):
+    """Int8 convolutions without timing: the native library's (cpu_qconv.c) or oneDNN's."""
+    from triton_dsl.kernels import native
+    from triton_dsl.runtime import runners
     if not cpu_conv.available():
         pytest.skip("this torch has no oneDNN quantized convolution")
+    if request.param == "native" and (native.library() is None
+                                      or native.library().isa != "avx512-vnni"):
+        pytest.skip("the native int8 convolution is chosen on AVX-512 VNNI CPUs")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.setenv("TRITON_DSL_TUNE", "0")  # no timing: the int8 convolutions run
+    monkeypatch.setenv("TRITON_DSL_TUNE", "0")
+    monkeypatch.setattr(runners, "NATIVE_MACS", 1 << 40 if request.param == "native" else 0)
+    return request.param
 
 
 def test_generated_code_hands_codes_to_the_next_convolution(tmp_path):
@@ -85,6 +93,9 @@ def test_the_int8_pipeline_matches_the_fake_quantized_model(int8_convs, monkeypa
         assert handed.count(True) == 2 and handed.count(False) == 2  # a.conv1, b.conv1
         monkeypatch.setattr(frozen_conv.FrozenConv2d, "codes_for", lambda *a: None)
         apart = frozen(x)
+    ways = {w for m in frozen.modules() if isinstance(m, frozen_conv.FrozenConv2d)
+            for w in m.linear.prepared.runners["qconv"].ways.values()}
+    assert ways == {int8_convs}
     # codes from oneDNN's output stage against the next quantizer's x / s: the same up to
     # float rounding at a tie, which moves one code by one step
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -7,9 +7,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu_conv
+from ..kernels import cpu_conv, native
 from ..kernels.common import as_rows
 from ..kernels.per_token import fake_quantize_per_token
+from . import tuning
+
+NATIVE_MACS = 1 << 24  # without measuring, the native int8 convolution takes work up to this
 
 
 def affine(mod):
@@ -99,8 +102,9 @@ class Prepacked(Runner):
 
 
 class QConv(Runner):
-    """A convolution with static int8 activations as one oneDNN int8 convolution (fp32 out),
-    a folded batchnorm in its scales and bias."""
+    """A convolution with static int8 activations as one int8 convolution, a folded batchnorm
+    in its scales and bias: oneDNN's, or the native library's where that measured faster on
+    the input's shape (at batch 1, where oneDNN's per-call cost outweighs the arithmetic)."""
 
     def __init__(self, lin, conv):
         q = lin.act_quant
@@ -115,14 +119,37 @@ class QConv(Runner):
             float(x_scale), int(x_zp), q.symmetric, conv.stride, conv.padding, conv.dilation,
             conv.groups)
         self.nbytes = self.packed.nbytes
+        self.ways: dict = {}  # input shape -> "onednn" or "native"
 
     def __call__(self, x, relu: bool = False):
-        return self.packed(x, self.bias, relu)
+        """fp32 (x's dtype) out of float x, or None where x holds a NaN."""
+        qx = self.packed.quantize(x)
+        return None if qx is None else self.run(qx, relu).to(x.dtype)
 
     def run(self, qx, relu: bool = False, out=None):
         """The convolution of uint8 codes at this layer's input scale: fp32, or uint8 codes at
         out = (scale, zero point)."""
-        return self.packed.run(qx, self.bias, relu, out)
+        way = self.ways.get(qx.shape) or self._way(qx.shape)
+        return self.packed.run(qx, self.bias, relu, out, way)
+
+    def _way(self, shape) -> str:
+        nat = self.packed.native_form(self.bias)
+        if nat is None:
+            way = "onednn"
+        elif not tuning.enabled():  # without measuring: the native kernel for small work
+            (b, o, ho, wo), _ = nat._size(shape)
+            way = "native" if b * ho * wo * nat.shape[1] * nat.shape[2] * nat.shape[3] * o \
+                <= NATIVE_MACS and native.library().isa == "avx512-vnni" else "onednn"
+        else:
+            qx = torch.randint(0, 256, tuple(shape), dtype=torch.uint8).contiguous(
+                memory_format=torch.channels_last)  # timing does not depend on the values
+            name = (f"qconv|{'x'.join(map(str, nat.shape))}|{nat.geo}|"
+                    f"{'x'.join(map(str, shape))}")
+            way = tuning.choose(name, {"onednn": lambda: self.packed.run(qx, self.bias, True),
+                                       "native": lambda: nat(qx, True)})
+        if len(self.ways) < 64:
+            self.ways[tuple(shape)] = way
+        return way
 
     def input_codes(self) -> tuple[float, int]:
         """(scale, zero point) of the uint8 codes this convolution reads."""

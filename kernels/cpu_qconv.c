@@ -1,0 +1,160 @@
+/* Int8 convolution of uint8 activation codes (static int8 activations: kernels/cpu_conv.py),
+   compiled into the same library as cpu_linear.c.
+
+   Why native code: at batch 1 the convolutions of a small CNN are a few million multiply-adds,
+   which VNNI does in about 10 us, but torch's wrapper around oneDNN's int8 convolution costs
+   about 50 us a call on top of its 10 us primitive (measured on the development machine with
+   ONEDNN_VERBOSE). oneDNN stays the way for large batches (its AMX kernels); which of the two
+   runs is measured per shape (runtime/tuning.py).
+
+   Layouts. x: codes [b, h, w, c] (channels-last), zero point xzp. Weights, packed by
+   cpu_conv.pack_native: for output block ob of 16 channels, tap t = ky * kw + kx and group g of
+   4 input channels, 64 bytes wt[ob][t][g][o][j] = weight[16 ob + o][4 g + j][ky][kx] (int8
+   codes, zero past the last channel). y: [b, ho, wo, oc] channels-last, fp32, or uint8 codes
+   when out_scale > 0.
+
+   Arithmetic: the input is copied into a buffer padded with the zero point (channels to a
+   multiple of 4 too), so every tap is in range and sum (q - zp) w = sum q w - zp * wsum[o],
+   exactly in int32 for K = kh * kw * c <= 65536 (255 * 127 * 65536 < 2^31; cpu_conv.py refuses
+   more). Then y = float(acc) * mult[o] + bias[o], mult = x_scale * w_scale[o]; max(0, y) with
+   relu; codes clamp(nearbyint(y / out_scale) + out_zp, 0, 255), rounding half to even after an
+   IEEE division as the static quantizer does (tdsl_quantize_u8). */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define QCONV_VNNI 1
+#endif
+
+#ifndef QCONV_THREADED
+#define QCONV_THREADED (1 << 18) /* multiply-adds from which the threads share the work */
+#endif
+#define PX 8 /* output pixels of a row per tile: 8 accumulators, one weight load feeds 8 */
+
+static float requant(float v, float out_scale, int out_zp) {
+    float r = nearbyintf(v / out_scale) + (float)out_zp;
+    return r < 0.0f ? 0.0f : r > 255.0f ? 255.0f : r;
+}
+
+/* One row of output pixels for one block of 16 output channels. */
+static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt, int64_t taps,
+                     int64_t kw, int64_t sw, int64_t dh, int64_t dw, int64_t wo, int64_t oc16,
+                     int64_t oc, int xzp, const int32_t *wsum, const float *mult,
+                     const float *bias, int relu, float out_scale, int out_zp, void *y) {
+    const int64_t groups = c4 / 4;
+    const int lanes = oc - oc16 < 16 ? (int)(oc - oc16) : 16;
+    for (int64_t ox0 = 0; ox0 < wo; ox0 += PX) {
+        const int np = wo - ox0 < PX ? (int)(wo - ox0) : PX;
+#ifdef QCONV_VNNI
+        __m512i acc[PX];
+        for (int p = 0; p < PX; p++) acc[p] = _mm512_setzero_si512();
+        for (int64_t t = 0; t < taps; t++) {
+            const uint8_t *row = xp + (t / kw) * dh * wp * c4 + (t % kw) * dw * c4;
+            const uint8_t *px[PX];
+            for (int p = 0; p < PX; p++)  /* past the row's end: repeat its last pixel */
+                px[p] = row + (ox0 + (p < np ? p : np - 1)) * sw * c4;
+            const int8_t *wg = wt + t * groups * 64;
+            for (int64_t g = 0; g < groups; g++) {
+                const __m512i wv = _mm512_loadu_si512((const void *)(wg + g * 64));
+                for (int p = 0; p < PX; p++) {
+                    int32_t four;
+                    memcpy(&four, px[p] + 4 * g, 4);
+                    acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_set1_epi32(four), wv);
+                }
+            }
+        }
+        const __mmask16 mask = (__mmask16)((1u << lanes) - 1);
+        const __m512i zs = _mm512_mullo_epi32(_mm512_set1_epi32(xzp),
+                                              _mm512_loadu_si512((const void *)(wsum + oc16)));
+        const __m512 mv = _mm512_loadu_ps(mult + oc16), bv = _mm512_loadu_ps(bias + oc16);
+        for (int p = 0; p < np; p++) {
+            __m512 v = _mm512_add_ps(
+                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p], zs)), mv), bv);
+            if (relu)
+                v = _mm512_max_ps(v, _mm512_setzero_ps());
+            const int64_t at = (ox0 + p) * oc + oc16;
+            if (out_scale > 0.0f) {
+                __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(out_scale)),
+                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                r = _mm512_add_ps(r, _mm512_set1_ps((float)out_zp));
+                r = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()),
+                                  _mm512_set1_ps(255.0f));
+                _mm_mask_storeu_epi8((uint8_t *)y + at, mask,
+                                     _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r)));
+            } else {
+                _mm512_mask_storeu_ps((float *)y + at, mask, v);
+            }
+        }
+#else
+        for (int p = 0; p < np; p++) {
+            for (int o = 0; o < lanes; o++) {
+                int32_t acc = 0;
+                for (int64_t t = 0; t < taps; t++) {
+                    const uint8_t *px = xp + (t / kw) * dh * wp * c4 + (t % kw) * dw * c4 +
+                                        (ox0 + p) * sw * c4;
+                    const int8_t *wg = wt + t * groups * 64 + o * 4;
+                    for (int64_t g = 0; g < groups; g++)
+                        for (int j = 0; j < 4; j++)
+                            acc += (int32_t)px[4 * g + j] * (int32_t)wg[g * 64 + j];
+                }
+                float v = (float)(acc - xzp * wsum[oc16 + o]) * mult[oc16 + o] + bias[oc16 + o];
+                if (relu && !(v > 0.0f))
+                    v = 0.0f; /* as _mm512_max_ps(v, 0) */
+                const int64_t at = (ox0 + p) * oc + oc16 + o;
+                if (out_scale > 0.0f)
+                    ((uint8_t *)y)[at] = (uint8_t)requant(v, out_scale, out_zp);
+                else
+                    ((float *)y)[at] = v;
+            }
+        }
+#endif
+    }
+}
+
+/* geo: b, h, w, c, oc, kh, kw, sh, sw, ph, pw, dh, dw. wsum, mult and bias hold 16 * ceil(oc /
+   16) values. Returns -1 when the padded copy cannot be allocated, else 0. */
+int tdsl_qconv(const uint8_t *x, const int64_t *geo, int xzp, const int8_t *wt,
+               const int32_t *wsum, const float *mult, const float *bias, int relu,
+               float out_scale, int out_zp, void *y, int threads) {
+    const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
+                  kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
+                  dh = geo[11], dw = geo[12];
+    const int64_t c4 = (c + 3) / 4 * 4, hp = h + 2 * ph, wp = w + 2 * pw;
+    const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = (wp - dw * (kw - 1) - 1) / sw + 1;
+    const int64_t blocks = (oc + 15) / 16, taps = kh * kw;
+    const size_t esize = out_scale > 0.0f ? 1 : 4;
+    const int64_t macs = b * ho * wo * blocks * 16 * taps * c4;
+    const uint8_t *xp = x;
+    uint8_t *pad = NULL;
+    if (ph || pw || c4 != c) {
+        pad = (uint8_t *)malloc((size_t)(b * hp * wp * c4));
+        if (!pad)
+            return -1;
+        memset(pad, xzp, (size_t)(b * hp * wp * c4));
+#pragma omp parallel for num_threads(threads) schedule(static) if (b * h * w * c >= 262144)
+        for (int64_t r = 0; r < b * h; r++) {
+            const int64_t n = r / h, yy = r % h;
+            uint8_t *dst = pad + ((n * hp + yy + ph) * wp + pw) * c4;
+            const uint8_t *src = x + r * w * c;
+            if (c4 == c)
+                memcpy(dst, src, (size_t)(w * c));
+            else
+                for (int64_t xx = 0; xx < w; xx++)
+                    memcpy(dst + xx * c4, src + xx * c, (size_t)c);
+        }
+        xp = pad;
+    }
+    /* threads share (image, output row, channel block) items; small work runs on one thread,
+       since waking a sleeping one costs more than it saves */
+#pragma omp parallel for num_threads(threads) schedule(static) if (macs >= QCONV_THREADED)
+    for (int64_t item = 0; item < b * ho * blocks; item++) {
+        const int64_t ob = item % blocks, r = item / blocks, n = r / ho, oy = r % ho;
+        conv_row(xp + (n * hp + oy * sh) * wp * c4, wp, c4, wt + ob * taps * (c4 / 4) * 64, taps,
+                 kw, sw, dh, dw, wo, ob * 16, oc, xzp, wsum, mult, bias, relu, out_scale, out_zp,
+                 (uint8_t *)y + (size_t)(r * wo * oc) * esize);
+    }
+    free(pad);
+    return 0;
+}
