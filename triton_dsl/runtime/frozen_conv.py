@@ -74,6 +74,9 @@ class FrozenConv2d(nn.Module):
         """The int8 convolution for static int8 activations (kernels/cpu_conv.py), built once
         into the layer's slot; None where it does not apply."""
         lin = self.linear
+        run = lin.prepared.runners.get("qconv") if lin.prepared is not None else None
+        if run is not None:  # built: the checks below ran once
+            return run
         q = lin.act_quant
         if not (self.im2col and q is not None and q.mode == "static" and int(q.batches) > 0
                 and cpu_conv.available()):
@@ -87,9 +90,7 @@ class FrozenConv2d(nn.Module):
         return prep.runners["qconv"]
 
     def forward_qconv(self, x, relu: bool = False):
-        prep = self.linear.prepared  # built once: the checks of _qconv only the first time
-        run = prep.runners.get("qconv") if prep is not None else None
-        run = run or self._qconv()
+        run = self._qconv()
         return None if run is None else run(x, relu)
 
     def forward_codes(self, x: Codes, relu: bool = False, out=None):
