@@ -59,7 +59,8 @@ class PackedQConv:
             stride, padding, dilation, groups = self.args
             ok = groups == 1 and self.codes[0].numel() <= MAX_K and native.library() is not None
             self._native = (bias, NativeQConv(self.codes, self.w_scale, self.x_scale, self.x_zp,
-                                              bias, stride, padding, dilation) if ok else None)
+                                              bias, stride, padding, dilation, self.symmetric)
+                            if ok else None)
         return self._native[1]
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None,
@@ -120,11 +121,12 @@ def pack_native(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class NativeQConv:
-    """The int8 convolution of uint8 codes by the native library (cpu_qconv.c): groups=1,
-    numeric padding, K = C * kh * kw <= MAX_K."""
+    """The int8 convolution of uint8 codes, or of float activations it quantizes itself, by the
+    native library (cpu_qconv.c): groups=1, numeric padding, K = C * kh * kw <= MAX_K."""
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zp: int,
-                 bias: torch.Tensor | None, stride, padding, dilation, lib=None):
+                 bias: torch.Tensor | None, stride, padding, dilation, symmetric: bool = False,
+                 lib=None):
         self.lib = lib  # None: native.library() (the tests pass each instruction-set build)
         o = codes.shape[0]
         op = -(-o // 16) * 16
@@ -134,42 +136,57 @@ class NativeQConv:
         self.bias = torch.zeros(op)
         if bias is not None:
             self.bias[:o] = bias.float()
-        self.x_zp, self.shape = int(x_zp), tuple(codes.shape)
+        self.x_scale, self.x_zp, self.shape = float(x_scale), int(x_zp), tuple(codes.shape)
+        self.range = (1, 255) if symmetric else (0, 255)  # as PackedQConv.quantize clamps
         self.geo = [*stride, *padding, *dilation]
-        self.sizes: dict = {}  # input shape -> (output shape, the C geometry array)
+        self.sizes: dict = {}  # (input shape, strides) -> (output shape, C geometry array)
 
-    def _size(self, shape):
-        """(output [B, O, H', W'], cpu_qconv.c's geometry) for a validated input shape."""
+    def _size(self, shape, strides=(0, 0, 0, 0)):
+        """(output [B, O, H', W'], cpu_qconv.c's geometry) for an input shape (and a float
+        input's strides)."""
         o, c, kh, kw = self.shape
         (sh, sw, ph, pw, dh, dw) = self.geo
         b, _, h, w = shape
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
         if ho < 1 or wo < 1:
-            raise ValueError(f"qx of shape {tuple(shape)} is smaller than the kernel "
+            raise ValueError(f"x of shape {tuple(shape)} is smaller than the kernel "
                              f"{kh}x{kw} with padding {ph}x{pw}")
-        geo = (ctypes.c_int64 * 13)(b, h, w, c, o, kh, kw, *self.geo)
+        geo = (ctypes.c_int64 * 19)(b, h, w, c, o, kh, kw, *self.geo, *strides, *self.range)
         if len(self.sizes) < 64:  # a handful of shapes in practice
-            self.sizes[tuple(shape)] = (b, o, ho, wo), geo
+            self.sizes[(tuple(shape), tuple(strides))] = (b, o, ho, wo), geo
         return (b, o, ho, wo), geo
 
-    def __call__(self, qx: torch.Tensor, relu: bool = False,
-                 out: tuple[float, int] | None = None) -> torch.Tensor:
-        """fp32 [B, O, H', W'] (channels-last), or uint8 codes at out = (scale, zero point)."""
+    def __call__(self, x: torch.Tensor, relu: bool = False,
+                 out: tuple[float, int] | None = None) -> torch.Tensor | None:
+        """fp32 [B, O, H', W'] (channels-last), or uint8 codes at out = (scale, zero point), of
+        uint8 codes x at this layer's input scale, or of float x (quantized in the kernel's
+        copy of the input, codes as PackedQConv.quantize makes them: None where x holds a
+        NaN)."""
         c = self.shape[1]
-        if qx.dtype != torch.uint8 or qx.dim() != 4 or qx.shape[1] != c:
-            raise ValueError(f"qx must be uint8 [batch, {c}, height, width], got {qx.dtype} of "
-                             f"shape {tuple(qx.shape)}")
-        size, geo = self.sizes.get(tuple(qx.shape)) or self._size(qx.shape)
-        qx = qx.contiguous(memory_format=torch.channels_last)
-        dtype = torch.float32 if out is None else torch.uint8
-        y = torch.empty(size, dtype=dtype, memory_format=torch.channels_last)
+        if x.dim() != 4 or x.shape[1] != c or not (x.dtype == torch.uint8
+                                                   or x.is_floating_point()):
+            raise ValueError(f"x must be uint8 codes or floats [batch, {c}, height, width], "
+                             f"got {x.dtype} of shape {tuple(x.shape)}")
+        codes = x.dtype == torch.uint8
+        if codes:
+            x = x.contiguous(memory_format=torch.channels_last)
+        elif x.dtype != torch.float32:
+            x = x.float()
+        strides = (0, 0, 0, 0) if codes else x.stride()
+        size, geo = self.sizes.get((tuple(x.shape), strides)) or self._size(x.shape, strides)
+        y = torch.empty(size, dtype=torch.float32 if out is None else torch.uint8,
+                        memory_format=torch.channels_last)
+        if not size[0]:
+            return y
         lib = self.lib or native.library()
-        if size[0] and (lib is None or lib.dll.tdsl_qconv(
-                qx.data_ptr(), geo, self.x_zp, self.wt.data_ptr(), self.wsum.data_ptr(),
-                self.mult.data_ptr(), self.bias.data_ptr(), int(relu),
-                0.0 if out is None else float(out[0]), 0 if out is None else int(out[1]),
-                y.data_ptr(), torch.get_num_threads())):
-            raise MemoryError("native int8 convolution: no library, or no memory for the "
-                              "padded input")
-        return y
+        if lib is None:
+            raise RuntimeError("the native int8 convolution needs the native library")
+        rc = lib.dll.tdsl_qconv(
+            x.data_ptr() if codes else None, None if codes else x.data_ptr(), self.x_scale,
+            geo, self.x_zp, self.wt.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(),
+            self.bias.data_ptr(), int(relu), 0.0 if out is None else float(out[0]),
+            0 if out is None else int(out[1]), y.data_ptr(), torch.get_num_threads())
+        if rc < 0:
+            raise MemoryError("native int8 convolution: no memory for the padded input")
+        return None if rc else y

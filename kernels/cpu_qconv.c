@@ -113,11 +113,47 @@ static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt
     }
 }
 
-/* geo: b, h, w, c, oc, kh, kw, sh, sw, ph, pw, dh, dw. wsum, mult and bias hold 16 * ceil(oc /
-   16) values. Returns -1 when the padded copy cannot be allocated, else 0. */
-int tdsl_qconv(const uint8_t *x, const int64_t *geo, int xzp, const int8_t *wt,
-               const int32_t *wsum, const float *mult, const float *bias, int relu,
-               float out_scale, int out_zp, void *y, int threads) {
+int tdsl_quantize_u8(const float *x, int64_t n, float scale, int zp, int lo, int hi,
+                     uint8_t *out, int threads); /* cpu_linear.c */
+
+/* Float activations x quantized into the zero-point-padded buffer as tdsl_quantize_u8 does
+   (the same codes), read through strides xs (n, c, h, w, in floats): one pass instead of a
+   quantizing pass and a copy. Returns 1 when x holds a NaN. */
+static int quantize_into(uint8_t *pad, const float *x, const int64_t *xs, int64_t b, int64_t h,
+                         int64_t w, int64_t c, int64_t c4, int64_t hp, int64_t wp, int64_t ph,
+                         int64_t pw, float scale, int zp, int lo, int hi, int threads) {
+    int bad = 0;
+    const int rows_whole = xs[1] == 1 && xs[3] == c && c4 == c; /* an image row is one run */
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) \
+    if (b * h * w * c >= 262144)
+    for (int64_t r = 0; r < b * h; r++) {
+        const int64_t n = r / h, yy = r % h;
+        uint8_t *dst = pad + ((n * hp + yy + ph) * wp + pw) * c4;
+        const float *src = x + n * xs[0] + yy * xs[2];
+        if (rows_whole) {
+            bad |= tdsl_quantize_u8(src, w * c, scale, zp, lo, hi, dst, 1);
+            continue;
+        }
+        for (int64_t xx = 0; xx < w; xx++)
+            for (int64_t ch = 0; ch < c; ch++) {
+                const float v = src[xx * xs[3] + ch * xs[1]] / scale;
+                float q = nearbyintf(v) + (float)zp;
+                q = q < (float)lo ? (float)lo : q > (float)hi ? (float)hi : q;
+                bad |= v != v;
+                dst[xx * c4 + ch] = (uint8_t)(v == v ? q : 0.0f);
+            }
+    }
+    return bad;
+}
+
+/* geo: b, h, w, c, oc, kh, kw, sh, sw, ph, pw, dh, dw, then for float input (xf != NULL, x
+   unused) its strides n, c, h, w in floats and the quantizer's lo, hi; x_scale is the
+   quantizer's scale. wsum, mult and bias hold 16 * ceil(oc / 16) values. Returns -1 when the
+   padded copy cannot be allocated, 1 when the float input holds a NaN (nothing written to y),
+   else 0. */
+int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *geo, int xzp,
+               const int8_t *wt, const int32_t *wsum, const float *mult, const float *bias,
+               int relu, float out_scale, int out_zp, void *y, int threads) {
     const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
                   kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
                   dh = geo[11], dw = geo[12];
@@ -128,11 +164,20 @@ int tdsl_qconv(const uint8_t *x, const int64_t *geo, int xzp, const int8_t *wt,
     const int64_t macs = b * ho * wo * blocks * 16 * taps * c4;
     const uint8_t *xp = x;
     uint8_t *pad = NULL;
-    if (ph || pw || c4 != c) {
+    if (xf || ph || pw || c4 != c) {
         pad = (uint8_t *)malloc((size_t)(b * hp * wp * c4));
         if (!pad)
             return -1;
         memset(pad, xzp, (size_t)(b * hp * wp * c4));
+        xp = pad;
+    }
+    if (xf) {
+        if (quantize_into(pad, xf, geo + 13, b, h, w, c, c4, hp, wp, ph, pw, x_scale, xzp,
+                          (int)geo[17], (int)geo[18], threads)) {
+            free(pad);
+            return 1;
+        }
+    } else if (pad) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (b * h * w * c >= 262144)
         for (int64_t r = 0; r < b * h; r++) {
             const int64_t n = r / h, yy = r % h;
@@ -144,7 +189,6 @@ int tdsl_qconv(const uint8_t *x, const int64_t *geo, int xzp, const int8_t *wt,
                 for (int64_t xx = 0; xx < w; xx++)
                     memcpy(dst + xx * c4, src + xx * c, (size_t)c);
         }
-        xp = pad;
     }
     /* threads share (image, output row, channel block) items; small work runs on one thread,
        since waking a sleeping one costs more than it saves */

@@ -113,13 +113,46 @@ def test_native_int8_conv_matches_its_twin(lib, shape):
         assert torch.equal(got, want), (relu, out, (got.float() - want.float()).abs().max())
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("layout", ["channels_last", "nchw", "sliced"])
+@pytest.mark.parametrize("c", [3, 16])
+def test_native_int8_conv_quantizes_float_input_as_the_static_quantizer(lib, symmetric, layout,
+                                                                        c):
+    """Float activations, quantized in the kernel's padded copy: the same codes as
+    clamp(round(x / s) + zp, lo, hi) (halfway values, +-Inf, huge ones), in any memory layout;
+    a NaN anywhere gives None (the caller's float path answers)."""
+    g = torch.Generator().manual_seed(c)
+    codes = torch.randint(-127, 128, (20, c, 3, 3), generator=g, dtype=torch.int8)
+    s, zp, (lo, hi) = 0.05, (128 if symmetric else 11), ((1, 255) if symmetric else (0, 255))
+    conv = cpu_conv.NativeQConv(codes, torch.rand(20, generator=g), s, zp, None, (1, 1),
+                                (1, 1), (1, 1), symmetric, lib=lib)
+    x = torch.randn(2, c, 9, 14, generator=g) * 4
+    x[0, :, 0, :3] = torch.tensor([2.5, -2.5, 1.5]) * s  # halfway: to even
+    x[1, :, 2, :4] = torch.tensor([1e30, -1e30, float("inf"), float("-inf")])
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced":
+        x = x[:, :, :, 1:]  # non-contiguous
+    qx = torch.clamp(torch.round(x / s) + zp, lo, hi).to(torch.uint8)
+    mult = conv.mult[:20]  # x_scale * w_scale, as the kernel holds it
+    for relu, out in [(False, None), (True, (0.2, 128))]:
+        want = _native_twin(qx, zp, codes, mult, None, 1, 1, 1, relu, out)
+        assert torch.equal(conv(x, relu, out), want)
+    assert torch.equal(conv(x.bfloat16(), True),
+                       _native_twin(torch.clamp(torch.round(x.bfloat16().float() / s) + zp, lo, hi),
+                                    zp, codes, mult, None, 1, 1, 1, True, None))
+    x = x.clone()
+    x[1, c - 1, 8, 7] = float("nan")
+    assert conv(x) is None
+
+
 def test_native_int8_conv_refuses_what_it_cannot_read(lib):
     conv = cpu_conv.NativeQConv(torch.ones(4, 2, 3, 3, dtype=torch.int8), torch.ones(4), 0.1, 0,
                                 None, (1, 1), (0, 0), (1, 1), lib=lib)
-    with pytest.raises(ValueError, match=r"qx must be uint8 \[batch, 2, height, width\], got "
-                                         r"torch.float32 of shape \(1, 2, 5, 5\)"):
-        conv(torch.zeros(1, 2, 5, 5))
-    with pytest.raises(ValueError, match=r"qx must be uint8 \[batch, 2"):
+    with pytest.raises(ValueError, match=r"x must be uint8 codes or floats \[batch, 2, height, "
+                                         r"width\], got torch.int32 of shape \(1, 2, 5, 5\)"):
+        conv(torch.zeros(1, 2, 5, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"x must be uint8 codes or floats \[batch, 2"):
         conv(torch.zeros(1, 3, 5, 5, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"smaller than the kernel 3x3"):
         conv(torch.zeros(1, 2, 2, 5, dtype=torch.uint8))

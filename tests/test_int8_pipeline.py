@@ -84,13 +84,21 @@ def test_the_int8_pipeline_matches_the_fake_quantized_model(int8_convs, monkeypa
         want = net(x)
         frozen = rt.freeze(copy.deepcopy(net))
         frozen(x)  # the first call makes each layer's choice; the later ones hand codes over
-        handed = []
+        made, read = [], []
+
+        class Counted(frozen_conv.Codes):
+            def __init__(self, *a):
+                made.append(a[0].shape)
+                super().__init__(*a)
+
         plain = frozen_conv.FrozenConv2d.forward_codes
+        monkeypatch.setattr(frozen_conv, "Codes", Counted)
         monkeypatch.setattr(frozen_conv.FrozenConv2d, "forward_codes",
                             lambda self, c, relu=False, out=None:
-                            handed.append(out is not None) or plain(self, c, relu, out))
+                            read.append(type(c)) or plain(self, c, relu, out))
         got = frozen(x)
-        assert handed.count(True) == 2 and handed.count(False) == 2  # a.conv1, b.conv1
+        # a.conv1 and b.conv1 hand their codes to a.conv2 and b.conv2
+        assert made == [(5, 8, 12, 12), (5, 16, 6, 6)] and read == [Counted, Counted]
         monkeypatch.setattr(frozen_conv.FrozenConv2d, "codes_for", lambda *a: None)
         apart = frozen(x)
     ways = {w for m in frozen.modules() if isinstance(m, frozen_conv.FrozenConv2d)

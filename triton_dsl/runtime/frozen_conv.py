@@ -123,14 +123,11 @@ class FrozenConv2d(nn.Module):
         key = ("conv", m_bucket(b), (self.out_channels, *self.out_size(h, w)))
         if prep.picks.get(key) != "qconv":  # nxt's own choice for this input, once made
             return None
-        if not isinstance(x, Codes):
-            mine = self._qconv()
-            qx = mine.packed.quantize(x)
-            if qx is None:
-                return None  # a NaN: the float path answers
-            x = Codes(qx, *mine.input_codes(), x.dtype)
         out = run.input_codes()
-        return Codes(self.forward_codes(x, True, out), *out, x.dtype)
+        if isinstance(x, Codes):
+            return Codes(self.forward_codes(x, True, out), *out, x.dtype)
+        q = self._qconv()(x, True, out)
+        return None if q is None else Codes(q, *out, x.dtype)  # None: a NaN, the float path
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,

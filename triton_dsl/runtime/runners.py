@@ -121,10 +121,16 @@ class QConv(Runner):
         self.nbytes = self.packed.nbytes
         self.ways: dict = {}  # input shape -> "onednn" or "native"
 
-    def __call__(self, x, relu: bool = False):
-        """fp32 (x's dtype) out of float x, or None where x holds a NaN."""
-        qx = self.packed.quantize(x)
-        return None if qx is None else self.run(qx, relu).to(x.dtype)
+    def __call__(self, x, relu: bool = False, out=None):
+        """Of float x: x's dtype out, or uint8 codes at out = (scale, zero point); None where
+        x holds a NaN. The native kernel quantizes x in its own copy of the input."""
+        way = self.ways.get(x.shape) or self._way(x.shape)
+        if way == "native":
+            y = self.packed.native_form(self.bias)(x, relu, out)
+        else:
+            qx = self.packed.quantize(x)
+            y = None if qx is None else self.packed.run(qx, self.bias, relu, out)
+        return y if y is None or out is not None else y.to(x.dtype)
 
     def run(self, qx, relu: bool = False, out=None):
         """The convolution of uint8 codes at this layer's input scale: fp32, or uint8 codes at
