@@ -620,7 +620,38 @@ int tdsl_grouped_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const
 /* Static int8 activations for the int8 convolution (kernels/cpu_conv.py), in one pass: codes
    clamp(nearbyint(x / scale) + zp, lo, hi) as uint8, x / scale rounded half to even exactly as
    the runtime's static quantizer (torch.round(x / s)) does, so the codes are identical. Returns
-   1 when x holds a NaN (no uint8 stands for it: the caller takes its float path), else 0. */
+   1 when x holds a NaN (no uint8 stands for it: the caller takes its float path), else 0.
+   quantize_u8_span is one thread's loop; cpu_qconv.c calls it per image row. */
+int quantize_u8_span(const float *x, int64_t n, float scale, int zp, int lo, int hi,
+                     uint8_t *out) {
+    int bad = 0;
+    int64_t i = 0;
+#if TDSL_ISA == 2
+    /* 16 at a time, the same operations: an IEEE division, rounding half to even, the zero
+       point, the clamp; vpmovusdb narrows the clamped values to bytes */
+    const __m512 sv = _mm512_set1_ps(scale), zv = _mm512_set1_ps((float)zp);
+    const __m512 lov = _mm512_set1_ps((float)lo), hiv = _mm512_set1_ps((float)hi);
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + i), sv);
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __m512 r = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT |
+                                                         _MM_FROUND_NO_EXC), zv);
+        r = _mm512_min_ps(_mm512_max_ps(r, lov), hiv);
+        r = _mm512_mask_mov_ps(r, nan, _mm512_setzero_ps()); /* NaN: 0, and said */
+        bad |= nan != 0;
+        _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r)));
+    }
+#endif
+    for (; i < n; i++) {
+        const float v = x[i] / scale;
+        float r = nearbyintf(v) + (float)zp;
+        r = r < (float)lo ? (float)lo : r > (float)hi ? (float)hi : r;
+        bad |= v != v;
+        out[i] = (uint8_t)(v == v ? r : 0.0f); /* converting NaN is undefined */
+    }
+    return bad;
+}
+
 int tdsl_quantize_u8(const float *x, int64_t n, float scale, int zp, int lo, int hi,
                      uint8_t *out, int threads) {
     int bad = 0;
@@ -628,31 +659,8 @@ int tdsl_quantize_u8(const float *x, int64_t n, float scale, int zp, int lo, int
     const int64_t blocks = (n + 4095) / 4096;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (n >= 65536)
     for (int64_t b = 0; b < blocks; b++) {
-        int64_t i = b * 4096;
-        const int64_t end = i + 4096 < n ? i + 4096 : n;
-#if TDSL_ISA == 2
-        /* 16 at a time, the same operations: an IEEE division, rounding half to even, the
-           zero point, the clamp; vpmovusdb narrows the clamped values to bytes */
-        const __m512 sv = _mm512_set1_ps(scale), zv = _mm512_set1_ps((float)zp);
-        const __m512 lov = _mm512_set1_ps((float)lo), hiv = _mm512_set1_ps((float)hi);
-        for (; i + 16 <= end; i += 16) {
-            const __m512 v = _mm512_div_ps(_mm512_loadu_ps(x + i), sv);
-            const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            __m512 r = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT |
-                                                             _MM_FROUND_NO_EXC), zv);
-            r = _mm512_min_ps(_mm512_max_ps(r, lov), hiv);
-            r = _mm512_mask_mov_ps(r, nan, _mm512_setzero_ps()); /* NaN: 0, and said */
-            bad |= nan != 0;
-            _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r)));
-        }
-#endif
-        for (; i < end; i++) {
-            const float v = x[i] / scale;
-            float r = nearbyintf(v) + (float)zp;
-            r = r < (float)lo ? (float)lo : r > (float)hi ? (float)hi : r;
-            bad |= v != v;
-            out[i] = (uint8_t)(v == v ? r : 0.0f); /* converting NaN is undefined */
-        }
+        const int64_t i = b * 4096, end = i + 4096 < n ? i + 4096 : n;
+        bad |= quantize_u8_span(x + i, end - i, scale, zp, lo, hi, out + i);
     }
     return bad;
 }

@@ -113,11 +113,11 @@ static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt
     }
 }
 
-int tdsl_quantize_u8(const float *x, int64_t n, float scale, int zp, int lo, int hi,
-                     uint8_t *out, int threads); /* cpu_linear.c */
+int quantize_u8_span(const float *x, int64_t n, float scale, int zp, int lo, int hi,
+                     uint8_t *out); /* cpu_linear.c: tdsl_quantize_u8's loop, one thread */
 
 /* Float activations x quantized into the zero-point-padded buffer as tdsl_quantize_u8 does
-   (the same codes), read through strides xs (n, c, h, w, in floats): one pass instead of a
+   (quantize_u8_span), read through strides xs (n, c, h, w, in floats): one pass instead of a
    quantizing pass and a copy. Returns 1 when x holds a NaN. */
 static int quantize_into(uint8_t *pad, const float *x, const int64_t *xs, int64_t b, int64_t h,
                          int64_t w, int64_t c, int64_t c4, int64_t hp, int64_t wp, int64_t ph,
@@ -131,7 +131,7 @@ static int quantize_into(uint8_t *pad, const float *x, const int64_t *xs, int64_
         uint8_t *dst = pad + ((n * hp + yy + ph) * wp + pw) * c4;
         const float *src = x + n * xs[0] + yy * xs[2];
         if (rows_whole) {
-            bad |= tdsl_quantize_u8(src, w * c, scale, zp, lo, hi, dst, 1);
+            bad |= quantize_u8_span(src, w * c, scale, zp, lo, hi, dst);
             continue;
         }
         for (int64_t xx = 0; xx < w; xx++)
