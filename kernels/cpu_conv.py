@@ -49,8 +49,15 @@ class PackedQConv:
         self.args = (list(stride), list(padding), list(dilation), int(groups))
         self.packed = torch.ops.onednn.qconv_prepack(self.codes, self.w_scale, self.x_scale,
                                                      self.x_zp, *self.args, None)
-        self.nbytes = self.codes.numel() + 4 * scale.numel()
         self._native: tuple | None = None  # (bias, NativeQConv or None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the codes (kept to build the native form), the scales, oneDNN's
+        prepacked copy, and the native form once built."""
+        nat = self._native[1] if self._native is not None else None
+        return (self.codes.numel() + 4 * self.w_scale.numel() + self.packed.numel() *
+                self.packed.element_size() + (0 if nat is None else nat.nbytes))
 
     def native_form(self, bias: torch.Tensor | None) -> NativeQConv | None:
         """This convolution with this bias for the native library (cpu_qconv.c), built once;
@@ -140,6 +147,8 @@ class NativeQConv:
         self.range = (1, 255) if symmetric else (0, 255)  # as PackedQConv.quantize clamps
         self.geo = [*stride, *padding, *dilation]
         self.sizes: dict = {}  # (input shape, strides) -> (output shape, C geometry array)
+        self.nbytes = sum(t.numel() * t.element_size()
+                          for t in (self.wt, self.wsum, self.mult, self.bias))
 
     def _size(self, shape, strides=(0, 0, 0, 0)):
         """(output [B, O, H', W'], cpu_qconv.c's geometry) for an input shape (and a float

@@ -163,8 +163,10 @@ def test_native_form_only_where_it_applies():
     if native.library() is None:
         pytest.skip("the native CPU kernel is unavailable")
     args = (torch.ones(4), 0.1, 0, True, (1, 1), (0, 0), (1, 1))
-    assert cpu_conv.PackedQConv(torch.ones(4, 2, 1, 1, dtype=torch.int8), *args, 1) \
-        .native_form(None) is not None
+    conv = cpu_conv.PackedQConv(torch.ones(4, 2, 1, 1, dtype=torch.int8), *args, 1)
+    held = conv.nbytes
+    nat = conv.native_form(None)
+    assert nat is not None and conv.nbytes == held + nat.nbytes > held  # says what it holds
     assert cpu_conv.PackedQConv(torch.ones(4, 1, 1, 1, dtype=torch.int8), *args, 2) \
         .native_form(None) is None  # grouped
     big = torch.ones(4, 8192, 3, 3, dtype=torch.int8)  # K = 73728: int32 sums could overflow

@@ -118,8 +118,11 @@ class QConv(Runner):
             codes.reshape(conv.out_channels, c, *conv.kernel_size).contiguous(), scale,
             float(x_scale), int(x_zp), q.symmetric, conv.stride, conv.padding, conv.dilation,
             conv.groups)
-        self.nbytes = self.packed.nbytes
         self.ways: dict = {}  # input shape -> "onednn" or "native"
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes
 
     def __call__(self, x, relu: bool = False, out=None):
         """Of float x: x's dtype out, or uint8 codes at out = (scale, zero point); None where
