@@ -70,6 +70,9 @@
 #if MB > 6 || NB > 4
 #error "the tiles spell out at most 6 rows and 4 columns"
 #endif
+#ifndef KSPLIT
+#define KSPLIT 1 /* one or two rows: odd K blocks into a second set of sums (tile_body) */
+#endif
 #ifndef PF_DIST
 #define PF_DIST 8 /* chunks ahead */
 #endif
@@ -169,18 +172,48 @@ static inline __attribute__((always_inline)) void tile_body(
     _mm512_and_si512(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)WADDR(j, b))), \
                      mask))
 #define DOT(a, c, xv) (kind == INT8 ? _mm512_dpbusd_epi32(a, xv, c) : _mm512_dpbusd_epi32(a, c, xv))
-#define ROW_STEP(i) if (mb > i) { \
+#define ROW_INTO(i, s) if (mb > i) { \
         __m512i xv = _mm512_loadu_si512((const void *)(x + i * ldx + b * 64)); \
         __asm__("" : "+v"(xv)); /* one load, not one folded into each dpbusd */ \
-        a##i##0 = DOT(a##i##0, c0, xv); \
-        if (nb > 1) a##i##1 = DOT(a##i##1, c1, xv); \
-        if (nb > 2) a##i##2 = DOT(a##i##2, c2, xv); \
-        if (nb > 3) a##i##3 = DOT(a##i##3, c3, xv); }
-    for (int64_t b = kb0; b < kb1; b++) {
-        if (pf) /* the weight stream ahead (see tdsl_linear) */
-            for (int l = 0; l < (kind == INT8 ? NB : (NB + 3) / 4); l++) /* 64-byte lines */
-                _mm_prefetch((const char *)(pf + b * NB * (kind == INT8 ? 64 : 16) + l * 64),
-                             PF_HINT);
+        s##i##0 = DOT(s##i##0, c0, xv); \
+        if (nb > 1) s##i##1 = DOT(s##i##1, c1, xv); \
+        if (nb > 2) s##i##2 = DOT(s##i##2, c2, xv); \
+        if (nb > 3) s##i##3 = DOT(s##i##3, c3, xv); }
+#define ROW_STEP(i) ROW_INTO(i, a)
+#define PREFETCH() if (pf) /* the weight stream ahead (see tdsl_linear) */ \
+        for (int l = 0; l < (kind == INT8 ? NB : (NB + 3) / 4); l++) /* 64-byte lines */ \
+            _mm_prefetch((const char *)(pf + b * NB * (kind == INT8 ? 64 : 16) + l * 64), \
+                         PF_HINT);
+    int64_t b = kb0;
+#if KSPLIT
+    if (mb <= 2) {
+        /* One or two rows (M = 1; float activations are two): 4 or 8 chains of dpbusd, each
+           waiting for the one before (5 cycles), would set the pace of a 2-bit weight stream.
+           Odd blocks go to a second set of sums, added at the end. */
+        __m512i e00 = _mm512_setzero_si512(), e01 = e00, e02 = e00, e03 = e00, e10 = e00,
+                e11 = e00, e12 = e00, e13 = e00;
+        for (; b + 2 <= kb1; b += 2) {
+            {
+                PREFETCH()
+                const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
+                ROW_INTO(0, a) ROW_INTO(1, a)
+            }
+            {
+                const int64_t odd = b + 1;
+                {
+                    const int64_t b = odd;
+                    PREFETCH()
+                    const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
+                    ROW_INTO(0, e) ROW_INTO(1, e)
+                }
+            }
+        }
+#define JOIN(i, j) a##i##j = _mm512_add_epi32(a##i##j, e##i##j);
+        JOIN(0, 0) JOIN(0, 1) JOIN(0, 2) JOIN(0, 3) JOIN(1, 0) JOIN(1, 1) JOIN(1, 2) JOIN(1, 3)
+    }
+#endif
+    for (; b < kb1; b++) {
+        PREFETCH()
         const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
         ROW_STEP(0) ROW_STEP(1) ROW_STEP(2) ROW_STEP(3)
         ROW_STEP(4) ROW_STEP(5)

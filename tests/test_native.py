@@ -37,8 +37,10 @@ def lib(request):
     return built
 
 
-# M = 1, 3, 17, 64 (float mode doubles the rows); N and K off every tile and block size
-SHAPES = [(1, 5, 7), (3, 17, 65), (17, 33, 200), (64, 100, 129), (7, 37, 64), (2, 3, 1000)]
+# M = 1, 3, 17, 64 (float mode doubles the rows); N and K off every tile and block size; one
+# or two rows over an odd number of blocks in several K chunks (the split sums of tile_body)
+SHAPES = [(1, 5, 7), (3, 17, 65), (17, 33, 200), (64, 100, 129), (7, 37, 64), (2, 3, 1000),
+          (1, 19, 2117), (2, 6, 4200)]
 
 
 def _case(m, n, k, seed=0):
