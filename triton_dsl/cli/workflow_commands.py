@@ -25,6 +25,9 @@ def bench_arguments(ap):
                     help="timed rounds (at least 2: the spread needs two)")
     ap.add_argument("--methods", nargs="+", metavar="METHOD")
     ap.add_argument("--json", metavar="PATH", help="write records and the environment to PATH")
+    ap.add_argument("--cold", action="store_true", help="CPU layer bench: read a buffer twice "
+                    "the last-level cache before every timed call, so weights stream from "
+                    "memory as in a model larger than the cache")
     ap.add_argument("--model", metavar="FILE.tdsl", help="time a whole model instead: frozen "
                     "against fp32 and torch's int8 deployment of the same architecture; with "
                     "--rules, PKG.MODULE:FACTORY: an existing model, float against frozen")

@@ -15,6 +15,7 @@ import json
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -81,15 +82,42 @@ def _methods(device):
     return m
 
 
-def _time_cpu_interleaved(fns: dict, x, repeat, warmup=3) -> dict:
+def llc_bytes() -> int:
+    """The last-level cache's size (the largest cache sysfs lists for CPU 0), or 512 MiB."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0))
+        except (OSError, ValueError, IndexError):
+            continue
+    return max(sizes, default=512 << 20)
+
+
+def evict_bytes() -> int:
+    """Twice the last-level cache, at least 64 MiB, at most 2 GiB."""
+    return min(max(2 * llc_bytes(), 64 << 20), 2 << 30)
+
+
+def evictor():
+    """A call that reads evict_bytes(): run before a timed call, it leaves that call's weights
+    in memory, not in the cache."""
+    buf = torch.ones(evict_bytes() // 4)
+    return lambda: buf.sum()
+
+
+def _time_cpu_interleaved(fns: dict, x, repeat, warmup=3, evict=None) -> dict:
     """Median ms per method, the methods taking turns within each round: load from other
-    processes on a shared machine then slows every method alike, and ratios stay fair."""
+    processes on a shared machine then slows every method alike, and ratios stay fair.
+    ``evict``: called before every timed call (--cold)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn(x)
     ts = {name: [] for name in fns}
     for _ in range(repeat):
         for name, fn in fns.items():
+            if evict is not None:
+                evict()
             t = time.perf_counter()
             fn(x)
             ts[name].append(time.perf_counter() - t)
@@ -155,8 +183,13 @@ def stream_read_gbs(device: str = "cpu", gib: float = 1.0, repeat: int = 5) -> f
     return round(best, 1)
 
 
-def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=None):
+def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=None,
+        cold=False):
     torch.manual_seed(0)
+    if cold and device != "cpu":
+        raise ValueError("--cold is for the CPU layer bench (the GPU bench flushes its L2 "
+                         "already)")
+    evict = evictor() if cold else None
     avail = _methods(device)
     chosen = methods or list(avail)
     unknown = [m for m in chosen if m not in avail]
@@ -181,7 +214,7 @@ def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=No
                     times = {name: _time_gpu(fn, x, repeat) for name, (fn, _) in built.items()}
                 else:
                     times = _time_cpu_interleaved({n: fn for n, (fn, _) in built.items()}, x,
-                                                  repeat)
+                                                  repeat, evict=evict)
                 base_ms, base_q1, base_q3 = times[base][0]
                 for name, (fn, nbytes) in built.items():
                     (ms_, q1, q3), graph = times[name]
@@ -199,7 +232,7 @@ def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=No
                                     "iqr_ms": round(q3 - q1, 4), "q1_ms": round(q1, 4),
                                     "q3_ms": round(q3, 4),
                                     "baseline_iqr_ms": round(base_q3 - base_q1, 4),
-                                    "noisy": noisy, "repeat": repeat})
+                                    "noisy": noisy, "repeat": repeat, "cold": cold})
                     log(_row(records[-1]))
                 for r in records:
                     if r["noisy"] and r["M"] == m and r["N"] == nk:
@@ -301,7 +334,12 @@ def run_cli(a) -> int:
         recs = model_bench.run(a.model, a.batch, a.repeat, a.compile)
     else:
         print(HEADER)
-        recs = run(a.M, a.NK, a.device, a.repeat, a.methods, stream_gbs=env.get("stream_read_gbs"))
+        if getattr(a, "cold", False):
+            env["evicted_bytes"] = evict_bytes()
+            print(f"--cold: {env['evicted_bytes'] >> 20} MiB read before every timed call "
+                  f"(last-level cache {llc_bytes() >> 20} MiB)")
+        recs = run(a.M, a.NK, a.device, a.repeat, a.methods, stream_gbs=env.get("stream_read_gbs"),
+                   cold=getattr(a, "cold", False))
         _bandwidth_summary(recs, env)
     if a.json:
         from ..files import write_atomic
