@@ -241,6 +241,26 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     assert res["losses"][-1] < res["losses"][0]
 
 
+def test_bench_cold_evicts_before_every_timed_call(tmp_path, run_cli, monkeypatch):
+    """--cold: a read of twice the last-level cache before each timed call, said in the output
+    and in the records."""
+    import json
+    from triton_dsl.workflow import bench
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reads = []
+    plain = bench.evictor
+    monkeypatch.setattr(bench, "evictor", lambda: (lambda f: lambda: reads.append(1) or f())(
+        plain()))
+    monkeypatch.setattr(bench, "llc_bytes", lambda: 8 << 20)  # a small buffer for the test
+    out_json = tmp_path / "c.json"
+    code, out, err = run_cli("bench", "--M", "1", "--NK", "64", "--repeat", "3", "--methods",
+                             "ternary", "--cold", "--json", str(out_json))
+    assert code == 0, err
+    assert "--cold: 64 MiB read before every timed call (last-level cache 8 MiB)" in out
+    recs = json.loads(out_json.read_text())["records"]
+    assert all(r["cold"] for r in recs) and len(reads) == 3 * 2  # rounds x (fp32, ternary)
+
+
 def test_bench_cli_table_and_json(tmp_path, run_cli, monkeypatch):
     """`triton-dsl bench` on the CPU: every method, the baseline in the same run, records with
     the fields the issue names, and weight bytes that match each storage format."""
@@ -296,7 +316,7 @@ def test_bench_headers_apart_and_spread_reported(monkeypatch):
     spreads = {"torch_fp32": (1.0, 0.9, 1.2), "ternary": (0.5, 0.45, 0.55),
                "int8_w8a8": (0.95, 0.8, 1.1)}  # ternary clearly faster; int8 within noise
     monkeypatch.setattr(bench, "_time_cpu_interleaved",
-                        lambda fns, x, repeat: {n: (spreads[n], None) for n in fns})
+                        lambda fns, x, repeat, evict=None: {n: (spreads[n], None) for n in fns})
     lines = []
     recs = bench.run([1], [64], "cpu", 3, ["ternary", "int8_w8a8"], log=lines.append)
     by = {r["method"]: r for r in recs}
