@@ -64,7 +64,10 @@ class PackedQConv:
         None where that does not apply (no library, groups > 1, K > MAX_K)."""
         if self._native is None or self._native[0] is not bias:
             stride, padding, dilation, groups = self.args
-            ok = groups == 1 and self.codes[0].numel() <= MAX_K and native.library() is not None
+            # padding past what the kernel's taps reach would only make the padded copy huge
+            reach = [d * (k - 1) for d, k in zip(dilation, self.codes.shape[2:])]
+            ok = groups == 1 and self.codes[0].numel() <= MAX_K and native.library() is not None \
+                and all(p <= r for p, r in zip(padding, reach))
             self._native = (bias, NativeQConv(self.codes, self.w_scale, self.x_scale, self.x_zp,
                                               bias, stride, padding, dilation, self.symmetric)
                             if ok else None)
@@ -87,6 +90,7 @@ class PackedQConv:
         nearest even and saturated to [0, 255] (the next layer's static quantizer, up to float
         rounding; with relu the symmetric quantizer's lower bound cannot bind). way: "onednn",
         or "native" (native_form must not be None)."""
+        out = out_codes(out)
         if way == "native":
             return self.native_form(bias)(qx, relu, out)
         o_scale, o_zp, o_dtype = (1.0, 0, torch.float32) if out is None else (*out, None)
@@ -110,6 +114,19 @@ class PackedQConv:
             return None
         q = torch.round(x / self.x_scale).add_(self.x_zp).clamp_(lo, hi)
         return q.to(torch.uint8)
+
+
+def out_codes(out) -> tuple[float, int] | None:
+    """An output quantizer (scale, zero point) as the kernels take it, checked: a positive,
+    finite fp32 scale and a zero point in [0, 255]; None stays None (fp32 out)."""
+    if out is None:
+        return None
+    scale, zp = float(out[0]), int(out[1])
+    if not (0.0 < float(torch.tensor(scale, dtype=torch.float32)) < float("inf")) \
+            or not 0 <= zp <= 255:
+        raise ValueError(f"out must be (scale, zero point) with a positive finite fp32 scale "
+                         f"and a zero point in [0, 255], got {tuple(out)}")
+    return scale, zp
 
 
 def pack_native(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,10 +190,11 @@ class NativeQConv:
         copy of the input, codes as PackedQConv.quantize makes them: None where x holds a
         NaN)."""
         c = self.shape[1]
-        if x.dim() != 4 or x.shape[1] != c or not (x.dtype == torch.uint8
-                                                   or x.is_floating_point()):
-            raise ValueError(f"x must be uint8 codes or floats [batch, {c}, height, width], "
-                             f"got {x.dtype} of shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != c or x.device.type != "cpu" or not (
+                x.dtype == torch.uint8 or x.is_floating_point()):
+            raise ValueError(f"x must be uint8 codes or floats [batch, {c}, height, width] on "
+                             f"the CPU, got {x.dtype} of shape {tuple(x.shape)} on {x.device}")
+        out = out_codes(out)
         codes = x.dtype == torch.uint8
         if codes:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -194,8 +212,9 @@ class NativeQConv:
         rc = lib.dll.tdsl_qconv(
             x.data_ptr() if codes else None, None if codes else x.data_ptr(), self.x_scale,
             geo, self.x_zp, self.wt.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(),
-            self.bias.data_ptr(), int(relu), 0.0 if out is None else float(out[0]),
-            0 if out is None else int(out[1]), y.data_ptr(), torch.get_num_threads())
+            self.bias.data_ptr(), int(relu), int(out is not None),
+            0.0 if out is None else out[0], 0 if out is None else out[1], y.data_ptr(),
+            torch.get_num_threads())
         if rc < 0:
             raise MemoryError("native int8 convolution: no memory for the padded input")
         return None if rc else y

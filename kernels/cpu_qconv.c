@@ -11,7 +11,7 @@
    cpu_conv.pack_native: for output block ob of 16 channels, tap t = ky * kw + kx and group g of
    4 input channels, 64 bytes wt[ob][t][g][o][j] = weight[16 ob + o][4 g + j][ky][kx] (int8
    codes, zero past the last channel). y: [b, ho, wo, oc] channels-last, fp32, or uint8 codes
-   when out_scale > 0.
+   (out_u8).
 
    Arithmetic: the input is copied into a buffer padded with the zero point (channels to a
    multiple of 4 too), so every tap is in range and sum (q - zp) w = sum q w - zp * wsum[o],
@@ -42,7 +42,8 @@ static float requant(float v, float out_scale, int out_zp) {
 static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt, int64_t taps,
                      int64_t kw, int64_t sw, int64_t dh, int64_t dw, int64_t wo, int64_t oc16,
                      int64_t oc, int xzp, const int32_t *wsum, const float *mult,
-                     const float *bias, int relu, float out_scale, int out_zp, void *y) {
+                     const float *bias, int relu, int out_u8, float out_scale, int out_zp,
+                     void *y) {
     const int64_t groups = c4 / 4;
     const int lanes = oc - oc16 < 16 ? (int)(oc - oc16) : 16;
     for (int64_t ox0 = 0; ox0 < wo; ox0 += PX) {
@@ -75,7 +76,7 @@ static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt
             if (relu)
                 v = _mm512_max_ps(v, _mm512_setzero_ps());
             const int64_t at = (ox0 + p) * oc + oc16;
-            if (out_scale > 0.0f) {
+            if (out_u8) {
                 __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(out_scale)),
                                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
                 r = _mm512_add_ps(r, _mm512_set1_ps((float)out_zp));
@@ -103,7 +104,7 @@ static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt
                 if (relu && !(v > 0.0f))
                     v = 0.0f; /* as _mm512_max_ps(v, 0) */
                 const int64_t at = (ox0 + p) * oc + oc16 + o;
-                if (out_scale > 0.0f)
+                if (out_u8)
                     ((uint8_t *)y)[at] = (uint8_t)requant(v, out_scale, out_zp);
                 else
                     ((float *)y)[at] = v;
@@ -148,19 +149,20 @@ static int quantize_into(uint8_t *pad, const float *x, const int64_t *xs, int64_
 
 /* geo: b, h, w, c, oc, kh, kw, sh, sw, ph, pw, dh, dw, then for float input (xf != NULL, x
    unused) its strides n, c, h, w in floats and the quantizer's lo, hi; x_scale is the
-   quantizer's scale. wsum, mult and bias hold 16 * ceil(oc / 16) values. Returns -1 when the
+   quantizer's scale. wsum, mult and bias hold 16 * ceil(oc / 16) values. y holds uint8 codes
+   at out_scale (> 0, checked by the caller) and out_zp when out_u8, else fp32. Returns -1 when the
    padded copy cannot be allocated, 1 when the float input holds a NaN (nothing written to y),
    else 0. */
 int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *geo, int xzp,
                const int8_t *wt, const int32_t *wsum, const float *mult, const float *bias,
-               int relu, float out_scale, int out_zp, void *y, int threads) {
+               int relu, int out_u8, float out_scale, int out_zp, void *y, int threads) {
     const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
                   kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
                   dh = geo[11], dw = geo[12];
     const int64_t c4 = (c + 3) / 4 * 4, hp = h + 2 * ph, wp = w + 2 * pw;
     const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = (wp - dw * (kw - 1) - 1) / sw + 1;
     const int64_t blocks = (oc + 15) / 16, taps = kh * kw;
-    const size_t esize = out_scale > 0.0f ? 1 : 4;
+    const size_t esize = out_u8 ? 1 : 4;
     const int64_t macs = b * ho * wo * blocks * 16 * taps * c4;
     const uint8_t *xp = x;
     uint8_t *pad = NULL;
@@ -196,8 +198,8 @@ int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *
     for (int64_t item = 0; item < b * ho * blocks; item++) {
         const int64_t ob = item % blocks, r = item / blocks, n = r / ho, oy = r % ho;
         conv_row(xp + (n * hp + oy * sh) * wp * c4, wp, c4, wt + ob * taps * (c4 / 4) * 64, taps,
-                 kw, sw, dh, dw, wo, ob * 16, oc, xzp, wsum, mult, bias, relu, out_scale, out_zp,
-                 (uint8_t *)y + (size_t)(r * wo * oc) * esize);
+                 kw, sw, dh, dw, wo, ob * 16, oc, xzp, wsum, mult, bias, relu, out_u8, out_scale,
+                 out_zp, (uint8_t *)y + (size_t)(r * wo * oc) * esize);
     }
     free(pad);
     return 0;

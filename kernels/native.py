@@ -47,9 +47,10 @@ SIGNATURES = {
                                    _I32]),
     # x, n, scale, zp, lo, hi, out, threads
     "tdsl_quantize_u8": (_I32, [_P, _I64, _F32, _I32, _I32, _I32, _P, _I32]),
-    # cpu_qconv.c: x, xf, x_scale, geo, xzp, wt, wsum, mult, bias, relu, out_scale, out_zp,
-    # y, threads
-    "tdsl_qconv": (_I32, [_P, _P, _F32, _P, _I32, _P, _P, _P, _P, _I32, _F32, _I32, _P, _I32]),
+    # cpu_qconv.c: x, xf, x_scale, geo, xzp, wt, wsum, mult, bias, relu, out_u8, out_scale,
+    # out_zp, y, threads
+    "tdsl_qconv": (_I32, [_P, _P, _F32, _P, _I32, _P, _P, _P, _P, _I32, _I32, _F32, _I32, _P,
+                          _I32]),
     # x, m, n, ldx, w, eps, y, threads
     "tdsl_rmsnorm": (_I32, [_P, _I64, _I64, _I64, _P, _F32, _P, _I32]),
     # cpu_decode.c: x, pre, qkv, o, heads, kv_heads, head_dim, cos, sin, kc, vc, cache_type,

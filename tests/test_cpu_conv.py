@@ -150,8 +150,16 @@ def test_native_int8_conv_refuses_what_it_cannot_read(lib):
     conv = cpu_conv.NativeQConv(torch.ones(4, 2, 3, 3, dtype=torch.int8), torch.ones(4), 0.1, 0,
                                 None, (1, 1), (0, 0), (1, 1), lib=lib)
     with pytest.raises(ValueError, match=r"x must be uint8 codes or floats \[batch, 2, height, "
-                                         r"width\], got torch.int32 of shape \(1, 2, 5, 5\)"):
+                                         r"width\] on the CPU, got torch.int32 of shape "
+                                         r"\(1, 2, 5, 5\) on cpu"):
         conv(torch.zeros(1, 2, 5, 5, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"on the CPU, got torch.float32 of shape .* on meta"):
+        conv(torch.empty(1, 2, 5, 5, device="meta"))  # no memory behind its pointer
+    codes = torch.zeros(1, 2, 5, 5, dtype=torch.uint8)
+    for bad in [(0.0, 0), (float("nan"), 0), (-1.0, 0), (1e-50, 0), (float("inf"), 0), (1.0, 256)]:
+        with pytest.raises(ValueError, match=r"out must be \(scale, zero point\) with a "
+                                             r"positive finite fp32 scale"):
+            conv(codes, True, bad)  # a uint8 buffer must never be written as fp32
     with pytest.raises(ValueError, match=r"x must be uint8 codes or floats \[batch, 2"):
         conv(torch.zeros(1, 3, 5, 5, dtype=torch.uint8))
     with pytest.raises(ValueError, match=r"smaller than the kernel 3x3"):
@@ -171,3 +179,6 @@ def test_native_form_only_where_it_applies():
         .native_form(None) is None  # grouped
     big = torch.ones(4, 8192, 3, 3, dtype=torch.int8)  # K = 73728: int32 sums could overflow
     assert cpu_conv.PackedQConv(big, *args, 1).native_form(None) is None
+    far = (torch.ones(4), 0.1, 0, True, (1, 1), (3, 0), (1, 1), 1)  # padding past the taps
+    assert cpu_conv.PackedQConv(torch.ones(4, 2, 3, 3, dtype=torch.int8), *far) \
+        .native_form(None) is None

@@ -169,3 +169,53 @@ def test_float_activations_hand_nothing_over(int8_convs, monkeypatch):
         got = frozen(x)
     assert handed == []
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
+
+
+def test_copies_and_reloads_of_a_frozen_network_keep_working(int8_convs):
+    """A copy, pickle, .float() or load_state_dict forgets the layers' prepared runners; the
+    next calls prepare them again (the first without hand-overs) and answer as before."""
+    import pickle
+    frozen = rt.freeze(_trained())
+    x = torch.randn(3, *frozen.input_shape)
+    with torch.no_grad():
+        frozen(x)
+        want = frozen(x)
+        again = copy.deepcopy(frozen)
+        again.load_state_dict(frozen.state_dict())
+        for model in (again, pickle.loads(pickle.dumps(frozen)), copy.deepcopy(frozen).float()):
+            for _ in range(3):
+                torch.testing.assert_close(model(x), want, atol=1e-4, rtol=1e-4)
+
+
+def test_threads_making_their_first_calls_together(int8_convs):
+    """Several threads' first calls on a new frozen model: one builds each runner, the others
+    find it built (a half-built layer once raised a shape error)."""
+    import threading
+    net = _trained()
+    x = torch.randn(2, *net.input_shape)
+    with torch.no_grad():
+        want = rt.freeze(copy.deepcopy(net))(x)
+    for _ in range(3):
+        frozen = rt.freeze(copy.deepcopy(net))
+        errors, outs = [], []
+
+        def call():
+            try:
+                with torch.no_grad():
+                    outs.append(frozen(x))
+            except Exception as e:  # noqa: BLE001 - the test reports any
+                errors.append(e)
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for y in outs:
+            torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_frozen_network_refuses_integer_images(int8_convs):
+    frozen = rt.freeze(_trained())
+    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="float|Float"):
+        frozen(torch.zeros(1, *frozen.input_shape, dtype=torch.uint8))

@@ -23,7 +23,7 @@ import torch
 from ..kernels import cpu_paths
 from ..kernels.common import HAS_TRITON, interpreting, m_bucket
 from . import tuning
-from .runners import Dense, Generic, Prepacked, stored
+from .runners import BUILD_LOCK, Dense, Generic, Prepacked, stored
 
 DENSE_MAX = 1 << 20  # weights (4 MiB in fp32): above this no dense copy is ever made
 
@@ -89,10 +89,13 @@ def _heuristic(mod, names, act) -> str:
 
 def _build(mod, prep: Prepared, name: str, make):
     if name not in prep.runners:
-        prep.runners[name] = run = make(mod)
-        if isinstance(run, Prepacked):  # the prepacked form now holds the codes: release
-            buf = getattr(mod, mod.form.stored)
-            setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
+        with BUILD_LOCK:  # two threads' first calls: one builds, the other finds it built
+            if name not in prep.runners:
+                run = make(mod)
+                if isinstance(run, Prepacked):  # the prepacked form holds the codes: release
+                    buf = getattr(mod, mod.form.stored)
+                    setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
+                prep.runners[name] = run
     return prep.runners[name]
 
 

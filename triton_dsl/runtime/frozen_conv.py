@@ -74,7 +74,10 @@ class FrozenConv2d(nn.Module):
         """The int8 convolution for static int8 activations (kernels/cpu_conv.py), built once
         into the layer's slot; None where it does not apply."""
         lin = self.linear
-        run = lin.prepared.runners.get("qconv") if lin.prepared is not None else None
+        prep = lin.prepared  # made by _way; None again after a copy, .to() or a state load
+        if prep is None:
+            return None
+        run = prep.runners.get("qconv")
         if run is not None:  # built: the checks below ran once
             return run
         q = lin.act_quant
@@ -84,9 +87,9 @@ class FrozenConv2d(nn.Module):
         spec = lin.form.cpu_spec(lin)
         if spec is None or spec.group is not None or hasattr(lin, "scale_abs"):
             return None  # grouped scales and TTQ's two parts have no single int8 weight
-        prep = lin.prepared
-        if "qconv" not in prep.runners:
-            prep.runners["qconv"] = runners.QConv(lin, self)
+        with runners.BUILD_LOCK:
+            if "qconv" not in prep.runners:
+                prep.runners["qconv"] = runners.QConv(lin, self)
         return prep.runners["qconv"]
 
     def forward_qconv(self, x, relu: bool = False):
@@ -115,9 +118,9 @@ class FrozenConv2d(nn.Module):
         if not isinstance(x, Codes) and (x.dim() != 4 or x.shape[1] * kh * kw !=
                                          self.linear.in_features or self._way(x) != "qconv"):
             return None  # a wrong shape: the forward says so
-        run = nxt._qconv()
-        prep = nxt.linear.prepared
-        if run is None or prep is None:
+        prep = nxt.linear.prepared  # None until nxt has run once (again after a copy)
+        run = None if prep is None else nxt._qconv()
+        if run is None:
             return None
         b, _, h, w = x.q.shape if isinstance(x, Codes) else x.shape
         key = ("conv", m_bucket(b), (self.out_channels, *self.out_size(h, w)))

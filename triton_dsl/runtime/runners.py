@@ -4,6 +4,8 @@ is applied by every runner through affine().
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -13,6 +15,9 @@ from ..kernels.per_token import fake_quantize_per_token
 from . import tuning
 
 NATIVE_MACS = 1 << 24  # without measuring, the native int8 convolution takes work up to this
+# Held while a runner is built: building may put a layer's released buffer back and release it
+# again (stored), which another thread making its first call must not see half done.
+BUILD_LOCK = threading.RLock()
 
 
 def affine(mod):
@@ -127,6 +132,8 @@ class QConv(Runner):
     def __call__(self, x, relu: bool = False, out=None):
         """Of float x: x's dtype out, or uint8 codes at out = (scale, zero point); None where
         x holds a NaN. The native kernel quantizes x in its own copy of the input."""
+        if not x.is_floating_point():
+            raise ValueError(f"x must hold floats, got {x.dtype} of shape {tuple(x.shape)}")
         way = self.ways.get(x.shape) or self._way(x.shape)
         if way == "native":
             y = self.packed.native_form(self.bias)(x, relu, out)
@@ -168,12 +175,13 @@ class QConv(Runner):
 def stored(mod, fn):
     """fn() with the layer's stored buffer in place, put back from the prepacked form if that
     released it (a dense copy built after the prepacked form, say)."""
-    pre = mod.prepared.prepacked() if mod.prepared is not None else None
-    if pre is None or mod.form.stored is None:
-        return fn()
-    mod.form.rebuild(mod, pre.codes())
-    try:
-        return fn()
-    finally:
-        buf = getattr(mod, mod.form.stored)
-        setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
+    with BUILD_LOCK:
+        pre = mod.prepared.prepacked() if mod.prepared is not None else None
+        if pre is None or mod.form.stored is None:
+            return fn()
+        mod.form.rebuild(mod, pre.codes())
+        try:
+            return fn()
+        finally:
+            buf = getattr(mod, mod.form.stored)
+            setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
