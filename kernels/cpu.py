@@ -226,7 +226,7 @@ class PackedNative:
             raise RuntimeError(f"the native CPU kernel is unavailable: {native.error()}")
         self.kind = native.TERNARY if ternary else native.INT8
         pack = native.to_blocks if ternary else native.int8_rows
-        self.weight = native.huge_pages(pack(codes, self.lib.tile_rows))
+        self.weight = pack(codes, self.lib.tile_rows)
         self.w_sum = None if ternary else codes.sum(dim=1, dtype=torch.int32)
         self.scale = scale.float().reshape(-1).expand(self.n).contiguous()
         own_scale = self.scale.data_ptr() != scale.data_ptr()  # else the caller's tensor
@@ -243,7 +243,7 @@ class PackedNative:
             raise ValueError("only forms of one kind and K, each of whole tiles, can be joined")
         out = cls.__new__(cls)
         out.n, out.k, out.lib, out.kind = sum(f.n for f in forms), first.k, first.lib, first.kind
-        out.weight = native.huge_pages(torch.cat([f.weight for f in forms]))
+        out.weight = torch.cat([f.weight for f in forms])
         out.scale = torch.cat([f.scale for f in forms])
         out.w_sum = None if first.w_sum is None else torch.cat([f.w_sum for f in forms])
         out.nbytes = 0  # the forms still count their own bytes

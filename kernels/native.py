@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import mmap
 import os
 import sys
 from pathlib import Path
@@ -189,31 +188,6 @@ class Library:
             if rc != 0:
                 raise MemoryError("native grouped linear: could not allocate scratch memory")
         return y
-
-
-HUGE_PAGE = 2 << 20
-
-
-def huge_pages(t: torch.Tensor) -> torch.Tensor:
-    """A copy of contiguous CPU tensor t in memory the kernel is asked to back with 2 MiB pages
-    (madvise MADV_HUGEPAGE, Linux) when t holds 2 MiB or more, else t. An M = 1 layer streams
-    its whole weight once a call; with 4 KiB pages every page costs a TLB walk and restarts the
-    hardware prefetcher (measured on the development machine, a 16 MiB ternary weight read
-    from memory: 0.97 against 1.07 ms a call). Where the kernel declines, nothing changes."""
-    n = t.numel() * t.element_size()
-    if n < HUGE_PAGE or t.device.type != "cpu" or not t.is_contiguous() or \
-            not hasattr(mmap, "MADV_HUGEPAGE"):
-        return t
-    try:
-        mm = mmap.mmap(-1, n + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        mm.madvise(mmap.MADV_HUGEPAGE)
-    except (OSError, ValueError):
-        return t
-    whole = torch.frombuffer(mm, dtype=torch.uint8)  # keeps the mapping alive
-    start = -whole.data_ptr() % HUGE_PAGE
-    out = whole[start:start + n].view(t.dtype).view(t.shape)
-    out.copy_(t)
-    return out
 
 
 def _bias_rows(m: int, n: int, bias: torch.Tensor | None) -> torch.Tensor:

@@ -293,24 +293,3 @@ def test_quantize_u8_matches_its_twin(lib, n, symmetric):
         x[n // 2] = float("nan")
         assert lib.quantize_u8(x, scale, zp, lo, hi) is None
 
-
-def test_large_weights_are_copied_into_huge_page_memory():
-    """Weights of 2 MiB and more go into a 2 MiB-aligned mapping advised for huge pages (where
-    the OS has madvise); the copy holds the same values, saves and pickles as a tensor, and
-    stays valid when the original is gone. Small tensors are returned as they are."""
-    import copy
-    import io
-    import mmap
-    small = torch.randn(10)
-    assert native.huge_pages(small) is small
-    t = torch.randint(-128, 128, (1024, 2048), dtype=torch.int8)
-    h = native.huge_pages(t.clone())
-    assert torch.equal(h, t) and h.is_contiguous() and h.dtype == t.dtype
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        assert h.data_ptr() % native.HUGE_PAGE == 0
-    buf = io.BytesIO()
-    torch.save(h, buf)
-    buf.seek(0)
-    assert torch.equal(torch.load(buf), t) and torch.equal(copy.deepcopy(h), t)
-    strided = t[:, ::2]
-    assert native.huge_pages(strided) is strided  # not contiguous: returned as it is
