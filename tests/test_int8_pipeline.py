@@ -219,3 +219,25 @@ def test_a_frozen_network_refuses_integer_images(int8_convs):
     frozen = rt.freeze(_trained())
     with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="float|Float"):
         frozen(torch.zeros(1, *frozen.input_shape, dtype=torch.uint8))
+
+
+def test_float_convolutions_run_channels_last(monkeypatch):
+    """A frozen float convolution (the dense "conv" way) runs oneDNN's convolution channels-last,
+    copying only an input in another layout; the result is the unfrozen model's up to float
+    rounding."""
+    monkeypatch.setenv("TRITON_DSL_TUNE", "0")
+    net = _trained(act="none")
+    frozen = rt.freeze(copy.deepcopy(net))
+    x = torch.randn(3, *net.input_shape)
+    with torch.no_grad():
+        want = net(x)
+    seen = []
+    plain = F.conv2d  # torch.nn.functional's: every caller's from here on
+    monkeypatch.setattr(F, "conv2d", lambda x, *a: seen.append(
+        x.is_contiguous(memory_format=torch.channels_last)) or plain(x, *a))
+    for m in frozen.modules():
+        if isinstance(m, frozen_conv.FrozenConv2d):
+            m.im2col = False  # the "conv" way for every layer
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), want, atol=1e-3, rtol=1e-3)
+    assert len(seen) == 6 and all(seen)  # stem, a.conv1, a.conv2, b.conv1, b.conv2, b.shortcut

@@ -31,7 +31,7 @@ def test_bench_model_times_every_method(run_cli, tmp_path):
     assert code == 0, err
     recs = json.loads(out.read_text())["records"]
     methods = {r["method"] for r in recs}
-    assert {"fp32", "frozen", "torch-int8-fx"} <= methods
+    assert {"fp32", "frozen", "fp32-channels-last", "torch-int8-fx"} <= methods
     assert {r["batch"] for r in recs} == {1, 2}
     by = {(r["method"], r["batch"]): r for r in recs}
     assert by[("fp32", 1)]["speedup_vs_fp32"] == 1.0

@@ -99,9 +99,10 @@ def _build(mod, prep: Prepared, name: str, make):
     return prep.runners[name]
 
 
-def prepare(mod, device: torch.device, act: str) -> Prepared:
-    """The layer's Prepared slot for (device, act), emptied and rebuilt when that changed."""
-    key = (device, act, on_cpu_paths(device))
+def prepare(mod, device: torch.device, act: str, cpu: bool | None = None) -> Prepared:
+    """The layer's Prepared slot for (device, act), emptied and rebuilt when that changed;
+    ``cpu``: on_cpu_paths(device) if the caller has it."""
+    key = (device, act, on_cpu_paths(device) if cpu is None else cpu)
     if mod.prepared is None or mod.prepared.key != key:
         mod.restore_buffers()
         mod.prepared = Prepared(key)

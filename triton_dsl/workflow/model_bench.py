@@ -6,6 +6,9 @@ deployment of that architecture, in one process, the methods taking turns in eve
 * fp32: the file compiled with every layer fp32 (triton_dsl.load(fp32=True)), random weights;
 * frozen: the file as declared, initialised from the same weights, then rt.freeze (packed
   weights, batchnorm folded, CPU paths chosen by measurement);
+* fp32-channels-last, for CNNs: the same fp32 model with weights and input in channels-last
+  memory (frozen float convolutions run channels-last: this row shows what the layout alone
+  gives);
 * torch-int8: the fp32 model through torch's FX graph-mode post-training quantization (x86
   backend: int8 convolutions and linears with static activations, calibrated on random
   inputs), the standard torch int8 deployment of a CNN; for models without convolutions,
@@ -101,10 +104,24 @@ def fp32_and_frozen(tdsl: str, seed: int, language: bool, batch: int = 8):
     return plain(fp32), freeze(quant.eval())
 
 
+class ChannelsLast(nn.Module):
+    """An fp32 CNN with its weights and its input in channels-last (NHWC) memory: the layout
+    oneDNN's convolutions run fastest, which a frozen model's float convolutions use too."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        return self.model(x.contiguous(memory_format=torch.channels_last))
+
+
 def models(tdsl: str, compile_: bool = False, seed: int = 0) -> tuple[dict, dict]:
     """({method name: model}, {method: note}) for one .tdsl file."""
     fp32, frozen = fp32_and_frozen(tdsl, seed, language=False)
     out, notes = {"fp32": fp32, "frozen": frozen}, {}
+    if any(isinstance(m, nn.Conv2d) for m in fp32.modules()):
+        out["fp32-channels-last"] = ChannelsLast(fp32)
     int8, name = _torch_int8(fp32, fp32.input_shape)
     if int8 is None:
         notes["torch-int8"] = name
