@@ -68,7 +68,11 @@ class FrozenConv2d(nn.Module):
             if y is not None:
                 return y
         y = im2col_conv(x, self, lin) if way == "im2col" else self.forward_conv(x)
-        return F.relu(y) if relu else y
+        if not relu:
+            return y
+        # y is new: max(0, y) in place writes no second [B, C, H, W] tensor (at batch 64 a new
+        # one cost 7x the in-place pass: fresh pages), unless autograd needs y
+        return F.relu(y) if torch.is_grad_enabled() and y.requires_grad else y.relu_()
 
     def _qconv(self):
         """The int8 convolution for static int8 activations (kernels/cpu_conv.py), built once
