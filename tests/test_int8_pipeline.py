@@ -241,3 +241,31 @@ def test_float_convolutions_run_channels_last(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), want, atol=1e-3, rtol=1e-3)
     assert len(seen) == 6 and all(seen)  # stem, a.conv1, a.conv2, b.conv1, b.conv2, b.shortcut
+    with torch.no_grad():  # another dtype: the folded batchnorm's fp32 bias follows the weight
+        torch.testing.assert_close(frozen.double()(x.double()), want.double(), atol=1e-3,
+                                   rtol=1e-3)
+
+
+def test_releasing_a_runner_waits_for_a_build(int8_convs, monkeypatch):
+    """A layer that drops its losing runners puts its stored codes back; a build in another
+    thread at that moment (which also puts them back, then releases them) must not leave the
+    layer with no codes anywhere."""
+    import threading
+    import time
+    from triton_dsl.runtime import dispatch
+    net = _trained()
+    frozen = rt.freeze(copy.deepcopy(net))
+    conv = frozen.a.conv1
+    lin = conv.linear
+    form = type(lin.form)
+    plain = form.cpu_parts
+    monkeypatch.setattr(form, "cpu_parts", lambda self, mod: time.sleep(0.2) or plain(self, mod))
+    build = threading.Thread(target=conv._qconv)
+    drop = threading.Thread(target=lambda: time.sleep(0.05) or dispatch.release_unused(lin))
+    build.start()
+    drop.start()
+    build.join()
+    drop.join()
+    monkeypatch.setattr(form, "cpu_parts", plain)
+    held = lin.state_dict()[lin.form.stored]
+    assert held.numel() > 0  # the codes, 2 bits each, packed

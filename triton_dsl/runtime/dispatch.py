@@ -88,15 +88,17 @@ def _heuristic(mod, names, act) -> str:
 
 
 def _build(mod, prep: Prepared, name: str, make):
-    if name not in prep.runners:
+    run = prep.runners.get(name)
+    if run is None:
         with BUILD_LOCK:  # two threads' first calls: one builds, the other finds it built
-            if name not in prep.runners:
+            run = prep.runners.get(name)
+            if run is None:
                 run = make(mod)
                 if isinstance(run, Prepacked):  # the prepacked form holds the codes: release
                     buf = getattr(mod, mod.form.stored)
                     setattr(mod, mod.form.stored, torch.empty(0, dtype=buf.dtype))
                 prep.runners[name] = run
-    return prep.runners[name]
+    return run
 
 
 def prepare(mod, device: torch.device, act: str, cpu: bool | None = None) -> Prepared:
@@ -155,16 +157,17 @@ def release_unused(mod):
     """Free the runners no choice of the layer uses (candidates that lost a measurement): a
     dense fp32 copy goes; a prepacked form that lost puts the stored codes back and goes.
     A convolution's choices are kept in the same slot, keyed ("conv", bucket, shape)."""
-    prep = mod.prepared
-    convs = [v for k, v in prep.picks.items() if isinstance(k, tuple)]
-    used = {_CONV_NEEDS[v] for v in convs if v in _CONV_NEEDS}
-    if not mod.in_conv or "im2col" in convs:  # the matmul's own picks count
-        used |= {v for k, v in prep.picks.items() if not isinstance(k, tuple)}
-    for name in [n for n in prep.runners if n not in used]:
-        if name == "prepacked":
-            mod.form.rebuild(mod, prep.prepacked().codes())  # keep the small stored codes
-        prep.forget(name)
-    mod.fast = None
+    with BUILD_LOCK:  # it puts the stored codes back: not while another thread builds
+        prep = mod.prepared
+        convs = [v for k, v in prep.picks.items() if isinstance(k, tuple)]
+        used = {_CONV_NEEDS[v] for v in convs if v in _CONV_NEEDS}
+        if not mod.in_conv or "im2col" in convs:  # the matmul's own picks count
+            used |= {v for k, v in prep.picks.items() if not isinstance(k, tuple)}
+        for name in [n for n in prep.runners if n not in used]:
+            if name == "prepacked":
+                mod.form.rebuild(mod, prep.prepacked().codes())  # keep the small stored codes
+            prep.forget(name)
+        mod.fast = None
 
 
 def build_default(mod, device: torch.device, act: str):

@@ -73,21 +73,23 @@ class FrozenLinear(nn.Module):
 
     def restore_buffers(self):
         """Put back a stored buffer a prepacked CPU form replaced, and drop the runners."""
-        self.fast = None
-        if self.prepared is not None:
-            pre = self.prepared.prepacked()
-            self.prepared = None
-            if pre is not None:
-                self.form.rebuild(self, pre.codes())
+        with dispatch.BUILD_LOCK:  # not while another thread builds from the stored buffer
+            self.fast = None
+            if self.prepared is not None:
+                pre = self.prepared.prepacked()
+                self.prepared = None
+                if pre is not None:
+                    self.form.rebuild(self, pre.codes())
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        pre = self.prepared.prepacked() if self.prepared is not None else None
-        if pre is not None:
-            tmp = getattr(self, self.form.stored)
-            self.form.rebuild(self, pre.codes())
-            destination[prefix + self.form.stored] = getattr(self, self.form.stored)
-            setattr(self, self.form.stored, tmp)
+        with dispatch.BUILD_LOCK:  # it swaps the stored buffer for a moment
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            pre = self.prepared.prepacked() if self.prepared is not None else None
+            if pre is not None:
+                tmp = getattr(self, self.form.stored)
+                self.form.rebuild(self, pre.codes())
+                destination[prefix + self.form.stored] = getattr(self, self.form.stored)
+                setattr(self, self.form.stored, tmp)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.restore_buffers()
