@@ -226,6 +226,7 @@ def test_float_convolutions_run_channels_last(monkeypatch):
     copying only an input in another layout; the result is the unfrozen model's up to float
     rounding."""
     monkeypatch.setenv("TRITON_DSL_TUNE", "0")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the CPU paths
     net = _trained(act="none")
     frozen = rt.freeze(copy.deepcopy(net))
     x = torch.randn(3, *net.input_shape)
