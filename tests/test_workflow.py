@@ -241,6 +241,20 @@ def test_ddp_two_processes_stay_identical(tmp_path):
     assert res["losses"][-1] < res["losses"][0]
 
 
+@pytest.mark.parametrize("args,said", [
+    (("--device", "cuda", "--M", "1", "--NK", "64"), "--device cuda: this torch sees no CUDA"),
+    (("--cold", "--device", "cpu", "--model", "examples/small_cnn.tdsl"), "--cold is for the CPU"),
+    (("--methods", "fp32", "--device", "cpu", "--M", "1", "--NK", "64"),
+     "unknown method(s) on cpu: fp32; available: torch_fp32"),
+])
+def test_bench_refuses_what_it_cannot_do_in_one_line(run_cli, monkeypatch, args, said):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from triton_dsl.workflow import bench
+    monkeypatch.setattr(bench, "stream_read_gbs", lambda *a, **k: pytest.fail("measured first"))
+    code, _, err = run_cli("bench", *args)
+    assert code == 2 and said in err and "Traceback" not in err  # a usage error
+
+
 def test_bench_cold_evicts_before_every_timed_call(tmp_path, run_cli, monkeypatch):
     """--cold: a read of twice the last-level cache before each timed call, said in the output
     and in the records."""

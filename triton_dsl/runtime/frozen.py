@@ -20,6 +20,7 @@ from .fold import fold_batchnorm
 from .frozen_conv import FrozenConv2d
 from .frozen_linear import FrozenLinear
 from .layers import Conv2d, Linear, to_torch
+from .quantizers import NotCalibrated, uncalibrated
 
 __all__ = ["FrozenLinear", "FrozenConv2d", "freeze", "prepare"]
 
@@ -29,7 +30,14 @@ def freeze(model: nn.Module, build: bool = True) -> nn.Module:
     torch's nn.Linear / nn.Conv2d), in place, fold
     batch normalization into the layer before it (runtime/fold.py), and prepare how each layer
     runs on its device (build=False leaves that to prepare(), for a model about to load other
-    weights)."""
+    weights). Static activations must be calibrated first (NotCalibrated names the layers)."""
+    missing = [] if not build else uncalibrated(model)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise NotCalibrated(
+            f"layer {', '.join(missing[:3])}{more}: static activation ranges are not "
+            "calibrated; calibrate first (triton-dsl ptq --calib DATA, triton_dsl.calibrate("
+            "model, batches), or training, whose observers calibrate)")
     model.eval()
     _swap(model)
     fold_batchnorm(model, lambda m: m.linear if isinstance(m, FrozenConv2d) else

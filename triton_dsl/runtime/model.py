@@ -39,6 +39,9 @@ class CompiledModel(nn.Module):
             want = ", ".join(map(str, self.input_shape))
             raise ValueError(f"{type(self).__name__} expects x of shape [batch, {want}], got x of "
                              f"shape {list(x.shape)}")
+        if not x.is_floating_point():  # uint8 images: scale them to floats first
+            raise ValueError(f"{type(self).__name__} expects floating-point x, got {x.dtype} of "
+                             f"shape {list(x.shape)} (convert it, e.g. x.float() / 255)")
         return x
 
     def _check_tokens(self, x, cache):

@@ -6,6 +6,8 @@ gradients of their own.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -180,6 +182,32 @@ WEIGHT_QUANTIZERS = {Float: FloatQuantizer, Int: IntQuantizer, Ternary: TernaryQ
                      Binary: BinaryQuantizer}
 
 
+class NotCalibrated(RuntimeError, ValueError):
+    """Static activation ranges used before any calibration (a ValueError too, so the
+    command line reports it in one line)."""
+
+
+def uncalibrated(model: nn.Module) -> list[str]:
+    """The layers (qualified names) whose static activation ranges have seen no batch."""
+    return [name.rsplit(".", 1)[0] if "." in name else name for name, m in model.named_modules()
+            if isinstance(m, ActQuantizer) and m.mode == "static" and m.batches.item() == 0]
+
+
+@contextlib.contextmanager
+def uncalibrated_passthrough(model: nn.Module):
+    """Within the block, static quantizers that have seen no batch pass their input through:
+    for a forward pass that only needs the output's shape before training starts."""
+    held = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "static"
+            and m.batches.item() == 0]
+    for m in held:
+        m.mode = "none"
+    try:
+        yield
+    finally:
+        for m in held:
+            m.mode = "static"
+
+
 class ActQuantizer(nn.Module):
     """Activation quantization before the matmul: none, dynamic (int8 per token) or static
     (one calibrated int8 scale, observed while training or calibrating)."""
@@ -214,7 +242,7 @@ class ActQuantizer(nn.Module):
     def scale_zero(self):
         """(scale, zero point) of the calibrated int8 (or uint8 if asymmetric) range."""
         if self.batches.item() == 0:
-            raise RuntimeError(
+            raise NotCalibrated(
                 f"{self.name}: static activation ranges are not calibrated; run calibration "
                 "(triton-dsl ptq --calib ..., or triton_dsl.calibrate) or use activations=dynamic")
         lo, hi = self.lo.clamp(max=0), self.hi.clamp(min=0)

@@ -299,6 +299,16 @@ def _bandwidth_summary(recs, env):
 def run_cli(a) -> int:
     if a.device is None:
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch sees no CUDA device "
+                         "(torch.cuda.is_available() is False); use --device cpu")
+    if getattr(a, "cold", False) and (a.device != "cpu" or getattr(a, "model", None)):
+        raise ValueError("--cold is for the CPU layer bench (--device cpu, without --model)")
+    if a.methods and not getattr(a, "model", None):  # before the bandwidth measurement
+        unknown = [m for m in a.methods if m not in _methods(a.device)]
+        if unknown:
+            raise ValueError(f"unknown method(s) on {a.device}: {', '.join(unknown)}; "
+                             f"available: {', '.join(_methods(a.device))}")
     if getattr(a, "rules", None) and getattr(a, "model", None):
         from .factory import load_factory
         load_factory(a.model)  # a misspelt factory is one line before anything is printed

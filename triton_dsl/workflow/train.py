@@ -29,7 +29,8 @@ def rank_and_world() -> tuple[int, int]:
 
 
 def check_classes(model: nn.Module, data: Dataset):
-    with torch.no_grad():
+    from ..runtime.quantizers import uncalibrated_passthrough
+    with torch.no_grad(), uncalibrated_passthrough(model):  # training calibrates them
         out = model.eval()(data.x_test[:1])
     if out.dim() != 2 or out.shape[1] < data.classes:
         raise DataError(f"{data.name} has {data.classes} classes but the model outputs shape "
