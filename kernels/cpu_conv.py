@@ -13,12 +13,14 @@ float path.
 from __future__ import annotations
 
 import ctypes
+import threading
 
 import torch
 
 from . import native
 
 MAX_K = 65536  # cpu_qconv.c's int32 sums: 255 * 127 * K < 2^31
+_NATIVE_LOCK = threading.Lock()
 
 
 def available() -> bool:
@@ -53,16 +55,23 @@ class PackedQConv:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the codes (kept to build the native form), the scales, oneDNN's
-        prepacked copy, and the native form once built."""
+        """Bytes held: the scales, oneDNN's prepacked copy, and the native form once built, or
+        else the codes (kept until then to build it)."""
         nat = self._native[1] if self._native is not None else None
-        return (self.codes.numel() + 4 * self.w_scale.numel() + self.packed.numel() *
-                self.packed.element_size() + (0 if nat is None else nat.nbytes))
+        return ((0 if self.codes is None else self.codes.numel()) + 4 * self.w_scale.numel() +
+                self.packed.numel() * self.packed.element_size() +
+                (0 if nat is None else nat.nbytes))
 
     def native_form(self, bias: torch.Tensor | None) -> NativeQConv | None:
         """This convolution with this bias for the native library (cpu_qconv.c), built once;
         None where that does not apply (no library, groups > 1, K > MAX_K)."""
+        with _NATIVE_LOCK:  # two threads' first calls: one builds, then the codes go
+            return self._native_form(bias)
+
+    def _native_form(self, bias):
         if self._native is None or self._native[0] is not bias:
+            if self.codes is None:  # released once the native form was built
+                return None
             stride, padding, dilation, groups = self.args
             # padding past what the kernel's taps reach would only make the padded copy huge
             reach = [d * (k - 1) for d, k in zip(dilation, self.codes.shape[2:])]
@@ -71,6 +80,8 @@ class PackedQConv:
             self._native = (bias, NativeQConv(self.codes, self.w_scale, self.x_scale, self.x_zp,
                                               bias, stride, padding, dilation, self.symmetric)
                             if ok else None)
+            if ok:
+                self.codes = None  # oneDNN's prepacked copy and the native form hold them now
         return self._native[1]
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None,

@@ -172,9 +172,11 @@ def test_native_form_only_where_it_applies():
         pytest.skip("the native CPU kernel is unavailable")
     args = (torch.ones(4), 0.1, 0, True, (1, 1), (0, 0), (1, 1))
     conv = cpu_conv.PackedQConv(torch.ones(4, 2, 1, 1, dtype=torch.int8), *args, 1)
-    held = conv.nbytes
+    held, codes = conv.nbytes, conv.codes.numel()
     nat = conv.native_form(None)
-    assert nat is not None and conv.nbytes == held + nat.nbytes > held  # says what it holds
+    assert nat is not None and conv.codes is None  # the int8 codes live in the two forms now
+    assert conv.nbytes == held - codes + nat.nbytes  # says what it holds
+    assert conv.native_form(None) is nat
     assert cpu_conv.PackedQConv(torch.ones(4, 1, 1, 1, dtype=torch.int8), *args, 2) \
         .native_form(None) is None  # grouped
     big = torch.ones(4, 8192, 3, 3, dtype=torch.int8)  # K = 73728: int32 sums could overflow
