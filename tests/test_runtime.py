@@ -147,3 +147,17 @@ def test_ternary_rule_registries_cover_the_language():
     words = {o.name: set(o.words) for o in Ternary.options}
     assert words["threshold"] == set(Q.THRESHOLD_FACTORS) | set(quantizers.THRESHOLD_RULES)
     assert words["scale"] == set(Q.SCALE_RULES) | set(quantizers.SCALE_RULES)
+
+
+def test_interpreting_follows_the_environment(monkeypatch):
+    """interpreting() reads os.environ's own dict (the Mapping's get cost 1.6 us a frozen call):
+    it must still see every set and delete."""
+    from triton_dsl.kernels.common import interpreting
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreting()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not interpreting()
