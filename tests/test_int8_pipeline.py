@@ -242,6 +242,11 @@ def test_float_convolutions_run_channels_last(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(frozen(x), want, atol=1e-3, rtol=1e-3)
     assert len(seen) == 6 and all(seen)  # stem, a.conv1, a.conv2, b.conv1, b.conv2, b.shortcut
+    run = frozen.a.conv1.linear.prepared.runners["dense"]  # the weight held once, channels-last
+    four = run.conv_args[0]
+    assert run.weight is None and four.is_contiguous(memory_format=torch.channels_last)
+    assert run.nbytes == four.numel() * 4
+    assert torch.equal(run.matrix(), four.reshape(four.shape[0], -1))  # a matmul asks: made again
     with torch.no_grad():  # another dtype: the folded batchnorm's fp32 bias follows the weight
         torch.testing.assert_close(frozen.double()(x.double()), want.double(), atol=1e-3,
                                    rtol=1e-3)

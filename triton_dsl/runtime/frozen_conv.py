@@ -158,21 +158,9 @@ class FrozenConv2d(nn.Module):
             # first convolution copies
             x = x.contiguous(memory_format=torch.channels_last)
         run = dispatch.dense(lin)  # the weight dequantized once, a folded batchnorm in it
-        if run.weight.dtype == x.dtype:
-            # kept on the runner, no per-call ops: the 4-d weight in channels-last memory, as
-            # its input (oneDNN ran batch 1 at 64 channels 1.9x faster than with an NCHW
-            # weight), the bias in the weight's dtype (a folded batchnorm's stays fp32)
-            args = getattr(run, "conv_args", None)
-            if args is None:
-                w = run.weight.reshape(self.out_channels, -1, *self.kernel_size)
-                args = (w.contiguous(memory_format=torch.channels_last),
-                        None if run.bias is None else run.bias.to(run.weight.dtype))
-                run.nbytes += args[0].numel() * args[0].element_size()
-                run.conv_args = args
-            w, bias = args
-        else:
-            w = run.weight.reshape(self.out_channels, -1, *self.kernel_size).to(x.dtype)
-            bias = None if run.bias is None else run.bias.to(x.dtype)
+        w, bias = run.conv((self.out_channels, -1, *self.kernel_size))
+        if w.dtype != x.dtype:
+            w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _way(self, x) -> str:
