@@ -278,11 +278,16 @@ def _add_workflow(sub):
                    "`train --fp32`, a safetensors or a torch state_dict")
     s.add_argument("--calib", metavar="DATA", help="calibration data (needed for "
                    "activations=static); also reports accuracy on its test split")
-    s.add_argument("--calib-batches", type=_positive_int, default=8)
+    s.add_argument("--calib-batches", type=_positive_int, default=8,
+                   help="batches of 64 training samples the static ranges observe (default 8)")
     s.add_argument("--model", metavar="NAME")
     s.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
     s.set_defaults(func=cmd_ptq)
-    s = sub.add_parser("freeze", help="a trained checkpoint -> its packed deploy form")
+    s = sub.add_parser("freeze", help="a trained checkpoint -> its packed deploy form",
+                       description="Freeze a trainable checkpoint: pack its weights (ternary at "
+                       "2 bits, integers at their width), fold its batchnorms, and write the "
+                       "deploy checkpoint. Static activations must have been calibrated "
+                       "(by training, or by ptq --calib).")
     s.add_argument("checkpoint")
     s.add_argument("-o", "--output", required=True, metavar="OUT.safetensors")
     s.set_defaults(func=cmd_freeze)
