@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .timing import spread
+from ..runtime.build import load as load_class
 
 GPU_PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039}  # HBM bandwidth, vendor figures
 
@@ -340,6 +341,7 @@ def run_cli(a) -> int:
         from . import model_bench
         if a.device != "cpu":
             raise ValueError("--model times the CPU deployment; use --device cpu")
+        load_class(a.model)  # a file with errors says so before the table's header
         print(model_bench.HEADER)
         recs = model_bench.run(a.model, a.batch, a.repeat, a.compile)
     else:
