@@ -9,9 +9,10 @@
 
    Each step computes what runtime/transformer.py computes with torch, in the same order:
    rotary as x cos + roll(x) sin (bit-identical: no contraction into FMA, see FLAGS), keys and
-   values rounded to the cache type as torch rounds (bf16: to nearest even), softmax over
+   values rounded to the cache type as torch rounds (bf16, fp16: to nearest even), softmax over
    q . k / sqrt(head_dim) with the max subtracted. The attention itself accumulates in fp32,
-   also over a bf16 cache (torch's would run in bf16), so it matches torch to float rounding,
+   also over a 16-bit cache (torch's would run in bf16 or fp16), so it matches torch to float
+   rounding,
    not bit for bit; tests compare it with a pure-PyTorch twin (runtime/decode_step.py). */
 #include <math.h>
 #include <stdint.h>
@@ -45,7 +46,16 @@ typedef struct {
     const float *w; /* or NULL: no affine weight */
 } tdsl_norm;
 
-enum { CACHE_F32 = 0, CACHE_BF16 = 1 };
+enum { CACHE_F32 = 0, CACHE_BF16 = 1, CACHE_F16 = 2 };
+
+/* fp16 caches need the compiler's _Float16 (IEEE conversions, rounding to nearest even as
+   torch does); without it decode_step.py leaves them to torch */
+#if defined(__FLT16_MAX__)
+#define HAVE_F16 1
+#else
+#define HAVE_F16 0
+#endif
+int tdsl_decode_fp16(void) { return HAVE_F16; }
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_RELU = 2 };
 
 static int run_linear(const tdsl_lin *l, const float *x, float *y, int threads) {
@@ -66,6 +76,34 @@ static inline float from_bf16(uint16_t h) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+#if HAVE_F16
+static inline uint16_t to_f16(float f) { /* to nearest even; a NaN as torch's: 0x7e00, signed */
+    if (f != f) {
+        uint32_t u;
+        memcpy(&u, &f, 4);
+        return (uint16_t)(((u >> 16) & 0x8000) | 0x7e00);
+    }
+    const _Float16 h = (_Float16)f;
+    uint16_t u;
+    memcpy(&u, &h, 2);
+    return u;
+}
+
+static inline float from_f16(uint16_t u) {
+    _Float16 h;
+    memcpy(&h, &u, 2);
+    return (float)h;
+}
+#else
+static inline uint16_t to_f16(float f) { (void)f; return 0; }  /* not reached: refused */
+static inline float from_f16(uint16_t u) { (void)u; return 0.0f; }
+#endif
+
+/* one value to a 16-bit cache type */
+static inline uint16_t to_half(int type, float f) {
+    return type == CACHE_F16 ? to_f16(f) : to_bf16(f);
 }
 
 /* x [d] rotated in place: x cos + roll(x, d / 2) sin, sin's first half negated by the caller */
@@ -120,16 +158,19 @@ static inline __m512 gelu16(__m512 g) {
     return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), g), _mm512_add_ps(one, erf));
 }
 
-/* 16 cache values as fp32 (bf16 is fp32's top half: widen and shift) */
+/* 16 cache values as fp32 (bf16 is fp32's top half: widen and shift; fp16: vcvtph2ps) */
 static inline __m512 load16(const void *c, int type, int64_t i) {
     if (type == CACHE_F32) return _mm512_loadu_ps((const float *)c + i);
     const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)c + i));
+    if (type == CACHE_F16) return _mm512_cvtph_ps(h);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 #endif
 
 static inline float load1(const void *c, int type, int64_t i) {
-    return type == CACHE_F32 ? ((const float *)c)[i] : from_bf16(((const uint16_t *)c)[i]);
+    if (type == CACHE_F32) return ((const float *)c)[i];
+    const uint16_t u = ((const uint16_t *)c)[i];
+    return type == CACHE_F16 ? from_f16(u) : from_bf16(u);
 }
 
 /* q . row i of the cache (d values from c + i d) */
@@ -249,8 +290,8 @@ int tdsl_attention_step(const float *x, const tdsl_norm *pre, const tdsl_lin *qk
             memcpy((float *)vc + at, v + g * d, sizeof(float) * (size_t)d);
         } else {
             for (int64_t i = 0; i < d; i++) {
-                ((uint16_t *)kc)[at + i] = to_bf16(k[g * d + i]);
-                ((uint16_t *)vc)[at + i] = to_bf16(v[g * d + i]);
+                ((uint16_t *)kc)[at + i] = to_half(cache_type, k[g * d + i]);
+                ((uint16_t *)vc)[at + i] = to_half(cache_type, v[g * d + i]);
             }
         }
     }

@@ -29,7 +29,7 @@ MAX_K = 65536
 LIMIT_K = 1 << 24  # the C kernel's per-row code sums are int32: Library.linear refuses more
 MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 TERNARY, INT8 = 0, 1
-ABI = 6  # cpu_linear.c's TDSL_ABI
+ABI = 7  # cpu_linear.c's TDSL_ABI
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The exported C functions: name -> (return type, argument types), in the prototypes' order.
@@ -60,6 +60,8 @@ SIGNATURES = {
     "tdsl_mlp_step": (_I32, [_P, _P, _P, _I32, _I32, _P, _P, _I32, _P, _I32]),
     # x, steps, count, pos, y, threads
     "tdsl_decode_steps": (_I32, [_P, _P, _I64, _I64, _P, _I32]),
+    # whether fp16 KV caches are built in (the compiler's _Float16)
+    "tdsl_decode_fp16": (_I32, []),
 }
 
 
@@ -110,6 +112,7 @@ class Library:
             fn = getattr(self.dll, name)
             fn.restype, fn.argtypes = restype, argtypes
         self.isa = ISAS[self.dll.tdsl_isa()]
+        self.fp16 = bool(self.dll.tdsl_decode_fp16())
         self.tile_rows = self.dll.tdsl_tile_rows()
 
     def linear(self, kind: int, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,

@@ -9,7 +9,8 @@ steps in order, as one call.
 A plan holds the C structs of one module's step and what they point into; it is used while a
 snapshot of what it was built from still holds (_snapshot). Anything else returns None and
 the caller runs its torch path: training or gradients, the compiler tracing, longer inputs,
-other forms (dense choices, static activations), an fp16 KV cache. reference_attention() is
+other forms (dense choices, static activations), a KV cache of another dtype than fp32, bf16
+or fp16 (fp16 where the library has _Float16). reference_attention() is
 the pure-PyTorch twin the tests hold the native step to.
 """
 from __future__ import annotations
@@ -28,7 +29,16 @@ from .frozen_linear import FrozenLinear
 from .joined import joined_for
 from .runners import Prepacked
 
-CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1}  # cpu_decode.c's CACHE_F32, CACHE_BF16
+# cpu_decode.c's CACHE_F32, CACHE_BF16, CACHE_F16 (fp16 where the compiler had _Float16)
+CACHE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def native_cache(dtype) -> bool:
+    """Whether the native steps read and write a KV cache of this dtype."""
+    if dtype not in CACHE_TYPES:
+        return False
+    lib = native.loaded()
+    return dtype != torch.float16 or (lib is not None and lib.fp16)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
 
 
@@ -148,8 +158,8 @@ def attention(attn, x: torch.Tensor, cache, pre=None, residual: bool = False):
     if plan is None:
         return None
     kc, vc = cache.slot(attn, 1, attn.kv_heads, attn.head_dim, torch.float32, x.device)
-    if kc.dtype not in CACHE_TYPES or cache.end != cache.start + 1:
-        return None  # fp16: torch's attention; a step of another length: torch's path
+    if not native_cache(kc.dtype) or cache.end != cache.start + 1:
+        return None  # another dtype: torch's attention; a step of another length: torch's path
     # a slot of another shape (the cache held a batch of 2): run_attention says so
     cos = sin = None
     if attn.rotary:
@@ -276,12 +286,12 @@ def cache_problem(kc, vc, kv_heads: int, d: int, cos, sin, pos: int) -> str | No
     The one check before a pointer into them reaches C: they come from a KVCache, whose slots
     and tables a caller can replace."""
     if not (isinstance(kc, torch.Tensor) and isinstance(vc, torch.Tensor)) \
-            or kc.dtype not in CACHE_TYPES or kc.device.type != "cpu" or kc.dim() != 4 \
+            or not native_cache(kc.dtype) or kc.device.type != "cpu" or kc.dim() != 4 \
             or kc.shape[0] != 1 or kc.shape[1] != kv_heads or kc.shape[3] != d \
             or not 0 <= pos < kc.shape[2] or vc.shape != kc.shape or vc.dtype != kc.dtype \
             or vc.device != kc.device or not (kc.is_contiguous() and vc.is_contiguous()):
         return (f"position {pos} and caches {_describe(kc)}, {_describe(vc)} do not fit "
-                f"{kv_heads} kv heads of {d} (contiguous fp32 or bf16 on the CPU, batch 1)")
+                f"{kv_heads} kv heads of {d} (contiguous fp32, bf16 or fp16 on the CPU, batch 1)")
     if (cos is None) != (sin is None):
         return "rotary factors need both cos and sin"
     for name, t in (("cos", cos), ("sin", sin)):
