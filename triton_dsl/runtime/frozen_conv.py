@@ -73,8 +73,7 @@ class FrozenConv2d(nn.Module):
         # y is new: max(0, y) in place writes no second [B, C, H, W] tensor (at batch 64 a new
         # one cost 7x the in-place pass: fresh pages), unless autograd needs y, or y is a view
         # of the inner matmul's output (im2col) that a forward hook may have kept
-        hooked = way == "im2col" and (lin._forward_hooks or nn.modules.module._global_forward_hooks)
-        keep = hooked or (torch.is_grad_enabled() and y.requires_grad)
+        keep = (way == "im2col" and _hooked(lin)) or (torch.is_grad_enabled() and y.requires_grad)
         return F.relu(y) if keep else y.relu_()
 
     def _qconv(self):
@@ -145,7 +144,8 @@ class FrozenConv2d(nn.Module):
     def out_size(self, h: int, w: int) -> tuple[int, int]:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
                                                   self.dilation)
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+                (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
     def forward_conv(self, x):
         lin = self.linear
@@ -190,6 +190,11 @@ class FrozenConv2d(nn.Module):
         return way
 
 
+def _hooked(lin: nn.Module) -> bool:
+    """Whether a forward hook may hold lin's output (which the im2col way's result views)."""
+    return bool(lin._forward_hooks or nn.modules.module._global_forward_hooks)
+
+
 def _fused(conv: nn.Module, bn: nn.Module | None) -> bool:
     """Whether conv is a frozen convolution with bn (if any) folded into it."""
     return isinstance(conv, FrozenConv2d) and (bn is None or conv.linear.fold is bn)
@@ -219,6 +224,7 @@ def conv_add_relu(conv: nn.Module, bn: nn.Module | None, x, skip: torch.Tensor):
         return F.relu((y if bn is None else bn(y)) + skip)
     y = conv(x)
     if (torch.compiler.is_compiling() or y.shape != skip.shape or y.dtype != skip.dtype
-            or (torch.is_grad_enabled() and (y.requires_grad or skip.requires_grad))):
+            or (torch.is_grad_enabled() and (y.requires_grad or skip.requires_grad))
+            or _hooked(conv.linear)):
         return F.relu(y + skip)
     return y.add_(skip).relu_()
