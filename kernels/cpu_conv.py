@@ -13,6 +13,7 @@ float path.
 from __future__ import annotations
 
 import ctypes
+import struct
 import threading
 
 import torch
@@ -133,8 +134,11 @@ def out_codes(out) -> tuple[float, int] | None:
     if out is None:
         return None
     scale, zp = float(out[0]), int(out[1])
-    if not (0.0 < float(torch.tensor(scale, dtype=torch.float32)) < float("inf")) \
-            or not 0 <= zp <= 255:
+    try:  # the scale as C receives it: rounded to fp32 (a tiny one becomes 0)
+        scale32 = struct.unpack("f", struct.pack("f", scale))[0]
+    except OverflowError:
+        scale32 = float("inf")
+    if not 0.0 < scale32 < float("inf") or not 0 <= zp <= 255:
         raise ValueError(f"out must be (scale, zero point) with a positive finite fp32 scale "
                          f"and a zero point in [0, 255], got {tuple(out)}")
     return scale, zp
