@@ -201,6 +201,22 @@ def test_steps_take_the_torch_path_where_they_do_not_apply(cpu_paths):
 
 
 @needs_native
+def test_an_fp16_cache_takes_torch_attention_without_native_fp16(cpu_paths, monkeypatch):
+    """A library built without _Float16 says so (Library.fp16), and an fp16 cache then runs
+    torch's attention: the same numbers within the 16-bit tolerance, no native call."""
+    from triton_dsl.kernels import native
+    net = rt.freeze(_net())
+    x = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(6))
+    want = _steps(copy.deepcopy(net), x, torch.float16)
+    monkeypatch.setattr(native.library(), "fp16", False)
+    calls = []
+    monkeypatch.setattr(decode_step, "run_attention", lambda *a, **k: calls.append(1))
+    got = _steps(net, x, torch.float16)
+    assert not calls
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+@needs_native
 def test_copies_and_pickles_drop_the_step(cpu_paths):
     net = rt.freeze(_net())
     x = torch.randint(0, 64, (1, 6))

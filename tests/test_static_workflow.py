@@ -51,3 +51,16 @@ def test_freezing_uncalibrated_static_activations_names_the_layers(tmp_path, run
     with torch.no_grad():  # a forward pass says so too, with the quantizer's name
         with pytest.raises(NotCalibrated):
             triton_dsl.load_source(STATIC_MLP, "static.tdsl")().eval()(torch.randn(1, 64))
+
+
+def test_a_layer_the_forward_never_reaches_may_stay_uncalibrated():
+    """Only a model none of whose static ranges has seen a batch is refused; with some
+    calibrated (a training-only head never called, say), freeze warns and the model runs."""
+    net = triton_dsl.load_source(STATIC_MLP, "static.tdsl")()
+    net.train()
+    with torch.no_grad():
+        net.fc1.act_quant.observe(torch.randn(4, 64))  # fc2 alone left uncalibrated
+    with pytest.warns(UserWarning, match="layer fc2: static activation ranges are not"):
+        frozen = rt.freeze(net)
+    with torch.no_grad(), pytest.raises(NotCalibrated, match="not calibrated"):
+        frozen(torch.randn(1, 64))  # fc2 is called here: it says so

@@ -46,7 +46,8 @@ class Chain:
 
     def bound(self, cache):
         """A copy of the steps pointing at cache's buffers (made if new) and rotary tables,
-        each checked to fit; None where one does not (an fp16 cache, another batch size). A
+        each checked to fit; None where one does not (another batch size, an fp16 cache where
+        the library has no _Float16). A
         copy per call: two threads decoding with two caches must not share one array."""
         steps = type(self.steps)()
         ctypes.memmove(steps, self.steps, ctypes.sizeof(steps))

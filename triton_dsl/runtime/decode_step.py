@@ -39,6 +39,8 @@ def native_cache(dtype) -> bool:
         return False
     lib = native.loaded()
     return dtype != torch.float16 or (lib is not None and lib.fp16)
+
+
 ACTIVATIONS = {"silu": 0, "gelu": 1, "relu": 2}
 
 
@@ -187,7 +189,7 @@ def _attention_plan(attn, x, pre) -> _Plan | None:
 def run_attention(plan: _Plan, x, heads: int, kv_heads: int, cos, sin, kc, vc, pos: int,
                   residual: bool = False) -> torch.Tensor:
     """The native step for x [..., dim] (one token, fp32, contiguous) with plan's projections
-    and norms, the caches kc, vc [1, kv_heads, max_len, head_dim] (contiguous, fp32 or bf16)
+    and norms, the caches kc, vc [1, kv_heads, max_len, head_dim] (contiguous fp32, bf16, fp16)
     and the rotary factors cos, sin [max_len, head_dim] (or None): position pos's rows."""
     d = kc.shape[-1]
     check_attention(plan, heads, kv_heads, d)

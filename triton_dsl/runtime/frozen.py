@@ -13,6 +13,8 @@ integer part (the CPU ones bit-exact with the reference twins).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from .fold import fold_batchnorm
 from .frozen_conv import FrozenConv2d
 from .frozen_linear import FrozenLinear
 from .layers import Conv2d, Linear, to_torch
-from .quantizers import NotCalibrated, uncalibrated
+from .quantizers import NotCalibrated, static_quantizers, uncalibrated
 
 __all__ = ["FrozenLinear", "FrozenConv2d", "freeze", "prepare"]
 
@@ -30,14 +32,19 @@ def freeze(model: nn.Module, build: bool = True) -> nn.Module:
     torch's nn.Linear / nn.Conv2d), in place, fold
     batch normalization into the layer before it (runtime/fold.py), and prepare how each layer
     runs on its device (build=False leaves that to prepare(), for a model about to load other
-    weights). Static activations must be calibrated first (NotCalibrated names the layers)."""
+    weights). Static activations must be calibrated first: a model none of whose static
+    ranges has seen a batch is refused (NotCalibrated names the layers); one with only some
+    uncalibrated (a layer the forward never reaches, say) freezes with a warning, and such a
+    layer says so if it is ever called."""
     missing = [] if not build else uncalibrated(model)
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise NotCalibrated(
-            f"layer {', '.join(missing[:3])}{more}: static activation ranges are not "
-            "calibrated; calibrate first (triton-dsl ptq --calib DATA, triton_dsl.calibrate("
-            "model, batches), or training, whose observers calibrate)")
+        said = (f"layer {', '.join(missing[:3])}{more}: static activation ranges are not "
+                "calibrated; calibrate first (triton-dsl ptq --calib DATA, triton_dsl.calibrate("
+                "model, batches), or training, whose observers calibrate)")
+        if len(missing) == len(static_quantizers(model)):
+            raise NotCalibrated(said)
+        warnings.warn(said, stacklevel=2)
     model.eval()
     _swap(model)
     fold_batchnorm(model, lambda m: m.linear if isinstance(m, FrozenConv2d) else

@@ -187,10 +187,16 @@ class NotCalibrated(RuntimeError, ValueError):
     command line reports it in one line)."""
 
 
+def static_quantizers(model: nn.Module) -> list[tuple[str, "ActQuantizer"]]:
+    """(layer name, quantizer) of every static activation quantizer in model."""
+    return [(name.rsplit(".", 1)[0] if "." in name else name, m)
+            for name, m in model.named_modules()
+            if isinstance(m, ActQuantizer) and m.mode == "static"]
+
+
 def uncalibrated(model: nn.Module) -> list[str]:
     """The layers (qualified names) whose static activation ranges have seen no batch."""
-    return [name.rsplit(".", 1)[0] if "." in name else name for name, m in model.named_modules()
-            if isinstance(m, ActQuantizer) and m.mode == "static" and m.batches.item() == 0]
+    return [name for name, m in static_quantizers(model) if m.batches.item() == 0]
 
 
 @contextlib.contextmanager
