@@ -275,3 +275,21 @@ def test_releasing_a_runner_waits_for_a_build(int8_convs, monkeypatch):
     monkeypatch.setattr(form, "cpu_parts", plain)
     held = lin.state_dict()[lin.form.stored]
     assert held.numel() > 0  # the codes, 2 bits each, packed
+
+
+def test_a_one_channel_input_still_runs_channels_last(monkeypatch):
+    """A one-channel tensor counts as channels-last contiguous with NCHW strides; the frozen
+    convolution must still hand oneDNN channels-last strides (else its output, and every
+    layer after it, came back NCHW at half the speed)."""
+    monkeypatch.setenv("TRITON_DSL_TUNE", "0")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    src = ("model One:\n    input [1, 10, 10]\n    layer conv: conv2d(8, kernel=3, padding=1)\n"
+           "    relu\n    flatten\n    layer fc: linear(3)\n\nprecision:\n    default fp32\n"
+           "    kind conv2d: int8(granularity=per_channel)\n")
+    frozen = rt.freeze(triton_dsl.load_source(src, "one.tdsl")().eval())
+    frozen.conv.im2col = False  # the "conv" way
+    out = []
+    frozen.conv.register_forward_hook(lambda m, i, o: out.append(o.stride()))
+    with torch.no_grad():
+        frozen(torch.randn(2, 1, 10, 10))
+    assert out and out[0][1] == 1  # channels-last: the channel stride is 1

@@ -73,7 +73,8 @@ class Dense(Runner):
             return self.conv_args
         with BUILD_LOCK:
             if self.conv_args is None:
-                w = self.weight.reshape(shape).contiguous(memory_format=torch.channels_last)
+                # .to, not .contiguous: channels-last strides for one input channel too
+                w = self.weight.reshape(shape).to(memory_format=torch.channels_last)
                 self.conv_args = (w, None if self.bias is None else self.bias.to(w.dtype))
                 self.weight = None
                 self.nbytes = w.numel() * w.element_size()
