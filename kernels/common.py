@@ -165,3 +165,11 @@ def check_vector(name: str, t: torch.Tensor | None, n: int, allow_scalar: bool =
     if not ok and not (allow_scalar and t.dim() == 0):
         want = f"[{n}]" + (" or [1]" if allow_scalar else "")
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def conv_out_size(h: int, w: int, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """(H', W') of a convolution of an [.., H, W] input with numeric padding, as torch sizes
+    it."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
+            (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)

@@ -19,6 +19,7 @@ import threading
 import torch
 
 from . import native
+from .common import conv_out_size
 
 MAX_K = 65536  # cpu_qconv.c's int32 sums: 255 * 127 * K < 2^31
 _NATIVE_LOCK = threading.Lock()
@@ -188,8 +189,7 @@ class NativeQConv:
         o, c, kh, kw = self.shape
         (sh, sw, ph, pw, dh, dw) = self.geo
         b, _, h, w = shape
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = conv_out_size(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
         if ho < 1 or wo < 1:
             raise ValueError(f"x of shape {tuple(shape)} is smaller than the kernel "
                              f"{kh}x{kw} with padding {ph}x{pw}")

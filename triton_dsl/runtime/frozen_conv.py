@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import cpu_conv
-from ..kernels.common import m_bucket
+from ..kernels.common import conv_out_size, m_bucket
 from . import compile_ops, dispatch, runners, tuning
 from .frozen_linear import FrozenLinear
 from .layers import Conv2d, im2col_conv
@@ -132,7 +132,8 @@ class FrozenConv2d(nn.Module):
         if run is None:
             return None
         b, _, h, w = x.q.shape if isinstance(x, Codes) else x.shape
-        key = ("conv", m_bucket(b), (self.out_channels, *self.out_size(h, w)))
+        key = ("conv", m_bucket(b), (self.out_channels, *conv_out_size(
+            h, w, self.kernel_size, self.stride, self.padding, self.dilation)))
         if prep.picks.get(key) != "qconv":  # nxt's own choice for this input, once made
             return None
         out = run.input_codes()
@@ -140,12 +141,6 @@ class FrozenConv2d(nn.Module):
             return Codes(self.forward_codes(x, True, out), *out, x.dtype)
         q = self._qconv()(x, True, out)
         return None if q is None else Codes(q, *out, x.dtype)  # None: a NaN, the float path
-
-    def out_size(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (self.kernel_size, self.stride, self.padding,
-                                                  self.dilation)
-        return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
-                (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
 
     def forward_conv(self, x):
         lin = self.linear

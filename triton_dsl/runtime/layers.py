@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.common import conv_out_size
 from ..lang.precision import FP32, Float
 from .quant import TORCH_DTYPES
 from .quantizers import make_act_quantizer, make_weight_quantizer
@@ -82,10 +83,7 @@ def im2col_conv(x: torch.Tensor, conv, matmul) -> torch.Tensor:
     [B, L, C*kh*kw] -> matmul -> [B, out, H', W']. ``conv`` supplies kernel_size, stride,
     padding (numeric), dilation and out_channels."""
     b, _, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = (conv.kernel_size, conv.stride, conv.padding,
-                                              conv.dilation)
-    ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = conv_out_size(h, w, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
     y = matmul(cols.transpose(1, 2))  # [B, L, out]
     return y.transpose(1, 2).reshape(b, conv.out_channels, ho, wo)
