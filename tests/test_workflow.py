@@ -249,23 +249,34 @@ def test_ddp_two_processes_stay_identical(tmp_path):
 ])
 def test_bench_refuses_what_it_cannot_do_in_one_line(run_cli, monkeypatch, args, said):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    from triton_dsl.workflow import bench
-    monkeypatch.setattr(bench, "stream_read_gbs", lambda *a, **k: pytest.fail("measured first"))
+    from triton_dsl.workflow import read_rate
+    monkeypatch.setattr(read_rate, "stream_read_gbs",
+                        lambda *a, **k: pytest.fail("measured first"))
     code, _, err = run_cli("bench", *args)
     assert code == 2 and said in err and "Traceback" not in err  # a usage error
+
+
+def test_llc_bytes_reads_what_sysfs_says_and_skips_the_rest(tmp_path):
+    from triton_dsl.workflow import read_rate
+    for i, size in enumerate(["48K", "2048K", "300M", "", "1.5M", "12KiB", "64"]):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    (tmp_path / "index9").mkdir()  # no size file
+    assert read_rate.llc_bytes(str(tmp_path)) == 300 << 20
+    assert read_rate.llc_bytes(str(tmp_path / "none")) == 512 << 20
 
 
 def test_bench_cold_evicts_before_every_timed_call(tmp_path, run_cli, monkeypatch):
     """--cold: a read of twice the last-level cache before each timed call, said in the output
     and in the records."""
     import json
-    from triton_dsl.workflow import bench
+    from triton_dsl.workflow import read_rate
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reads = []
-    plain = bench.evictor
-    monkeypatch.setattr(bench, "evictor", lambda: (lambda f: lambda: reads.append(1) or f())(
+    plain = read_rate.evictor
+    monkeypatch.setattr(read_rate, "evictor", lambda: (lambda f: lambda: reads.append(1) or f())(
         plain()))
-    monkeypatch.setattr(bench, "llc_bytes", lambda: 8 << 20)  # a small buffer for the test
+    monkeypatch.setattr(read_rate, "llc_bytes", lambda: 8 << 20)  # a small buffer for the test
     out_json = tmp_path / "c.json"
     code, out, err = run_cli("bench", "--M", "1", "--NK", "64", "--repeat", "3", "--methods",
                              "ternary", "--cold", "--json", str(out_json))

@@ -15,10 +15,10 @@ import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from . import read_rate
 from .timing import spread
 from ..runtime.build import load as load_class
 
@@ -83,30 +83,6 @@ def _methods(device):
     return m
 
 
-def llc_bytes() -> int:
-    """The last-level cache's size (the largest cache sysfs lists for CPU 0), or 512 MiB."""
-    sizes = []
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            text = (index / "size").read_text().strip().upper()
-            sizes.append(int(text.rstrip("KMG")) << {"K": 10, "M": 20, "G": 30}.get(text[-1], 0))
-        except (OSError, ValueError, IndexError):
-            continue
-    return max(sizes, default=512 << 20)
-
-
-def evict_bytes() -> int:
-    """Twice the last-level cache, at least 64 MiB, at most 2 GiB."""
-    return min(max(2 * llc_bytes(), 64 << 20), 2 << 30)
-
-
-def evictor():
-    """A call that reads evict_bytes(): run before a timed call, it leaves that call's weights
-    in memory, not in the cache."""
-    buf = torch.ones(evict_bytes() // 4)
-    return lambda: buf.sum()
-
-
 def _time_cpu_interleaved(fns: dict, x, repeat, warmup=3, evict=None) -> dict:
     """Median ms per method, the methods taking turns within each round: load from other
     processes on a shared machine then slows every method alike, and ratios stay fair.
@@ -164,33 +140,13 @@ def _time_gpu(fn, x, repeat, warmup=10):
     return spread(ts), graph_ms
 
 
-def stream_read_gbs(device: str = "cpu", gib: float = 1.0, repeat: int = 5) -> float:
-    """The machine's streaming read bandwidth, measured now: GB/s of the faster of two reads of
-    a buffer far larger than the last-level cache, a sum and an fp32 matrix-vector product (a
-    BLAS GEMV streams its matrix; a plain reduction alone stays below it on some CPUs). The
-    physical limit of an M = 1 layer, which reads each weight byte once. Median of ``repeat``."""
-    buf = torch.ones(1 << 14, int(gib * 2 ** 30) // 4 >> 14, device=device)
-    vec = torch.ones(buf.shape[1], device=device)
-    best = 0.0
-    for read in (lambda: buf.sum(), lambda: torch.mv(buf, vec)):
-        ts = []
-        for _ in range(repeat + 1):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            read().cpu()
-            ts.append(time.perf_counter() - t)
-        best = max(best, buf.numel() * 4 / statistics.median(ts[1:]) / 1e9)
-    return round(best, 1)
-
-
 def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=None,
         cold=False):
     torch.manual_seed(0)
     if cold and device != "cpu":
         raise ValueError("--cold is for the CPU layer bench (the GPU bench flushes its L2 "
                          "already)")
-    evict = evictor() if cold else None
+    evict = read_rate.evictor() if cold else None
     avail = _methods(device)
     chosen = methods or list(avail)
     unknown = [m for m in chosen if m not in avail]
@@ -319,7 +275,7 @@ def run_cli(a) -> int:
     if decode and not getattr(a, "model", None):
         raise ValueError("--decode needs --model FILE.tdsl (a language model)")
     if a.device == "cpu" and (decode or not getattr(a, "model", None)):
-        env["stream_read_gbs"] = stream_read_gbs()
+        env["stream_read_gbs"] = read_rate.stream_read_gbs()
         print(f"streaming read bandwidth, measured now: {env['stream_read_gbs']} GB/s")
     if decode:
         from . import decode_bench
@@ -347,9 +303,9 @@ def run_cli(a) -> int:
     else:
         print(HEADER)
         if getattr(a, "cold", False):
-            env["evicted_bytes"] = evict_bytes()
+            env["evicted_bytes"] = read_rate.evict_bytes()
             print(f"--cold: {env['evicted_bytes'] >> 20} MiB read before every timed call "
-                  f"(last-level cache {llc_bytes() >> 20} MiB)")
+                  f"(last-level cache {read_rate.llc_bytes() >> 20} MiB)")
         recs = run(a.M, a.NK, a.device, a.repeat, a.methods, stream_gbs=env.get("stream_read_gbs"),
                    cold=getattr(a, "cold", False))
         _bandwidth_summary(recs, env)
