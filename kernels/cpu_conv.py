@@ -67,6 +67,9 @@ class PackedQConv:
     def native_form(self, bias: torch.Tensor | None) -> NativeQConv | None:
         """This convolution with this bias for the native library (cpu_qconv.c), built once;
         None where that does not apply (no library, groups > 1, K > MAX_K)."""
+        held = self._native
+        if held is not None and held[0] is bias:  # every call after the first
+            return held[1]
         with _NATIVE_LOCK:  # two threads' first calls: one builds, then the codes go
             return self._native_form(bias)
 
@@ -103,9 +106,9 @@ class PackedQConv:
         nearest even and saturated to [0, 255] (the next layer's static quantizer, up to float
         rounding; with relu the symmetric quantizer's lower bound cannot bind). way: "onednn",
         or "native" (native_form must not be None)."""
-        out = out_codes(out)
-        if way == "native":
+        if way == "native":  # NativeQConv checks out itself
             return self.native_form(bias)(qx, relu, out)
+        out = out_codes(out)
         o_scale, o_zp, o_dtype = (1.0, 0, torch.float32) if out is None else (*out, None)
         return torch.ops.onednn.qconv2d_pointwise(
             qx, self.x_scale, self.x_zp, self.packed, self.w_scale, self.w_zp,

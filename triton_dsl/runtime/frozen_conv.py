@@ -70,9 +70,9 @@ class FrozenConv2d(nn.Module):
         y = im2col_conv(x, self, lin) if way == "im2col" else self.forward_conv(x)
         if not relu:
             return y
-        # y is new: max(0, y) in place writes no second [B, C, H, W] tensor (at batch 64 a new
-        # one cost 7x the in-place pass: fresh pages), unless autograd needs y, or y is a view
-        # of the inner matmul's output (im2col) that a forward hook may have kept
+        # y is new: max(0, y) in place writes no second [B, C, H, W] tensor (in a profile at
+        # batch 64 a new one cost 7x the in-place pass: fresh pages), unless autograd needs y,
+        # or y is a view of the inner matmul's output (im2col) that a forward hook may hold
         keep = (way == "im2col" and _hooked(lin)) or (torch.is_grad_enabled() and y.requires_grad)
         return F.relu(y) if keep else y.relu_()
 
@@ -147,13 +147,13 @@ class FrozenConv2d(nn.Module):
         if lin.act_quant is not None:
             x = lin.act_quant(x)
         if x.device.type == "cpu" and x.dim() == 4:
-            # oneDNN's fp32 convolution runs channels-last (NHWC) faster than NCHW (1.5x for
-            # 16 channels at 32x32, batch 64, on the development machine; the sums' order may
-            # differ, float rounding); its output stays channels-last, so only a network's
-            # first convolution copies. .to, not .contiguous: a one-channel input counts as
-            # channels-last already without channels-last strides, and oneDNN then answers NCHW
-            # (small_cnn at batch 64: 1.8 against 0.8 ms a convolution, 1.8 against 0.4 ms for
-            # the max pool after it)
+            # oneDNN's fp32 convolution runs channels-last (NHWC) faster than NCHW (ad hoc:
+            # 1.5x for 16 channels at 32x32, batch 64, on the development machine; the sums'
+            # order may differ, float rounding); its output stays channels-last, so only a
+            # network's first convolution copies. .to, not .contiguous: a one-channel input
+            # counts as channels-last already without channels-last strides, and oneDNN then
+            # answers NCHW (ad hoc, small_cnn at batch 64: 1.8 against 0.8 ms a convolution,
+            # 1.8 against 0.4 ms for the max pool after it)
             x = x.to(memory_format=torch.channels_last)
         run = dispatch.dense(lin)  # the weight dequantized once, a folded batchnorm in it
         w, bias = run.conv((self.out_channels, -1, *self.kernel_size))

@@ -67,8 +67,9 @@ class Dense(Runner):
     def conv(self, shape) -> tuple:
         """(the weight as a 4-d channels-last tensor of ``shape``, the bias in its dtype) for
         F.conv2d: oneDNN runs a channels-last input fastest with a weight in the same layout
-        (at batch 1 and 64 channels, 1.9x against an NCHW weight). The weight is then held in
-        this form alone; matrix() makes the [N, K] one again if a matmul asks."""
+        (an ad hoc reading at batch 1 and 64 channels: 1.9x against an NCHW weight). The
+        weight is then held in this form alone; matrix() makes the [N, K] one again if a
+        matmul asks."""
         if self.conv_args is not None:
             return self.conv_args
         with BUILD_LOCK:
