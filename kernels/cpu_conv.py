@@ -22,6 +22,7 @@ from . import native
 from .common import conv_out_size
 
 MAX_K = 65536  # cpu_qconv.c's int32 sums: 255 * 127 * K < 2^31
+MAX_PAD = 64  # the native convolution's padded copy: more padding goes to oneDNN
 _NATIVE_LOCK = threading.Lock()
 
 
@@ -78,10 +79,11 @@ class PackedQConv:
             if self.codes is None:  # released once the native form was built
                 return None
             stride, padding, dilation, groups = self.args
-            # padding past what the kernel's taps reach would only make the padded copy huge
+            # padding past what the kernel's taps reach, or past MAX_PAD (a file's huge
+            # dilation makes the reach huge), would only make the padded copy huge: oneDNN's
             reach = [d * (k - 1) for d, k in zip(dilation, self.codes.shape[2:])]
             ok = groups == 1 and self.codes[0].numel() <= MAX_K and native.library() is not None \
-                and all(p <= r for p, r in zip(padding, reach))
+                and all(p <= min(r, MAX_PAD) for p, r in zip(padding, reach))
             self._native = (bias, NativeQConv(self.codes, self.w_scale, self.x_scale, self.x_zp,
                                               bias, stride, padding, dilation, self.symmetric)
                             if ok else None)

@@ -184,3 +184,7 @@ def test_native_form_only_where_it_applies():
     far = (torch.ones(4), 0.1, 0, True, (1, 1), (3, 0), (1, 1), 1)  # padding past the taps
     assert cpu_conv.PackedQConv(torch.ones(4, 2, 3, 3, dtype=torch.int8), *far) \
         .native_form(None) is None
+    # a hostile file's dilation reaches far: its padding would make a huge padded copy
+    wide = (torch.ones(4), 0.1, 0, True, (1, 1), (1 << 20, 0), (1 << 20, 1), 1)
+    assert cpu_conv.PackedQConv(torch.ones(4, 2, 3, 3, dtype=torch.int8), *wide) \
+        .native_form(None) is None
