@@ -87,6 +87,12 @@
 #ifndef SPAN
 #define SPAN 1024 /* blocks of 64 inputs whose u8 x s8 products int32 sums hold (see above) */
 #endif
+#ifndef AMX_ROWS
+#define AMX_ROWS 32 /* 8-bit activation rows from which AMX tiles run the layer (cpu_amx.c) */
+#endif
+#ifndef AMX_GROUP
+#define AMX_GROUP (1 << 20) /* bytes of activation rows that share an unpacked weight panel */
+#endif
 #ifndef SMALL_ROWS
 #define SMALL_ROWS 48 /* up to this many 8-bit activation rows, loop over weight tiles outside */
 #endif
@@ -96,7 +102,7 @@ enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
 
 /* The ABI version: native.py's SIGNATURES table declares this file's exported functions; bump
    both together when a signature or a layout changes, so a stale cached library is refused. */
-#define TDSL_ABI 7
+#define TDSL_ABI 8
 int tdsl_abi(void) { return TDSL_ABI; }
 int tdsl_isa(void) { return TDSL_ISA; }
 int tdsl_tile_rows(void) { return NB; } /* the weight layout's rows per tile */
@@ -385,6 +391,88 @@ static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int m
     return t;
 }
 
+/* The outputs of tokens i0..i1 and columns n0..n0 + nc from their integer sums: those of
+   8-bit row r (counted from token i0's first) and column j at acc[r * rs + j * cs] (or acc64,
+   when K took several spans), per 8-bit rows a token. */
+static inline __attribute__((always_inline)) void finish(int kind, int per, int64_t i0, int64_t i1, int64_t n0, int64_t nc,
+                   const int32_t *acc, const int64_t *acc64, int64_t rs, int64_t cs,
+                   const int32_t *w_sum, const int32_t *rsum, const float *w_scale,
+                   const float *xs, const float *bias, float *y, int64_t n) {
+#define SUM(r) (acc64 ? acc64[r] : (int64_t)acc[r])
+    for (int64_t i = i0; i < i1; i++)
+        for (int64_t j = 0; j < nc; j++) {
+            const int64_t r = (i - i0) * per * rs + j * cs;
+            /* undo the offsets: ternary codes are w + 1, int8 activations (and the high half)
+               are q + 128 */
+            int64_t v = kind == INT8 ? SUM(r) - 128 * (int64_t)w_sum[n0 + j]
+                                     : SUM(r) - rsum[i * per];
+            if (per == 2) v = 256 * v + SUM(r + rs) - (kind == INT8 ? 0 : rsum[i * per + 1]);
+            float o = (float)v * w_scale[n0 + j] * xs[i];
+            y[i * n + n0 + j] = bias ? o + bias[n0 + j] : o;
+        }
+#undef SUM
+}
+
+/* cpu_amx.c */
+int tdsl_amx(void);
+void amx_begin(void);
+void amx_end(void);
+void amx_activations(const uint8_t *q, int64_t rows, int64_t padded, int64_t kp, uint8_t *qv,
+                     int threads);
+void amx_panel(int ternary, const uint8_t *w, int nb, int64_t tile_bytes, int64_t n, int64_t n0,
+               int64_t kb, uint8_t *panel);
+void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pairs, int64_t kb,
+              int32_t *acc, int64_t ldc);
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && NC == 32
+#define AMX_ON 1
+/* The many-row path on AMX tiles (cpu_amx.c): rows in groups whose activations stay in L2
+   (AMX_GROUP bytes), and for each group, per block of 32 columns, the weight unpacked once into
+   A tiles that every row tile of the group reuses. Returns 0, or -1 without scratch memory. */
+static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb,
+                      const uint8_t *w, int64_t n, int64_t tile_bytes, const float *w_scale,
+                      const int32_t *w_sum, const int32_t *rsum, const float *xs,
+                      const float *bias, float *y, int threads) {
+    const int64_t kp = kb * 64, rows = m * per, padded = (rows + 31) / 32 * 32;
+    int64_t group = AMX_GROUP / kp / 32 * 32;
+    group = group < 32 ? 32 : group > padded ? padded : group;
+    uint8_t *qv = aligned_alloc(64, (size_t)(padded * kp));
+    if (!qv) return -1;
+    amx_activations(q, rows, padded, kp, qv, threads);
+    const int64_t blocks = (n + NC - 1) / NC;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (rows * n * kp >= LINEAR_THREADED)
+    {
+        int32_t *acc = malloc(sizeof(int32_t) * (size_t)(group * NC));
+        uint8_t *panel = aligned_alloc(64, (size_t)(NC * kp));
+        if (!acc || !panel) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+            amx_begin();
+            for (int64_t g0 = 0; g0 < padded; g0 += group) {
+                const int64_t g1 = g0 + group < padded ? g0 + group : padded;
+#pragma omp for schedule(static)
+                for (int64_t blk = 0; blk < blocks; blk++) {
+                    const int64_t n0 = blk * NC, nc = n - n0 < NC ? n - n0 : NC;
+                    amx_panel(kind == TERNARY, w, NB, tile_bytes, n, n0, kb, panel);
+                    amx_sums(kind == TERNARY, panel, qv + g0 * kp, (g1 - g0) / 32, kb, acc,
+                             NC);
+                    const int64_t t1 = g1 / per < m ? g1 / per : m;
+                    finish(kind, per, g0 / per, t1, n0, nc, acc, NULL, NC, 1, w_sum, rsum,
+                           w_scale, xs, bias, y, n);
+                }
+            }
+            amx_end();
+        }
+        free(acc);
+        free(panel);
+    }
+    free(qv);
+    return failed ? -1 : 0;
+}
+#endif
+
 /* y [M, N] = x [M, K] (row stride ldx) times the weight [N, ...] in kind's layout, scaled per
    output channel (w_scale), + bias (may be NULL). w_sum: the int8 kind's per-row code sums.
    Returns 0, or -1 when scratch memory cannot be allocated. */
@@ -406,6 +494,16 @@ static int linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, c
             xs[i] = quantize_row(x + i * ldx, k, kp, kind, mode, q + i * per * kp,
                                  rsum + i * per);
 
+#ifdef AMX_ON
+        if (rows >= AMX_ROWS && kb <= SPAN && tdsl_amx()) {
+            const int rc = linear_amx(kind, q, m, per, kb, w, n, tile_bytes, w_scale, w_sum,
+                                      rsum, xs, bias, y, threads);
+            free(q);
+            free(rsum);
+            free(xs);
+            return rc;
+        }
+#endif
         const int64_t blocks = (n + NC - 1) / NC;
 #pragma omp parallel num_threads(threads) if (rows * n * kp >= LINEAR_THREADED)
         {
@@ -470,19 +568,8 @@ static int linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, c
                         if (acc64)
                             for (int64_t r = 0; r < rows * NC; r++) acc64[r] += acc[r];
                     }
-#define SUM(r) (acc64 ? acc64[r] : (int64_t)acc[r])
-                    for (int64_t i = 0; i < m; i++)
-                        for (int64_t j = 0; j < nc; j++) {
-                            const int64_t r = i * per * NC + j;
-                            /* undo the offsets: ternary codes are w + 1, int8 activations
-                               (and the high half) are q + 128 */
-                            int64_t v = kind == INT8 ? SUM(r) - 128 * (int64_t)w_sum[n0 + j]
-                                                     : SUM(r) - rsum[i * per];
-                            if (per == 2)
-                                v = 256 * v + SUM(r + NC) - (kind == INT8 ? 0 : rsum[i * per + 1]);
-                            float o = (float)v * w_scale[n0 + j] * xs[i];
-                            y[i * n + n0 + j] = bias ? o + bias[n0 + j] : o;
-                        }
+                    finish(kind, per, 0, m, n0, nc, acc, acc64, NC, 1, w_sum, rsum, w_scale, xs,
+                           bias, y, n);
                 }
             }
             free(acc);

@@ -29,7 +29,7 @@ MAX_K = 65536
 LIMIT_K = 1 << 24  # the C kernel's per-row code sums are int32: Library.linear refuses more
 MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 TERNARY, INT8 = 0, 1
-ABI = 7  # cpu_linear.c's TDSL_ABI
+ABI = 8  # cpu_linear.c's TDSL_ABI
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The exported C functions: name -> (return type, argument types), in the prototypes' order.
@@ -37,6 +37,8 @@ SIGNATURES = {
     "tdsl_abi": (_I32, []),
     "tdsl_isa": (_I32, []),
     "tdsl_tile_rows": (_I32, []),
+    # cpu_amx.c: 1 when AMX tiles run the many-row layers (asks Linux for the tile state once)
+    "tdsl_amx": (_I32, []),
     # kind, x, m, k, ldx, w, n, w_scale, w_sum, bias, mode, y, threads
     "tdsl_linear": (_I32, [_I32, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32, _P, _I32]),
     # ns: the nanoseconds spent in tdsl_linear so far
@@ -114,6 +116,7 @@ class Library:
         self.isa = ISAS[self.dll.tdsl_isa()]
         self.fp16 = bool(self.dll.tdsl_decode_fp16())
         self.tile_rows = self.dll.tdsl_tile_rows()
+        self.amx = bool(self.dll.tdsl_amx())
 
     def linear(self, kind: int, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                w_sum: torch.Tensor | None, bias: torch.Tensor | None, mode: int) -> torch.Tensor:
@@ -232,7 +235,7 @@ def error() -> str | None:
 
 def describe() -> str:
     lib = library()
-    return f"native ({lib.isa})" if lib else f"unavailable: {error()}"
+    return f"native ({lib.isa}{' + amx' if lib.amx else ''})" if lib else f"unavailable: {error()}"
 
 
 def _tile(rows: torch.Tensor, nb: int) -> torch.Tensor:

@@ -23,24 +23,39 @@ if native.library() is None:
     pytest.skip(f"the native CPU kernel is unavailable: {native.error()}",
                 allow_module_level=True)
 
-# flags appended after -march=native switch the wider paths off
-ISA_FLAGS = {"avx512-vnni": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx2", "-mno-avx512f")}
+# flags appended after -march=native switch the wider paths off ("amx": AVX-512 VNNI with AMX
+# tiles for many rows, cpu_amx.c)
+NO_AMX = ("-mno-amx-int8", "-mno-amx-tile")
+ISA_FLAGS = {"amx": (), "avx512-vnni": NO_AMX, "avx2": ("-mno-avx512f", *NO_AMX),
+             "scalar": ("-mno-avx2", "-mno-avx512f", *NO_AMX)}
 RANK = {"scalar": 0, "avx2": 1, "avx512-vnni": 2}
+
+
+def _build(path):
+    if path == "amx":
+        if not native.library().amx:
+            pytest.skip("this CPU (or its kernel) gives no AMX tiles")
+        built = native.Library(native.build())
+        assert built.amx and built.isa == "avx512-vnni"
+        return built
+    if RANK[path] > RANK[native.library().isa]:
+        pytest.skip(f"this CPU has no {path}")
+    built = native.Library(native.build(ISA_FLAGS[path]))
+    assert built.isa == path and not built.amx
+    return built
 
 
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
 def lib(request):
-    if RANK[request.param] > RANK[native.library().isa]:
-        pytest.skip(f"this CPU has no {request.param}")
-    built = native.Library(native.build(ISA_FLAGS[request.param]))
-    assert built.isa == request.param
-    return built
+    return _build(request.param)
 
 
 # M = 1, 3, 17, 64 (float mode doubles the rows); N and K off every tile and block size; one
-# or two rows over an odd number of blocks in several K chunks (the split sums of tile_body)
+# or two rows over an odd number of blocks in several K chunks (the split sums of tile_body);
+# AMX: 33 rows (a partial pair of row tiles) and 130 tokens whose 260 float-mode rows span two
+# row groups (cpu_linear.c's AMX_GROUP) over 3 blocks of 32 columns, the last of 6
 SHAPES = [(1, 5, 7), (3, 17, 65), (17, 33, 200), (64, 100, 129), (7, 37, 64), (2, 3, 1000),
-          (1, 19, 2117), (2, 6, 4200)]
+          (1, 19, 2117), (2, 6, 4200), (33, 50, 130), (130, 70, 4200)]
 
 
 def _case(m, n, k, seed=0):
@@ -81,6 +96,20 @@ def test_float_activations_within_16bit_tolerance(lib, m, n, k):
             want, wmax = int8_weight_only_matmul_ref(x, twin_w, s, bias), 127 * s.max()
         bound = k * x.abs().amax(dim=1, keepdim=True) / 65278 * wmax
         assert ((got - want).abs() <= bound * 1.001 + 1e-5).all(), kind
+
+
+@pytest.mark.parametrize("m,n,k", [(16, 16, 64), (40, 33, 700), (130, 70, 4200)])
+def test_amx_tiles_equal_vnni_bit_for_bit(m, n, k):
+    """AMX sums the same u8 x s8 products in int32 as VNNI, so both float-activation paths
+    (two 8-bit halves a token) give identical floats, not merely close ones."""
+    amx, vnni = _build("amx"), _build("avx512-vnni")
+    w, scale, bias, x = _case(m, n, k, seed=7)
+    x[3] *= 1e-3
+    x[-1] = 0
+    for kind, layout, w_sum, _, s in _weights(w, scale, amx.tile_rows):
+        for mode in (0, 1):
+            want = vnni.linear(kind, x, layout, s, w_sum, bias, mode)
+            assert torch.equal(amx.linear(kind, x, layout, s, w_sum, bias, mode), want)
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 63), (5, 64), (2, 65), (9, 300)])
@@ -183,12 +212,14 @@ def test_k_past_the_int32_span_is_exact(lib, m):
 
 
 @pytest.mark.parametrize("mode", [0, 1])
-def test_nonfinite_tokens_give_nan_rows(lib, mode):
+@pytest.mark.parametrize("m", [6, 40])  # 40: many rows (AMX where there is)
+def test_nonfinite_tokens_give_nan_rows(lib, mode, m):
     """NaN and +-Inf in a token: its row is NaN (the max used to skip NaN, then NaN was rounded
     to an integer, undefined in C); the other rows are unchanged."""
-    w, scale, bias, x = _case(6, 9, 200, seed=4)
+    w, scale, bias, x = _case(m, 9, 200, seed=4)
     x[1, 7], x[2, 0], x[4, 199] = float("nan"), float("inf"), -float("inf")
-    bad = torch.tensor([False, True, True, False, True, False])
+    bad = torch.zeros(m, dtype=torch.bool)
+    bad[[1, 2, 4]] = True
     for kind, layout, w_sum, _, s in _weights(w, scale, lib.tile_rows):
         got = lib.linear(kind, x, layout, s, w_sum, bias, mode)
         assert torch.isnan(got[bad]).all()
