@@ -88,7 +88,8 @@
 #define SPAN 1024 /* blocks of 64 inputs whose u8 x s8 products int32 sums hold (see above) */
 #endif
 #ifndef AMX_ROWS
-#define AMX_ROWS 32 /* 8-bit activation rows from which AMX tiles run the layer (cpu_amx.c) */
+#define AMX_ROWS 16 /* 8-bit activation rows from which AMX tiles run the layer (cpu_amx.c): ad hoc,
+                       16 rows ran about 5% faster than on VNNI, at N = K = 2048 to 8192 */
 #endif
 #ifndef AMX_GROUP
 #define AMX_GROUP (1 << 20) /* bytes of activation rows that share an unpacked weight panel */
@@ -422,7 +423,7 @@ void amx_activations(const uint8_t *q, int64_t rows, int64_t padded, int64_t kp,
 void amx_panel(int ternary, const uint8_t *w, int nb, int64_t tile_bytes, int64_t n, int64_t n0,
                int64_t kb, uint8_t *panel);
 void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pairs, int64_t kb,
-              int32_t *acc, int64_t ldc);
+              int32_t *cbuf, int32_t *acc, int64_t ldc);
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && NC == 32
 #define AMX_ON 1
@@ -444,8 +445,9 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
 #pragma omp parallel num_threads(threads) if (rows * n * kp >= LINEAR_THREADED)
     {
         int32_t *acc = malloc(sizeof(int32_t) * (size_t)(group * NC));
+        int32_t *cbuf = aligned_alloc(64, 1024);
         uint8_t *panel = aligned_alloc(64, (size_t)(NC * kp));
-        if (!acc || !panel) {
+        if (!acc || !cbuf || !panel) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -456,8 +458,8 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
                 for (int64_t blk = 0; blk < blocks; blk++) {
                     const int64_t n0 = blk * NC, nc = n - n0 < NC ? n - n0 : NC;
                     amx_panel(kind == TERNARY, w, NB, tile_bytes, n, n0, kb, panel);
-                    amx_sums(kind == TERNARY, panel, qv + g0 * kp, (g1 - g0) / 32, kb, acc,
-                             NC);
+                    amx_sums(kind == TERNARY, panel, qv + g0 * kp, (g1 - g0) / 32, kb, cbuf,
+                             acc, NC);
                     const int64_t t1 = g1 / per < m ? g1 / per : m;
                     finish(kind, per, g0 / per, t1, n0, nc, acc, NULL, NC, 1, w_sum, rsum,
                            w_scale, xs, bias, y, n);
@@ -466,6 +468,7 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
             amx_end();
         }
         free(acc);
+        free(cbuf);
         free(panel);
     }
     free(qv);
