@@ -395,10 +395,10 @@ static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int m
 /* The outputs of tokens i0..i1 and columns n0..n0 + nc from their integer sums: those of
    8-bit row r (counted from token i0's first) and column j at acc[r * rs + j * cs] (or acc64,
    when K took several spans), per 8-bit rows a token. */
-static inline __attribute__((always_inline)) void finish(int kind, int per, int64_t i0, int64_t i1, int64_t n0, int64_t nc,
-                   const int32_t *acc, const int64_t *acc64, int64_t rs, int64_t cs,
-                   const int32_t *w_sum, const int32_t *rsum, const float *w_scale,
-                   const float *xs, const float *bias, float *y, int64_t n) {
+static inline __attribute__((always_inline)) void finish(
+    int kind, int per, int64_t i0, int64_t i1, int64_t n0, int64_t nc, const int32_t *acc,
+    const int64_t *acc64, int64_t rs, int64_t cs, const int32_t *w_sum, const int32_t *rsum,
+    const float *w_scale, const float *xs, const float *bias, float *y, int64_t n) {
 #define SUM(r) (acc64 ? acc64[r] : (int64_t)acc[r])
     for (int64_t i = i0; i < i1; i++)
         for (int64_t j = 0; j < nc; j++) {
@@ -447,26 +447,28 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
         int32_t *acc = malloc(sizeof(int32_t) * (size_t)(group * NC));
         int32_t *cbuf = aligned_alloc(64, 1024);
         uint8_t *panel = aligned_alloc(64, (size_t)(NC * kp));
-        if (!acc || !cbuf || !panel) {
+        const int ok = acc && cbuf && panel;
+        if (!ok) {
 #pragma omp atomic write
             failed = 1;
-        } else {
-            amx_begin();
-            for (int64_t g0 = 0; g0 < padded; g0 += group) {
-                const int64_t g1 = g0 + group < padded ? g0 + group : padded;
-#pragma omp for schedule(static)
-                for (int64_t blk = 0; blk < blocks; blk++) {
-                    const int64_t n0 = blk * NC, nc = n - n0 < NC ? n - n0 : NC;
-                    amx_panel(kind == TERNARY, w, NB, tile_bytes, n, n0, kb, panel);
-                    amx_sums(kind == TERNARY, panel, qv + g0 * kp, (g1 - g0) / 32, kb, cbuf,
-                             acc, NC);
-                    const int64_t t1 = g1 / per < m ? g1 / per : m;
-                    finish(kind, per, g0 / per, t1, n0, nc, acc, NULL, NC, 1, w_sum, rsum,
-                           w_scale, xs, bias, y, n);
-                }
-            }
-            amx_end();
         }
+        if (ok) amx_begin();
+        for (int64_t g0 = 0; g0 < padded; g0 += group) {
+            const int64_t g1 = g0 + group < padded ? g0 + group : padded;
+            /* every thread meets the loop, also one without scratch (the call fails then) */
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < blocks; blk++) {
+                if (!ok) continue;
+                const int64_t n0 = blk * NC, nc = n - n0 < NC ? n - n0 : NC;
+                amx_panel(kind == TERNARY, w, NB, tile_bytes, n, n0, kb, panel);
+                amx_sums(kind == TERNARY, panel, qv + g0 * kp, (g1 - g0) / 32, kb, cbuf, acc,
+                         NC);
+                const int64_t t1 = g1 / per < m ? g1 / per : m;
+                finish(kind, per, g0 / per, t1, n0, nc, acc, NULL, NC, 1, w_sum, rsum, w_scale,
+                       xs, bias, y, n);
+            }
+        }
+        if (ok) amx_end();
         free(acc);
         free(cbuf);
         free(panel);
@@ -516,12 +518,16 @@ static int linear(int kind, const float *x, int64_t m, int64_t k, int64_t ldx, c
             /* vector partial sums for one weight tile (few rows, AVX-512) */
             const int vector = TDSL_ISA == 2 && rows <= SMALL_ROWS;
             int32_t *va = vector ? aligned_alloc(64, (size_t)(rows * NB * 64)) : NULL;
-            if (!acc || (vector && !va) || (kb > SPAN && !acc64)) {
+            const int ok = acc && (!vector || va) && (kb <= SPAN || acc64);
+            if (!ok) {
 #pragma omp atomic write
                 failed = 1;
-            } else {
+            }
+            {
+                /* every thread meets the loop, also one without scratch (the call fails then) */
 #pragma omp for schedule(static)
                 for (int64_t nbk = 0; nbk < blocks; nbk++) {
+                    if (!ok) continue;
                     const int64_t n0 = nbk * NC, nc = n - n0 < NC ? n - n0 : NC;
                     if (acc64) memset(acc64, 0, sizeof(int64_t) * (size_t)(rows * NC));
                     for (int64_t s0 = 0; s0 < kb; s0 += SPAN) {
