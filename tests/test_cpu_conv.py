@@ -188,3 +188,19 @@ def test_native_form_only_where_it_applies():
     wide = (torch.ones(4), 0.1, 0, True, (1, 1), (1 << 20, 0), (1 << 20, 1), 1)
     assert cpu_conv.PackedQConv(torch.ones(4, 2, 3, 3, dtype=torch.int8), *wide) \
         .native_form(None) is None
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_im2col_convolution_answers_canonical_channels_last(batch):
+    """The im2col way answers the convolution channels-last with the strides torch's own
+    channels-last tensors have, batch 1 included: the view it used to return had a batch
+    stride of `out` there, and torch's max pool then took its slow NCHW path (4x)."""
+    from triton_dsl.runtime.layers import im2col_conv
+    conv = torch.nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    x = torch.randn(batch, 3, 9, 7)
+    w = conv.weight.reshape(5, -1)
+    with torch.no_grad():
+        y = im2col_conv(x, conv, lambda cols: cols @ w.t() + conv.bias)
+        want = conv(x)
+    assert torch.allclose(y, want, atol=1e-5)
+    assert y.stride() == (5 * 5 * 4, 1, 4 * 5, 5)
