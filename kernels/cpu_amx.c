@@ -21,8 +21,10 @@
    offsets.
 
    Linux hands out AMX's 8 KiB register state only to a process that asks (arch_prctl
-   ARCH_REQ_XCOMP_PERM); tdsl_amx() asks once, and every caller takes the VNNI path when the
-   answer is no (an older kernel, a CPU without AMX, a build without -mamx-int8). */
+   ARCH_REQ_XCOMP_PERM); amx_permitted() asks once, on the first layer with enough rows (or
+   when native.Library.amx is read), so a process that never runs one never holds the larger
+   signal frames the state brings. Every caller takes the VNNI path when the answer is no (an
+   older kernel, a CPU without AMX, a build without -mamx-int8). */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <string.h>
@@ -36,8 +38,9 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* 1 when the AMX path runs here: built in, and the kernel granted the tile state */
-int tdsl_amx(void) {
+/* 1 when Linux grants this process the tile state (asked once; cpu_linear.c's tdsl_amx asks
+   only where its AMX path is built in, and only when a layer or the caller wants to know) */
+int amx_permitted(void) {
 #ifdef AMX_BUILT
     static int state; /* 0 not asked yet, 1 granted, -1 refused */
     int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);

@@ -415,7 +415,7 @@ static inline __attribute__((always_inline)) void finish(
 }
 
 /* cpu_amx.c */
-int tdsl_amx(void);
+int amx_permitted(void);
 void amx_begin(void);
 void amx_end(void);
 void amx_activations(const uint8_t *q, int64_t rows, int64_t padded, int64_t kp, uint8_t *qv,
@@ -427,6 +427,19 @@ void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pair
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && NC == 32
 #define AMX_ON 1
+#endif
+
+/* 1 when AMX tiles run this library's many-row layers: built in, and granted by Linux (asked
+   on the first call) */
+int tdsl_amx(void) {
+#ifdef AMX_ON
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
+#ifdef AMX_ON
 /* The many-row path on AMX tiles (cpu_amx.c): rows in groups whose activations stay in L2
    (AMX_GROUP bytes), and for each group, per block of 32 columns, the weight unpacked once into
    A tiles that every row tile of the group reuses. Returns 0, or -1 without scratch memory. */

@@ -37,7 +37,7 @@ SIGNATURES = {
     "tdsl_abi": (_I32, []),
     "tdsl_isa": (_I32, []),
     "tdsl_tile_rows": (_I32, []),
-    # cpu_amx.c: 1 when AMX tiles run the many-row layers (asks Linux for the tile state once)
+    # 1 when AMX tiles (cpu_amx.c) run the many-row layers (asks Linux for the tile state once)
     "tdsl_amx": (_I32, []),
     # kind, x, m, k, ldx, w, n, w_scale, w_sum, bias, mode, y, threads
     "tdsl_linear": (_I32, [_I32, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _P, _I32, _P, _I32]),
@@ -116,7 +116,13 @@ class Library:
         self.isa = ISAS[self.dll.tdsl_isa()]
         self.fp16 = bool(self.dll.tdsl_decode_fp16())
         self.tile_rows = self.dll.tdsl_tile_rows()
-        self.amx = bool(self.dll.tdsl_amx())
+
+    @property
+    def amx(self) -> bool:
+        """Whether AMX tiles run the many-row layers. Asks Linux for the tile state the first
+        time (as the first such layer would): not at load, so a process that never needs it,
+        decoding one token at a time, never holds it."""
+        return bool(self.dll.tdsl_amx())
 
     def linear(self, kind: int, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                w_sum: torch.Tensor | None, bias: torch.Tensor | None, mode: int) -> torch.Tensor:

@@ -174,6 +174,9 @@ def test_bench_decode_times_three_ways(tiny, tmp_path, run_cli, monkeypatch):
     assert [r["method"] for r in kernel] == ["frozen", "frozen"]
     assert all(0 < r["kernel_ms_per_token"] < r["ms_per_token"] for r in kernel)
     assert "inside the native linear kernels" in text
+    assert all(r["prefill_ms"] > 0 and r["prefill_tokens_per_s"] > 0 for r in recs)
+    assert [r["prefill_vs_fp32"] for r in recs if r["method"] == "fp32"] == [1.0, 1.0]
+    assert "prefill, one forward over the prompt" in text
     assert recs[1]["linear_weight_bytes"] < recs[0]["linear_weight_bytes"]  # fp32 head kept
     rc, _, err = run_cli("bench", "--decode", "--device", "cpu")
     assert rc == 2 and "--decode needs --model" in err

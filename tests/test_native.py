@@ -98,18 +98,42 @@ def test_float_activations_within_16bit_tolerance(lib, m, n, k):
         assert ((got - want).abs() <= bound * 1.001 + 1e-5).all(), kind
 
 
-@pytest.mark.parametrize("m,n,k", [(16, 16, 64), (40, 33, 700), (130, 70, 4200)])
+@pytest.mark.parametrize("m,n,k", [(9, 40, 300), (16, 16, 64), (40, 33, 700),
+                                   (130, 70, 4200)])
 def test_amx_tiles_equal_vnni_bit_for_bit(m, n, k):
-    """AMX sums the same u8 x s8 products in int32 as VNNI, so both float-activation paths
-    (two 8-bit halves a token) give identical floats, not merely close ones."""
+    """AMX sums the same u8 x s8 products in int32 as VNNI, so both paths give identical
+    floats, not merely close ones: int8 and float activations (two 8-bit halves a token: 9
+    tokens are 18 rows, AMX's only there), on one thread and on two."""
     amx, vnni = _build("amx"), _build("avx512-vnni")
     w, scale, bias, x = _case(m, n, k, seed=7)
     x[3] *= 1e-3
     x[-1] = 0
-    for kind, layout, w_sum, _, s in _weights(w, scale, amx.tile_rows):
-        for mode in (0, 1):
-            want = vnni.linear(kind, x, layout, s, w_sum, bias, mode)
-            assert torch.equal(amx.linear(kind, x, layout, s, w_sum, bias, mode), want)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for kind, layout, w_sum, _, s in _weights(w, scale, amx.tile_rows):
+                for mode in (0, 1):
+                    want = vnni.linear(kind, x, layout, s, w_sum, bias, mode)
+                    assert torch.equal(amx.linear(kind, x, layout, s, w_sum, bias, mode), want)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_amx_int32_sums_at_the_span_limit():
+    """K = 65536, the longest row summed in one int32 span, with the largest products
+    (activation codes of 127 times weights of +-127): 20 rows take the AMX tiles."""
+    amx = _build("amx")
+    k, g = native.MAX_K, torch.Generator().manual_seed(6)
+    x = 1 - torch.rand(20, k, generator=g) / 500
+    x[1::2] *= -1
+    q = torch.full((5, k), 127, dtype=torch.int8)
+    q[-1, ::3] = -127
+    s = torch.rand(5, generator=g) + 0.5
+    codes, xs = quantize_per_token(x)
+    got = amx.linear(native.INT8, x, native.int8_rows(q, amx.tile_rows), s,
+                     q.sum(dim=1, dtype=torch.int32), None, 0)
+    assert torch.equal(got, int8_w8a8_matmul_ref(codes, xs, q, s))
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 63), (5, 64), (2, 65), (9, 300)])

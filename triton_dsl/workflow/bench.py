@@ -285,6 +285,7 @@ def run_cli(a) -> int:
         recs = decode_bench.run(a.model, a.prompt_len, a.new_tokens, env["stream_read_gbs"],
                                 kv_cache=getattr(a, "kv_cache", "fp32"))
         decode_bench.kernel_summary(recs, env["stream_read_gbs"])
+        decode_bench.prefill_summary(recs)
     elif getattr(a, "rules", None):
         from . import external_bench
         if not getattr(a, "model", None):

@@ -8,7 +8,9 @@ sees the same machine state; each record gives the median and interquartile rang
 tokens per second, and the linear-weight bytes streamed per token against the machine's
 streaming read bandwidth, measured in the same run. With several prompt lengths every
 (length, method) pair takes its turn in the same rounds; "vs P0" is the per-token time against
-the shortest prompt's, for the same method.
+the shortest prompt's, for the same method. The prompt pass itself (prefill: the whole prompt
+in one forward, where many rows make the layers compute-bound) is timed too, PREFILL_ROUNDS
+times per (length, method), interleaved.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .timing import spread
 
 
 MAX_CONTEXTS = 8
+PREFILL_ROUNDS = 3  # prompt passes per (length, method), interleaved; the median is reported
 
 
 def lm_models(tdsl: str, seed: int = 0) -> dict:
@@ -70,12 +73,18 @@ def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | 
                          f"model's max_len {net.max_len}")
     gen = torch.Generator().manual_seed(0)
     runs = [(p, n) for p in prompt_lens for n in named]
-    caches = {r: KVCache(r[0] + new_tokens, KV_DTYPES[kv_cache]) for r in runs}
-    steps = {}
-    for p in prompt_lens:
-        x = torch.randint(0, net.vocab_size, (1, p), generator=gen)
-        for n, m in named.items():
-            steps[p, n] = m(x, caches[p, n])[:, -1:].argmax(-1)
+    prompts = {p: torch.randint(0, net.vocab_size, (1, p), generator=gen) for p in prompt_lens}
+    caches, steps = {}, {}
+    # the prompt pass (prefill) into a fresh cache, every (length, method) once a round; the
+    # last round's caches are the ones decoding goes on from
+    prefill = {r: [] for r in runs}
+    for i in range(PREFILL_ROUNDS):
+        for p, n in runs:
+            cache = KVCache(p + new_tokens, KV_DTYPES[kv_cache])
+            t = time.perf_counter()
+            out = named[n](prompts[p], cache)
+            prefill[p, n].append(time.perf_counter() - t)
+            caches[p, n], steps[p, n] = cache, out[:, -1:].argmax(-1)
     ts = {r: [] for r in runs}
     inside = {r: [] for r in runs}  # of each step, the time inside the native linear kernels
     kernel_seconds = _kernel_seconds()
@@ -97,8 +106,11 @@ def run(tdsl: str, prompt_lens=(16,), new_tokens: int = 64, stream_gbs: float | 
              "speedup_vs_fp32": round(spread(ts[p, "fp32"])[0] / med, 3),
              "ctx_ratio": round(med / spread(ts[prompt_lens[0], n])[0], 3),
              "linear_weight_bytes": nbytes, "gbs": round(nbytes / med / 1e9, 2)}
-        if stream_gbs:
-            r["of_stream"] = round(r["gbs"] / stream_gbs, 3)
+        if stream_gbs:  # from the unrounded rate: a tiny model's rounds to 0.0 GB/s
+            r["of_stream"] = round(nbytes / med / 1e9 / stream_gbs, 5)
+        pre = statistics.median(prefill[p, n])
+        r.update(prefill_ms=round(pre * 1e3, 3), prefill_tokens_per_s=round(p / pre, 1),
+                 prefill_vs_fp32=round(statistics.median(prefill[p, "fp32"]) / pre, 3))
         kernel = statistics.median(inside[p, n])
         if kernel:
             r["kernel_ms_per_token"] = round(kernel * 1e3, 4)
@@ -119,6 +131,15 @@ def kernel_summary(recs: list[dict], stream_gbs: float | None, log=print):
                 f"ms per token inside the native linear kernels ({100 * k / r['ms_per_token']:.0f}"
                 f"%), reading weights at {gbs:.1f} GB/s while there"
                 + (f" ({100 * gbs / stream_gbs:.0f}% of read)" if stream_gbs else ""))
+
+
+def prefill_summary(recs: list[dict], log=print):
+    """The prompt pass of each length: the whole prompt in one forward (prompt processing,
+    llama.cpp's "pp"), median of the interleaved rounds."""
+    log(f"prefill, one forward over the prompt (median of {PREFILL_ROUNDS} interleaved rounds):")
+    for r in recs:
+        log(f"  {r['method']:<22}{r['prompt_len']:>5} tokens {r['prefill_ms']:>10.1f} ms "
+            f"{r['prefill_tokens_per_s']:>9.1f} tokens/s {r['prefill_vs_fp32']:>7.2f}x fp32")
 
 
 def _kernel_seconds():
