@@ -192,4 +192,86 @@ void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pair
         AMX_OUT(4, 0, 0) AMX_OUT(5, 0, 1) AMX_OUT(6, 1, 0) AMX_OUT(7, 1, 1)
     }
 }
+/* ---- Grouped int8 weights (per-group scales: W8A16, W4A16; cpu_linear.c's grouped kernel) ---
+   Here the textbook roles hold: the grouped layout stores 16 columns by 4 inputs in 64 bytes,
+   which is a B tile's row, so 16 quads in a row are a B tile as they lie; the activation rows
+   (u8: a token's high half + 128, then its low half) are A tiles read in place. Each group's
+   sums are scaled on their own, so the result tiles go to memory after every group. */
+
+/* The B tiles of two column tiles (tiles: how many exist, 1 or 2; the other is zeros) as s8
+   bytes: panel[ct][b] is 1 KiB, the 16 quads of block b. nib: the codes are nibbles (32 bytes a
+   quad, byte j: codes j and j + 32, each + 8), else bytes as they lie. */
+void amx_group_panel(const uint8_t *w, int nib, int64_t vstride, int tiles, int64_t kb,
+                     uint8_t *panel) {
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const __m512i eight = _mm512_set1_epi8(8);
+    for (int ct = 0; ct < 2; ct++)
+        for (int64_t qq = 0; qq < kb * 16; qq++) {
+            __m512i v = _mm512_setzero_si512();
+            if (ct < tiles && nib) {
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(w + ct * vstride +
+                                                                       qq * 32));
+                v = _mm512_sub_epi8(_mm512_inserti64x4(_mm512_castsi256_si512(
+                        _mm256_and_si256(p, low4)), _mm256_and_si256(_mm256_srli_epi16(p, 4),
+                        low4), 1), eight);
+            } else if (ct < tiles) {
+                v = _mm512_loadu_si512((const void *)(w + ct * vstride + qq * 64));
+            }
+            _mm512_store_si512((void *)(panel + (ct * kb * 16 + qq) * 64), v);
+        }
+}
+
+/* f[t * 32 + j] = sum over groups g of float(256 (h - 128 wsum) + l) * scale, for the 16 tokens
+   of each pair of row tiles (rows 2t, 2t + 1: a token's halves) and 32 columns: the same
+   operations in the same order as cpu_linear.c's gtile_body, so the results are identical.
+   q: the activation rows from this pair's first, kp bytes apart; wb: the B tiles, column tile
+   ct's block b at wb + ct * bstride + b KiB; scale and wsum [groups, np] from this block's
+   first column; gb: blocks of 64 inputs a group. cbuf: 4 KiB, 64-byte aligned. */
+void amx_grouped(const uint8_t *q, int64_t kp, int64_t pairs, const uint8_t *wb,
+                 int64_t bstride, int64_t kb, int64_t gb, const float *scale,
+                 const int32_t *wsum, int64_t np, int32_t *cbuf, float *f) {
+    for (int64_t p = 0; p < pairs; p++) {
+        const uint8_t *a0 = q + 32 * p * kp, *a1 = a0 + 16 * kp;
+        float *fp = f + p * 16 * 32;
+        for (int i = 0; i < 16 * 32; i++) fp[i] = 0.0f;
+        for (int64_t g = 0, b0 = 0; b0 < kb; g++, b0 += gb) {
+            _tile_zero(4);
+            _tile_zero(5);
+            _tile_zero(6);
+            _tile_zero(7);
+            for (int64_t b = b0; b < b0 + gb; b++) {
+                _tile_loadd(0, a0 + b * 64, kp);
+                _tile_loadd(2, wb + b * 1024, 64);
+                _tile_dpbusd(4, 0, 2);
+                _tile_loadd(1, a1 + b * 64, kp);
+                _tile_dpbusd(5, 1, 2);
+                _tile_loadd(3, wb + bstride + b * 1024, 64);
+                _tile_dpbusd(6, 0, 3);
+                _tile_dpbusd(7, 1, 3);
+            }
+            /* tile 4 + h + 2 ct: rows 16 h.., columns 16 ct.. */
+            _tile_stored(4, cbuf, 64);
+            _tile_stored(5, cbuf + 256, 64);
+            _tile_stored(6, cbuf + 512, 64);
+            _tile_stored(7, cbuf + 768, 64);
+            for (int ct = 0; ct < 2; ct++) {
+                const __m512i ws = _mm512_slli_epi32(
+                    _mm512_loadu_si512((const void *)(wsum + g * np + 16 * ct)), 7);
+                const __m512 sv = _mm512_loadu_ps(scale + g * np + 16 * ct);
+                for (int h = 0; h < 2; h++) {
+                    const int32_t *c = cbuf + (2 * ct + h) * 256;
+                    for (int t = 0; t < 8; t++) {
+                        const __m512i hv = _mm512_load_si512((const void *)(c + 32 * t));
+                        const __m512i lv = _mm512_load_si512((const void *)(c + 32 * t + 16));
+                        const __m512i iv = _mm512_add_epi32(
+                            _mm512_slli_epi32(_mm512_sub_epi32(hv, ws), 8), lv);
+                        float *dst = fp + (8 * h + t) * 32 + 16 * ct;
+                        _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(dst), _mm512_mul_ps(
+                            _mm512_cvtepi32_ps(iv), sv)));
+                    }
+                }
+            }
+        }
+    }
+}
 #endif

@@ -424,6 +424,11 @@ void amx_panel(int ternary, const uint8_t *w, int nb, int64_t tile_bytes, int64_
                int64_t kb, uint8_t *panel);
 void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pairs, int64_t kb,
               int32_t *cbuf, int32_t *acc, int64_t ldc);
+void amx_group_panel(const uint8_t *w, int nib, int64_t vstride, int tiles, int64_t kb,
+                     uint8_t *panel);
+void amx_grouped(const uint8_t *q, int64_t kp, int64_t pairs, const uint8_t *wb,
+                 int64_t bstride, int64_t kb, int64_t gb, const float *scale,
+                 const int32_t *wsum, int64_t np, int32_t *cbuf, float *f);
 
 #if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && NC == 32
 #define AMX_ON 1
@@ -725,6 +730,63 @@ typedef void (*gtile_fn)(const uint8_t *, int64_t, const uint8_t *, int64_t, int
                         {gtile_##N##_2_1, gtile_##N##_2_2, gtile_##N##_2_3, gtile_##N##_2_4}}
 static const gtile_fn GTILES[2][2][4] = {GTILE_TABLE(0), GTILE_TABLE(1)};
 
+#ifdef AMX_ON
+/* The grouped kernel on AMX tiles (cpu_amx.c's amx_grouped), for groups of whole 64-input
+   blocks: rows in groups whose activations stay in L2 (AMX_GROUP bytes), and for each, per
+   block of 32 columns, the results of every pair of row tiles. q holds `padded` rows (zero past
+   2 m). Returns 0, or -1 without scratch memory. */
+static int grouped_amx(const uint8_t *q, int64_t m, int64_t padded, int64_t kp,
+                       const uint8_t *w, int nib, int64_t n, int64_t np, int64_t vstride,
+                       int64_t group, const float *scale, const int32_t *wsum, const float *xs,
+                       const float *bias, float *y, int threads) {
+    const int64_t kb = kp / 64, tiles = np / 16, blocks = (tiles + 1) / 2;
+    int64_t rows_g = AMX_GROUP / kp / 32 * 32;
+    rows_g = rows_g < 32 ? 32 : rows_g > padded ? padded : rows_g;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (2 * m * np * kp >= LINEAR_THREADED)
+    {
+        int32_t *cbuf = aligned_alloc(64, 4096);
+        uint8_t *panel = aligned_alloc(64, (size_t)(kb * 2048));
+        float *f = malloc(sizeof(float) * (size_t)(rows_g / 2 * 32));
+        const int ok = cbuf && panel && f;
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (ok) amx_begin();
+        for (int64_t g0 = 0; g0 < padded; g0 += rows_g) {
+            const int64_t g1 = g0 + rows_g < padded ? g0 + rows_g : padded;
+            /* every thread meets the loop, also one without scratch (the call fails then) */
+#pragma omp for schedule(static)
+            for (int64_t blk = 0; blk < blocks; blk++) {
+                if (!ok) continue;
+                const int64_t v = 2 * blk;
+                const int both = v + 1 < tiles;
+                const uint8_t *wb = w + v * vstride;
+                int64_t bstride = vstride;
+                if (nib || !both) { /* bytes of two whole tiles are B tiles as they lie */
+                    amx_group_panel(wb, nib, vstride, both ? 2 : 1, kb, panel);
+                    wb = panel;
+                    bstride = kb * 1024;
+                }
+                amx_grouped(q + g0 * kp, kp, (g1 - g0) / 32, wb, bstride, kb, group / 64,
+                            scale + v * 16, wsum + v * 16, np, cbuf, f);
+                for (int64_t t = g0 / 2; t < g1 / 2 && t < m; t++)
+                    for (int64_t j = 0; j < 32 && v * 16 + j < n; j++) {
+                        const float o = f[(t - g0 / 2) * 32 + j] * xs[t];
+                        y[t * n + v * 16 + j] = bias ? o + bias[v * 16 + j] : o;
+                    }
+            }
+        }
+        if (ok) amx_end();
+        free(cbuf);
+        free(panel);
+        free(f);
+    }
+    return failed ? -1 : 0;
+}
+#endif
+
 /* y [M, N] = x [M, K] times grouped int8 weights (layout above, bytes or nibbles (nib), N
    padded to np = 16 * tiles), scale and wsum [K / group, np] (per-group scales and code sums),
    + bias (may be NULL). Returns 0, or -1 when scratch memory cannot be allocated. */
@@ -733,7 +795,14 @@ int tdsl_grouped_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const
                         const int32_t *wsum, const float *bias, float *y, int threads) {
     const int64_t kp = (k + 63) / 64 * 64, kq = k / 4, np = (n + 15) / 16 * 16;
     const int64_t vstride = kq * (nib ? 32 : 64), tiles = (np / 16 + GNV - 1) / GNV;
-    uint8_t *q = aligned_alloc(64, (size_t)(2 * m * kp));
+#ifdef AMX_ON
+    /* AMX for groups of whole 64-input blocks: its A tiles read 32 rows at a time */
+    const int amx = 2 * m >= AMX_ROWS && group % 64 == 0 && kp == k && tdsl_amx();
+#else
+    const int amx = 0;
+#endif
+    const int64_t padded = amx ? (2 * m + 31) / 32 * 32 : 2 * m;
+    uint8_t *q = aligned_alloc(64, (size_t)(padded * kp));
     int32_t *rsum = malloc(sizeof(int32_t) * (size_t)(2 * m));
     float *xs = malloc(sizeof(float) * (size_t)m);
     int failed = !q || !rsum || !xs;
@@ -741,6 +810,17 @@ int tdsl_grouped_linear(const float *x, int64_t m, int64_t k, int64_t ldx, const
 #pragma omp parallel for num_threads(threads) schedule(static) if (m >= 16)
         for (int64_t i = 0; i < m; i++)
             xs[i] = quantize_row(x + i * ldx, k, kp, INT8, 1, q + 2 * i * kp, rsum + 2 * i);
+#ifdef AMX_ON
+        if (amx) {
+            memset(q + 2 * m * kp, 0, (size_t)((padded - 2 * m) * kp));
+            failed = grouped_amx(q, m, padded, kp, w, nib, n, np, vstride, group, scale, wsum,
+                                 xs, bias, y, threads) != 0;
+            free(q);
+            free(rsum);
+            free(xs);
+            return failed ? -1 : 0;
+        }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t ct = 0; ct < tiles; ct++) {
             const int64_t v0 = ct * GNV;

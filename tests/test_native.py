@@ -120,6 +120,29 @@ def test_amx_tiles_equal_vnni_bit_for_bit(m, n, k):
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("m,n,k,group", [(8, 16, 128, 64), (9, 40, 256, 128), (17, 33, 512, 256),
+                                         (40, 70, 384, 128), (20, 24, 256, 32)])
+@pytest.mark.parametrize("nibbles", [False, True])
+def test_amx_grouped_equal_vnni_bit_for_bit(m, n, k, group, nibbles):
+    """The grouped kernel on AMX (groups of whole 64-input blocks, 8 or more tokens) does the
+    same operations in the same order as on VNNI: identical floats, NaN rows included; an odd
+    number of 16-column tiles (n = 40: the last block holds one) and group 32 (not AMX's)
+    too."""
+    amx, vnni = _build("amx"), _build("avx512-vnni")
+    g = torch.Generator().manual_seed(m + n + k)
+    q, s = quantize_int8(torch.randn(n, k, generator=g), group_size=group)
+    if nibbles:
+        q = q.clamp(-8, 7)
+    layout = native.grouped_layout(q, s)
+    assert (layout[0].dtype == torch.uint8) == nibbles
+    x, bias = torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    x[0], x[2, 5] = 0, float("nan")
+    got = amx.grouped_linear(x, layout[0], n, group, *layout[1:], bias)
+    want = vnni.grouped_linear(x, layout[0], n, group, *layout[1:], bias)
+    assert torch.isnan(got[2]).all()
+    assert torch.equal(got.nan_to_num(0), want.nan_to_num(0))
+
+
 def test_amx_int32_sums_at_the_span_limit():
     """K = 65536, the longest row summed in one int32 span, with the largest products
     (activation codes of 127 times weights of +-127): 20 rows take the AMX tiles."""
