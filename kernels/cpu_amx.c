@@ -1,5 +1,5 @@
 /* AMX int8 tiles for linear layers with many rows, compiled into the same library as
-   cpu_linear.c, whose linear() calls them (see its amx branch).
+   cpu_linear.c, whose linear() and grouped kernel call them (linear_amx, grouped_amx there).
 
    Why: from a few dozen rows on, a layer is bound by multiply-adds, not by reading its weight.
    AVX-512 VNNI does 64 u8 x s8 products an instruction; one AMX tdpbusd does 16 x 16 x 64.
@@ -30,7 +30,8 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__)
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && \
+    defined(__linux__) /* the permission is Linux's arch_prctl */
 #include <immintrin.h>
 #define AMX_BUILT 1
 #endif

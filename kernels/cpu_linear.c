@@ -26,7 +26,9 @@
             32639, split into 8-bit halves xi = 256 hi + lo; both halves run through the same
             tiles and recombine exactly in int64. Error: half a step per element, t / 2.
    A token holding NaN or +-Inf gets a NaN scale (its codes are zeros), so its whole output row is
-   NaN, as the reference twins define; other rows are untouched. */
+   NaN, as the reference twins define; other rows are untouched.
+   Where the CPU has AMX, calls with many 8-bit rows run on its tiles instead (cpu_amx.c): the
+   same int32 sums and the same epilogue, so the same floats. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -430,7 +432,8 @@ void amx_grouped(const uint8_t *q, int64_t kp, int64_t pairs, const uint8_t *wb,
                  int64_t bstride, int64_t kb, int64_t gb, const float *scale,
                  const int32_t *wsum, int64_t np, int32_t *cbuf, float *f);
 
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && NC == 32
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && \
+    defined(__linux__) && NC == 32 /* as cpu_amx.c's AMX_BUILT, and its tiles are 32 columns */
 #define AMX_ON 1
 #endif
 
@@ -453,8 +456,8 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
                       const int32_t *w_sum, const int32_t *rsum, const float *xs,
                       const float *bias, float *y, int threads) {
     const int64_t kp = kb * 64, rows = m * per, padded = (rows + 31) / 32 * 32;
-    int64_t group = AMX_GROUP / kp / 32 * 32;
-    group = group < 32 ? 32 : group > padded ? padded : group;
+    int64_t rows_g = AMX_GROUP / kp / 32 * 32; /* rows a group */
+    rows_g = rows_g < 32 ? 32 : rows_g > padded ? padded : rows_g;
     uint8_t *qv = aligned_alloc(64, (size_t)(padded * kp));
     if (!qv) return -1;
     amx_activations(q, rows, padded, kp, qv, threads);
@@ -462,7 +465,7 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (rows * n * kp >= LINEAR_THREADED)
     {
-        int32_t *acc = malloc(sizeof(int32_t) * (size_t)(group * NC));
+        int32_t *acc = malloc(sizeof(int32_t) * (size_t)(rows_g * NC));
         int32_t *cbuf = aligned_alloc(64, 1024);
         uint8_t *panel = aligned_alloc(64, (size_t)(NC * kp));
         const int ok = acc && cbuf && panel;
@@ -471,8 +474,8 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
             failed = 1;
         }
         if (ok) amx_begin();
-        for (int64_t g0 = 0; g0 < padded; g0 += group) {
-            const int64_t g1 = g0 + group < padded ? g0 + group : padded;
+        for (int64_t g0 = 0; g0 < padded; g0 += rows_g) {
+            const int64_t g1 = g0 + rows_g < padded ? g0 + rows_g : padded;
             /* every thread meets the loop, also one without scratch (the call fails then) */
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < blocks; blk++) {
