@@ -143,22 +143,6 @@ def test_amx_grouped_equal_vnni_bit_for_bit(m, n, k, group, nibbles):
     assert torch.equal(got.nan_to_num(0), want.nan_to_num(0))
 
 
-def test_amx_int32_sums_at_the_span_limit():
-    """K = 65536, the longest row summed in one int32 span, with the largest products
-    (activation codes of 127 times weights of +-127): 20 rows take the AMX tiles."""
-    amx = _build("amx")
-    k, g = native.MAX_K, torch.Generator().manual_seed(6)
-    x = 1 - torch.rand(20, k, generator=g) / 500
-    x[1::2] *= -1
-    q = torch.full((5, k), 127, dtype=torch.int8)
-    q[-1, ::3] = -127
-    s = torch.rand(5, generator=g) + 0.5
-    codes, xs = quantize_per_token(x)
-    got = amx.linear(native.INT8, x, native.int8_rows(q, amx.tile_rows), s,
-                     q.sum(dim=1, dtype=torch.int32), None, 0)
-    assert torch.equal(got, int8_w8a8_matmul_ref(codes, xs, q, s))
-
-
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 63), (5, 64), (2, 65), (9, 300)])
 def test_layouts_round_trip(n, k):
     w = torch.randint(-1, 2, (n, k), dtype=torch.int8)
@@ -235,11 +219,13 @@ def test_falls_back_when_disabled_or_uncompilable(tmp_path):
     assert _run({"TRITON_DSL_CPU_FLAGS": "-mno-avx2 -mno-avx512f"}) == "native (scalar) True"
 
 
-@pytest.mark.parametrize("m", [1, 50])  # few rows (AVX-512: vector partial sums), many rows
-def test_k_past_the_int32_span_is_exact(lib, m):
+# few rows (AVX-512: vector partial sums), many rows; and K = MAX_K, the longest single span,
+# with 20 rows (AMX's, where there is AMX)
+@pytest.mark.parametrize("m,k", [(1, 70_000), (50, 70_000), (20, native.MAX_K)])
+def test_k_past_the_int32_span_is_exact(lib, m, k):
     """K = 70000: u8 x s8 sums of 255 * 127 * K would overflow int32 (past K = 66311); the
-    kernel sums spans of native.MAX_K inputs and adds them in int64."""
-    k = 70_000
+    kernel sums spans of native.MAX_K inputs and adds them in int64. K = MAX_K: one span at
+    its limit, with the largest products."""
     g = torch.Generator().manual_seed(5)
     x = 1 - torch.rand(m, k, generator=g) / 500  # codes of 127: the largest sums
     q = torch.full((5, k), 127, dtype=torch.int8)
