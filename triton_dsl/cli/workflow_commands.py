@@ -43,7 +43,8 @@ def bench_arguments(ap):
     ap.add_argument("--compile", action="store_true",
                     help="with --model: also torch.compile the fp32 and frozen models")
     ap.add_argument("--decode", action="store_true", help="with --model of a language model: "
-                    "tokens per second of incremental decoding (KV cache)")
+                    "tokens per second of incremental decoding (KV cache), and of the prompt "
+                    "pass (prefill)")
     ap.add_argument("--prompt-len", type=_positive_int, nargs="+", default=[16], metavar="P",
                     help="with --decode: context lengths to decode after, timed in the same "
                     "interleaved rounds")
