@@ -448,6 +448,13 @@ int tdsl_amx(void) {
 }
 
 #ifdef AMX_ON
+/* Activation rows a group of the AMX paths holds: AMX_GROUP bytes of them (so they stay in L2
+   while every block of columns reads them), whole pairs of row tiles, at most all `padded`. */
+static int64_t amx_group_rows(int64_t kp, int64_t padded) {
+    const int64_t rows = AMX_GROUP / kp / 32 * 32;
+    return rows < 32 ? 32 : rows > padded ? padded : rows;
+}
+
 /* The many-row path on AMX tiles (cpu_amx.c): rows in groups whose activations stay in L2
    (AMX_GROUP bytes), and for each group, per block of 32 columns, the weight unpacked once into
    A tiles that every row tile of the group reuses. Returns 0, or -1 without scratch memory. */
@@ -456,8 +463,7 @@ static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb
                       const int32_t *w_sum, const int32_t *rsum, const float *xs,
                       const float *bias, float *y, int threads) {
     const int64_t kp = kb * 64, rows = m * per, padded = (rows + 31) / 32 * 32;
-    int64_t rows_g = AMX_GROUP / kp / 32 * 32; /* rows a group */
-    rows_g = rows_g < 32 ? 32 : rows_g > padded ? padded : rows_g;
+    const int64_t rows_g = amx_group_rows(kp, padded);
     uint8_t *qv = aligned_alloc(64, (size_t)(padded * kp));
     if (!qv) return -1;
     amx_activations(q, rows, padded, kp, qv, threads);
@@ -743,8 +749,7 @@ static int grouped_amx(const uint8_t *q, int64_t m, int64_t padded, int64_t kp,
                        int64_t group, const float *scale, const int32_t *wsum, const float *xs,
                        const float *bias, float *y, int threads) {
     const int64_t kb = kp / 64, tiles = np / 16, blocks = (tiles + 1) / 2;
-    int64_t rows_g = AMX_GROUP / kp / 32 * 32;
-    rows_g = rows_g < 32 ? 32 : rows_g > padded ? padded : rows_g;
+    const int64_t rows_g = amx_group_rows(kp, padded);
     int failed = 0;
 #pragma omp parallel num_threads(threads) if (2 * m * np * kp >= LINEAR_THREADED)
     {

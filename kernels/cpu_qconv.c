@@ -33,10 +33,12 @@
 #endif
 #define PX 8 /* output pixels of a row per tile: 8 accumulators, one weight load feeds 8 */
 
+#ifndef QCONV_VNNI /* the portable loop's requantization (the vector one inlines its own) */
 static float requant(float v, float out_scale, int out_zp) {
     float r = nearbyintf(v / out_scale) + (float)out_zp;
     return r < 0.0f ? 0.0f : r > 255.0f ? 255.0f : r;
 }
+#endif
 
 /* One row of output pixels for one block of 16 output channels. */
 static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt, int64_t taps,

@@ -203,8 +203,7 @@ def uncalibrated(model: nn.Module) -> list[str]:
 def uncalibrated_passthrough(model: nn.Module):
     """Within the block, static quantizers that have seen no batch pass their input through:
     for a forward pass that only needs the output's shape before training starts."""
-    held = [m for m in model.modules() if isinstance(m, ActQuantizer) and m.mode == "static"
-            and m.batches.item() == 0]
+    held = [m for _, m in static_quantizers(model) if m.batches.item() == 0]
     for m in held:
         m.mode = "none"
     try:

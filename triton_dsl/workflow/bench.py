@@ -140,19 +140,25 @@ def _time_gpu(fn, x, repeat, warmup=10):
     return spread(ts), graph_ms
 
 
+def chosen_methods(methods, device) -> list[str]:
+    """The methods to time (all of this device's by default), each checked."""
+    avail = _methods(device)
+    unknown = [m for m in methods or () if m not in avail]
+    if unknown:
+        raise ValueError(f"unknown method(s) on {device}: {', '.join(unknown)}; "
+                         f"available: {', '.join(avail)}")
+    return list(methods or avail)
+
+
 def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=None,
         cold=False):
     torch.manual_seed(0)
     if cold and device != "cpu":
         raise ValueError("--cold is for the CPU layer bench (the GPU bench flushes its L2 "
                          "already)")
-    evict = read_rate.evictor() if cold else None
+    chosen = chosen_methods(methods, device)
     avail = _methods(device)
-    chosen = methods or list(avail)
-    unknown = [m for m in chosen if m not in avail]
-    if unknown:
-        raise ValueError(f"unknown or unavailable method(s) on {device}: {', '.join(unknown)}; "
-                         f"available: {', '.join(avail)}")
+    evict = read_rate.evictor() if cold else None
     base = "torch_fp16" if device == "cuda" else "torch_fp32"
     records = []
     for nk in nks:
@@ -262,10 +268,7 @@ def run_cli(a) -> int:
     if getattr(a, "cold", False) and (a.device != "cpu" or getattr(a, "model", None)):
         raise ValueError("--cold is for the CPU layer bench (--device cpu, without --model)")
     if a.methods and not getattr(a, "model", None):  # before the bandwidth measurement
-        unknown = [m for m in a.methods if m not in _methods(a.device)]
-        if unknown:
-            raise ValueError(f"unknown method(s) on {a.device}: {', '.join(unknown)}; "
-                             f"available: {', '.join(_methods(a.device))}")
+        chosen_methods(a.methods, a.device)
     if getattr(a, "rules", None) and getattr(a, "model", None):
         from .factory import load_factory
         load_factory(a.model)  # a misspelt factory is one line before anything is printed
