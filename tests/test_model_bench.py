@@ -57,3 +57,20 @@ def test_bench_model_with_errors_is_one_message(run_cli, tmp_path):
     bad.write_text("model M:\n    input [4]\n    layer fc: lineer(2)\n")
     code, _, err = run_cli("bench", "--device", "cpu", "--model", str(bad))
     assert code == 1 and "bad.tdsl:3:" in err and "Traceback" not in err
+
+
+def test_channels_last_baseline_hands_on_channels_last_strides():
+    """The fp32-channels-last row's input reaches the network with channels-last strides, a
+    one-channel image too (whose .contiguous(channels_last) keeps NCHW strides)."""
+    import torch
+    from torch import nn
+    from triton_dsl.workflow.model_bench import ChannelsLast
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(x.stride())
+            return x
+
+    ChannelsLast(Probe())(torch.randn(3, 1, 5, 4))
+    assert seen == [(20, 1, 4, 1)]

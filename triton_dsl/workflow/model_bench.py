@@ -113,7 +113,9 @@ class ChannelsLast(nn.Module):
         self.model = copy.deepcopy(model).to(memory_format=torch.channels_last)
 
     def forward(self, x):
-        return self.model(x.contiguous(memory_format=torch.channels_last))
+        # .to, not .contiguous: a one-channel input counts as channels-last contiguous with
+        # NCHW strides, and oneDNN then answers NCHW for the whole network (as frozen_conv.py)
+        return self.model(x.to(memory_format=torch.channels_last))
 
 
 def models(tdsl: str, compile_: bool = False, seed: int = 0) -> tuple[dict, dict]:
