@@ -86,3 +86,28 @@ def test_every_accepted_model_name_builds_a_working_model():
         assert net(torch.randn(1, 4)).shape == (1, 3)
         with pytest.raises(ValueError):
             net(torch.randn(1, 3))
+
+
+def test_generated_locals_as_names_in_a_fused_residual():
+    """Layer names that are the generated forward's own locals and imports (x, skip1, self, rt,
+    F, torch) through the fused paths: rt.conv_relu(..., into=...) and rt.conv_add_relu. They
+    stay attributes of self, so the model runs, and its frozen form computes the same."""
+    src = ("model M:\n    input [4, 8, 8]\n"
+           "    layer x: conv2d(4, kernel=3, padding=1)\n    layer skip1: batchnorm\n    relu\n"
+           "    residual:\n"
+           "        layer self: conv2d(4, kernel=3, padding=1)\n        layer rt: batchnorm\n"
+           "        relu\n"
+           "        layer x2: conv2d(4, kernel=3, padding=1)\n        layer F: batchnorm\n"
+           "    relu\n    flatten\n    layer torch: linear(2)\n\n"
+           "precision:\n    default ternary\n    layer x: int8\n    layer torch: int8\n")
+    code = generate(check_source(src, "m.tdsl").models, "m.tdsl", src)
+    assert "rt.conv_relu(self.self, self.rt, x, into=self.x2)" in code
+    assert "rt.conv_add_relu(self.x2, self.F, x, skip1)" in code
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(src)()
+    net.train()(torch.randn(8, 4, 8, 8))  # batchnorm statistics
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        want = net.eval()(x)
+        got = triton_dsl.runtime.freeze(net)(x)
+    assert torch.allclose(got, want, atol=1e-4)
