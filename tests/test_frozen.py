@@ -260,6 +260,29 @@ def test_batchnorm_folds_into_the_layer_before_it(monkeypatch):
     assert {k for k in frozen.state_dict() if "bn" in k} == {k for k in keys if "bn" in k}
 
 
+def test_a_biased_layer_with_a_folded_batchnorm_computes_what_it_trained(path):
+    """A convolution and a linear layer with their own bias, each followed by a batchnorm:
+    frozen (the batchnorm folded into the layer's runner) they give the unfrozen model's
+    outputs on every path. The Triton path had added the layer's bias twice (its matmul adds
+    it, and the fold's bias held it again): 8% off."""
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(
+        "model M:\n    input [4, 6, 6]\n    layer conv: conv2d(8, kernel=3, padding=1)\n"
+        "    layer bn: batchnorm\n    relu\n    flatten\n    layer fc: linear(16)\n"
+        "    layer bn2: batchnorm\n    relu\n    layer out: linear(3)\n\n"
+        "precision:\n    default ternary\n    layer out: int8\n", "m.tdsl")()
+    with torch.no_grad():
+        for b in (net.conv.bias, net.fc.bias):
+            b.uniform_(-1, 1)  # well away from zero, as a trained bias may be
+    x = torch.randn(8, *net.input_shape)
+    net.train()(x)  # batchnorm statistics move off their initial values
+    net.eval()
+    with torch.no_grad():
+        want = net(x[:3])
+        frozen = rt.freeze(copy.deepcopy(net)).to(path)
+        torch.testing.assert_close(frozen(x[:3].to(path)).cpu(), want, atol=2e-4, rtol=1e-4)
+
+
 ROUND_TRIP = """model RoundTrip:
     input [16, 6, 6]
     layer conv: conv2d(8, kernel=3, padding=1)

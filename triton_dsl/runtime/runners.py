@@ -39,18 +39,20 @@ class Runner:
 
 class Generic(Runner):
     """The form's own path: Triton kernels or reference twins (ops.py decides); a folded
-    batchnorm is applied to its output."""
+    batchnorm is applied to its output. The form's matmul adds the layer's own bias already,
+    so the batchnorm's map applies as it is (affine() folds that bias in for the runners
+    whose matmul leaves it out)."""
     nbytes = 0
 
     def __init__(self, mod):
         self.form = mod.form
-        self.mul, self.bias = affine(mod)
+        self.mul, self.add = (None, None) if mod.fold is None else mod.fold.affine_map()
 
     def __call__(self, mod, x, act):
         y = self.form.matmul(mod, x, act)
         if self.mul is None:
             return y
-        return (y.float() * self.mul.to(y.device) + self.bias.to(y.device)).to(y.dtype)
+        return (y.float() * self.mul.to(y.device) + self.add.to(y.device)).to(y.dtype)
 
 
 class Dense(Runner):
