@@ -105,7 +105,7 @@ enum { TERNARY = 0, INT8 = 1 }; /* weight kinds */
 
 /* The ABI version: native.py's SIGNATURES table declares this file's exported functions; bump
    both together when a signature or a layout changes, so a stale cached library is refused. */
-#define TDSL_ABI 8
+#define TDSL_ABI 9
 int tdsl_abi(void) { return TDSL_ABI; }
 int tdsl_isa(void) { return TDSL_ISA; }
 int tdsl_tile_rows(void) { return NB; } /* the weight layout's rows per tile */

@@ -29,7 +29,7 @@ MAX_K = 65536
 LIMIT_K = 1 << 24  # the C kernel's per-row code sums are int32: Library.linear refuses more
 MAX_GROUP = 256  # the grouped kernel's int32 group sums hold 32639 * 127 * group
 TERNARY, INT8 = 0, 1
-ABI = 8  # cpu_linear.c's TDSL_ABI
+ABI = 9  # cpu_linear.c's TDSL_ABI
 
 _P, _I64, _I32, _F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 # The exported C functions: name -> (return type, argument types), in the prototypes' order.
@@ -52,6 +52,8 @@ SIGNATURES = {
     # out_zp, y, threads
     "tdsl_qconv": (_I32, [_P, _P, _F32, _P, _I32, _P, _P, _P, _P, _I32, _I32, _F32, _I32, _P,
                           _I32]),
+    # cpu_conv_amx.c: x, geo, wt, w_scale, bias, relu, y, threads
+    "tdsl_int16_conv": (_I32, [_P, _P, _P, _P, _P, _I32, _P, _I32]),
     # x, m, n, ldx, w, eps, y, threads
     "tdsl_rmsnorm": (_I32, [_P, _I64, _I64, _I64, _P, _F32, _P, _I32]),
     # cpu_decode.c: x, pre, qkv, o, heads, kv_heads, head_dim, cos, sin, kc, vc, cache_type,

@@ -31,7 +31,8 @@ except ImportError:  # pragma: no cover
 
 # compiled together into one library; cpu_linear.c declares the ABI version
 SOURCES = tuple(Path(__file__).with_name(n)
-                for n in ("cpu_linear.c", "cpu_amx.c", "cpu_decode.c", "cpu_qconv.c"))
+                for n in ("cpu_linear.c", "cpu_amx.c", "cpu_decode.c", "cpu_qconv.c",
+                          "cpu_conv_amx.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 
 

@@ -50,7 +50,7 @@ def test_choices_are_remembered_on_disk(tuned, monkeypatch):
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
     assert any(k.startswith("conv|") for k in saved) and set(saved.values()) <= {
-        "im2col", "conv", "dense", "prepacked"}
+        "im2col", "conv", "int16", "dense", "prepacked"}
     # a new process (fresh memory) reads the file and measures nothing
     monkeypatch.setattr(tuning, "_MEMORY", {})
     monkeypatch.setattr(tuning, "_LOADED", set())

@@ -150,7 +150,7 @@ def _pick(mod, prep: Prepared, x: torch.Tensor, act: str, rows: int):
 
 
 # what each convolution way needs of its FrozenLinear's runners (im2col: the matmul's picks)
-_CONV_NEEDS = {"conv": "dense", "qconv": "qconv"}
+_CONV_NEEDS = {"conv": "dense", "qconv": "qconv", "int16": "int16"}
 
 
 def release_unused(mod):

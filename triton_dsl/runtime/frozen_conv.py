@@ -63,10 +63,11 @@ class FrozenConv2d(nn.Module):
             raise ValueError(f"x must be [batch, {lin.in_features * self.groups // (kh * kw)}, "
                              f"height, width], got shape {tuple(x.shape)}")
         way = self._way(x)
-        if way == "qconv":
-            y = self.forward_qconv(x, relu)
+        if way in ("qconv", "int16"):
+            y = self.forward_qconv(x, relu) if way == "qconv" else self.forward_int16(x, relu)
             if y is not None:
                 return y
+            way = "conv"  # x holds a NaN or an infinity: fp32 propagates it
         y = im2col_conv(x, self, lin) if way == "im2col" else self.forward_conv(x)
         if not relu:
             return y
@@ -98,6 +99,24 @@ class FrozenConv2d(nn.Module):
             if run is None:
                 run = prep.runners["qconv"] = runners.QConv(lin, self)
         return run
+
+    def _int16(self):
+        """The AMX convolution of float activations at 16-bit (kernels/cpu_int16_conv.py),
+        built once into the layer's slot; None where it does not apply."""
+        prep = self.linear.prepared  # made by _way
+        if prep is None:
+            return None
+        run = prep.runners.get("int16")
+        if run is None and runners.Int16Conv.applies(self.linear, self):
+            with runners.BUILD_LOCK:
+                run = prep.runners.get("int16")
+                if run is None:
+                    run = prep.runners["int16"] = runners.Int16Conv(self.linear, self)
+        return run
+
+    def forward_int16(self, x, relu: bool = False):
+        run = self._int16()
+        return None if run is None else run(x, relu)
 
     def forward_qconv(self, x, relu: bool = False):
         run = self._qconv()
@@ -182,6 +201,8 @@ class FrozenConv2d(nn.Module):
                         "conv": lambda: self.forward_conv(x)}
                 if qconv:
                     ways["qconv"] = lambda: self.forward_qconv(x)
+                elif runners.Int16Conv.applies(lin, self):
+                    ways["int16"] = lambda: self.forward_int16(x)
                 way = tuning.choose(name, ways)
             prep.picks[key] = way
             dispatch.release_unused(lin)

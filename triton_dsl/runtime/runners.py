@@ -9,7 +9,7 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from ..kernels import cpu_conv, native
+from ..kernels import cpu_conv, cpu_int16_conv, native
 from ..kernels.common import as_rows
 from ..kernels.per_token import fake_quantize_per_token
 from . import tuning
@@ -202,6 +202,43 @@ class QConv(Runner):
     def input_codes(self) -> tuple[float, int]:
         """(scale, zero point) of the uint8 codes this convolution reads."""
         return self.packed.x_scale, self.packed.x_zp
+
+
+class Int16Conv(Runner):
+    """A convolution with float activations on AMX tiles, each image at 16-bit fixed point
+    (kernels/cpu_int16_conv.py), a folded batchnorm in its scales and bias."""
+
+    def __init__(self, lin, conv):
+        o, (kh, kw) = conv.out_channels, conv.kernel_size
+        codes, scale, _ = stored(lin, lambda: lin.form.cpu_parts(lin))[0]
+        scale = scale.float().reshape(-1).expand(o)
+        mul, bias = affine(lin)
+        if mul is not None:
+            scale = scale * mul
+        self.conv = cpu_int16_conv.Int16Conv(
+            codes.reshape(o, -1, kh, kw).contiguous(), scale, bias, conv.stride, conv.padding,
+            conv.dilation)
+        self.nbytes = self.conv.nbytes
+
+    def __call__(self, x, relu: bool = False):
+        """x's dtype out; None where x holds a NaN or an infinity."""
+        y = self.conv(x, relu)
+        return y if y is None else y.to(x.dtype)
+
+    @staticmethod
+    def applies(lin, conv) -> bool:
+        """Float activations, one int8 weight with a scale per channel (not grouped scales nor
+        TTQ's two parts), groups=1 and numeric padding, on a library with AMX tiles."""
+        if lin.act_quant is not None or lin.activations != "none" or not conv.im2col \
+                or hasattr(lin, "scale_abs"):
+            return False
+        spec = lin.form.cpu_spec(lin)
+        if spec is None or spec.group is not None:
+            return False
+        shape = (conv.out_channels, lin.in_features // (conv.kernel_size[0] *
+                                                        conv.kernel_size[1]), *conv.kernel_size)
+        return cpu_int16_conv.Int16Conv.applies(shape, conv.stride, conv.padding,
+                                                conv.dilation, native.library())
 
 
 def stored(mod, fn):
