@@ -20,6 +20,7 @@ import torch
 
 from . import native
 from .common import conv_out_size
+from .cpu_int16_conv import pack_amx
 
 MAX_K = 65536  # cpu_qconv.c's int32 sums: 255 * 127 * K < 2^31
 MAX_PAD = 64  # the native convolution's padded copy: more padding goes to oneDNN
@@ -176,6 +177,9 @@ class NativeQConv:
         o = codes.shape[0]
         op = -(-o // 16) * 16
         self.wt, self.wsum = pack_native(codes)
+        amx = (lib or native.library()) is not None and (lib or native.library()).amx
+        # AMX tiles' copy of the weight (cpu_conv_amx.c) where this library runs them
+        self.wt_amx = pack_amx(codes, dilation[1]) if amx else None
         self.mult = torch.zeros(op)
         self.mult[:o] = (x_scale * w_scale.double()).float()
         self.bias = torch.zeros(op)
@@ -185,8 +189,8 @@ class NativeQConv:
         self.range = (1, 255) if symmetric else (0, 255)  # as PackedQConv.quantize clamps
         self.geo = [*stride, *padding, *dilation]
         self.sizes: dict = {}  # (input shape, strides) -> (output shape, C geometry array)
-        self.nbytes = sum(t.numel() * t.element_size()
-                          for t in (self.wt, self.wsum, self.mult, self.bias))
+        self.nbytes = sum(t.numel() * t.element_size() for t in (
+            self.wt, self.wsum, self.mult, self.bias, self.wt_amx) if t is not None)
 
     def _size(self, shape, strides=(0, 0, 0, 0)):
         """(output [B, O, H', W'], cpu_qconv.c's geometry) for an input shape (and a float
@@ -231,7 +235,9 @@ class NativeQConv:
             raise RuntimeError("the native int8 convolution needs the native library")
         rc = lib.dll.tdsl_qconv(
             x.data_ptr() if codes else None, None if codes else x.data_ptr(), self.x_scale,
-            geo, self.x_zp, self.wt.data_ptr(), self.wsum.data_ptr(), self.mult.data_ptr(),
+            geo, self.x_zp, self.wt.data_ptr(),
+            None if self.wt_amx is None else self.wt_amx.data_ptr(), self.wsum.data_ptr(),
+            self.mult.data_ptr(),
             self.bias.data_ptr(), int(relu), int(out is not None),
             0.0 if out is None else out[0], 0 if out is None else out[1], y.data_ptr(),
             torch.get_num_threads())

@@ -39,6 +39,7 @@
 
 #define XI_MAX 32767.0f
 
+#ifdef CONV_AMX
 /* The byte offsets of the chunks of one output pixel's receptive field, from its top-left tap,
    in the order cpu_conv.pack_amx packs them; returns their count (off may be NULL). */
 static int64_t conv_chunks(int64_t kh, int64_t kw, int64_t c4, int64_t wp, int64_t dh,
@@ -55,7 +56,6 @@ static int64_t conv_chunks(int64_t kh, int64_t kw, int64_t c4, int64_t wp, int64
     return n;
 }
 
-#ifdef CONV_AMX
 int amx_permitted(void);
 void amx_begin(void);
 void amx_end(void);
@@ -238,7 +238,92 @@ static void conv_row(const conv_geo *g, const int8_t *hi, const uint8_t *lo, con
         }
     }
 }
+
+void qconv_finish(const int32_t *sums, int np, int lanes, int64_t oc, int xzp,
+                  const int32_t *wsum, const float *mult, const float *bias, int relu,
+                  int out_u8, float out_scale, int out_zp, void *y, int64_t at);
+
+/* One output row of uint8 codes for one or two blocks (w1 NULL: one), as conv_row: sums of
+   block 0 in tile 0 (weight in 4), of block 1 in 5 (weight in 7), the codes in 2; cpu_qconv.c's
+   epilogue finishes them. */
+static void codes_row(const conv_geo *g, const uint8_t *xq, const int8_t *w0, const int8_t *w1,
+                      int64_t oc16, int lanes1, const int32_t *wsum, const float *mult,
+                      const float *bias, int xzp, int out_u8, float out_scale, int out_zp,
+                      void *y) {
+    int32_t acc[256] __attribute__((aligned(64)));
+    for (int64_t ox0 = 0; ox0 < g->wo; ox0 += 16) {
+        const int np = g->wo - ox0 < 16 ? (int)(g->wo - ox0) : 16;
+        _tile_zero(0);
+        if (w1)
+            _tile_zero(5);
+        for (int64_t j = 0; j < g->chunks; j++) {
+            _tile_loadd(2, xq + ox0 * g->pstep + g->off[j], g->pstep);
+            _tile_loadd(4, w0 + j * 1024, 64);
+            _tile_dpbusd(0, 2, 4);
+            if (w1) {
+                _tile_loadd(7, w1 + j * 1024, 64);
+                _tile_dpbusd(5, 2, 7);
+            }
+        }
+        for (int k = 0; k <= (w1 != NULL); k++) {
+            if (k)
+                _tile_stored(5, acc, 64);
+            else
+                _tile_stored(0, acc, 64);
+            const int64_t o = oc16 + 16 * k;
+            qconv_finish(acc, np, w1 && !k ? 16 : lanes1, g->oc, xzp, wsum + o, mult + o,
+                         bias + o, g->relu, out_u8, out_scale, out_zp, y, ox0 * g->oc + o);
+        }
+    }
+}
 #endif
+
+/* tdsl_qconv's convolution on AMX tiles: xp holds the zero-point-padded codes [b, hp, wp, c4]
+   and past them the tail cpu_int16_conv's planes have (16 sw c4 + 128 bytes); wt is
+   pack_amx's; the rest as tdsl_qconv's. Returns -2 where AMX tiles cannot run, -1 without
+   memory, else 0. */
+int qconv_amx(const uint8_t *xp, const int64_t *geo, const int8_t *wt, int xzp,
+              const int32_t *wsum, const float *mult, const float *bias, int relu, int out_u8,
+              float out_scale, int out_zp, void *y, int threads) {
+#ifdef CONV_AMX
+    if (!amx_permitted())
+        return -2;
+    const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
+                  kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
+                  dh = geo[11], dw = geo[12];
+    const int64_t c4 = (c + 3) / 4 * 4, hp = h + 2 * ph, wp = w + 2 * pw;
+    const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = (wp - dw * (kw - 1) - 1) / sw + 1;
+    const int64_t blocks = (oc + 15) / 16, pairs = (blocks + 1) / 2;
+    const int64_t chunks = conv_chunks(kh, kw, c4, wp, dh, dw, NULL);
+    int64_t *off = (int64_t *)malloc((size_t)chunks * sizeof(int64_t));
+    if (!off)
+        return -1;
+    conv_chunks(kh, kw, c4, wp, dh, dw, off);
+    const conv_geo g = {off, chunks, sw * c4, wo, oc, relu, 0};
+    const size_t esize = out_u8 ? 1 : 4;
+#pragma omp parallel num_threads(threads) if (b * ho * wo * chunks * blocks >= 4096)
+    {
+        amx_begin();
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < b * ho * pairs; item++) {
+            const int64_t ob = item % pairs * 2, row = item / pairs, n = row / ho, oy = row % ho;
+            const int two = ob + 1 < blocks;
+            const int64_t last = oc - 16 * (ob + two);
+            codes_row(&g, xp + (n * hp + oy * sh) * wp * c4, wt + ob * chunks * 1024,
+                      two ? wt + (ob + 1) * chunks * 1024 : NULL, 16 * ob,
+                      last < 16 ? (int)last : 16, wsum, mult, bias, xzp, out_u8, out_scale,
+                      out_zp, (uint8_t *)y + (size_t)(row * wo * oc) * esize);
+        }
+        amx_end();
+    }
+    free(off);
+    return 0;
+#else
+    (void)xp, (void)geo, (void)wt, (void)xzp, (void)wsum, (void)mult, (void)bias, (void)relu;
+    (void)out_u8, (void)out_scale, (void)out_zp, (void)y, (void)threads;
+    return -2;
+#endif
+}
 
 /* geo: b, h, w, c, oc, kh, kw, sh, sw, ph, pw, dh, dw, then x's strides n, c, h, w in floats,
    then max |w| of the codes. wt: cpu_conv.pack_amx's tiles; w_scale and bias hold

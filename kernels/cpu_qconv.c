@@ -40,6 +40,37 @@ static float requant(float v, float out_scale, int out_zp) {
 }
 #endif
 
+#ifdef QCONV_VNNI
+/* The output of np pixels (sums 16 apart) for one block of 16 channels (lanes of them) from
+   the int32 sums: float(acc - zp wsum) * mult + bias, max(0, .) with relu, codes at out_scale
+   with out_u8; pixel p's channels at y + at + p * oc (elements). Also cpu_conv_amx.c's. */
+void qconv_finish(const int32_t *sums, int np, int lanes, int64_t oc, int xzp,
+                  const int32_t *wsum, const float *mult, const float *bias, int relu,
+                  int out_u8, float out_scale, int out_zp, void *y, int64_t at) {
+    const __mmask16 mask = (__mmask16)((1u << lanes) - 1);
+    const __m512i zs = _mm512_mullo_epi32(_mm512_set1_epi32(xzp),
+                                          _mm512_loadu_si512((const void *)wsum));
+    const __m512 mv = _mm512_loadu_ps(mult), bv = _mm512_loadu_ps(bias);
+    for (int p = 0; p < np; p++, at += oc) {
+        const __m512i acc = _mm512_loadu_si512((const void *)(sums + 16 * p));
+        __m512 v = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, zs)), mv), bv);
+        if (relu)
+            v = _mm512_max_ps(v, _mm512_setzero_ps());
+        if (out_u8) {
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(out_scale)),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            r = _mm512_add_ps(r, _mm512_set1_ps((float)out_zp));
+            r = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()), _mm512_set1_ps(255.0f));
+            _mm_mask_storeu_epi8((uint8_t *)y + at, mask,
+                                 _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r)));
+        } else {
+            _mm512_mask_storeu_ps((float *)y + at, mask, v);
+        }
+    }
+}
+#endif
+
 /* One row of output pixels for one block of 16 output channels. */
 static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt, int64_t taps,
                      int64_t kw, int64_t sw, int64_t dh, int64_t dw, int64_t wo, int64_t oc16,
@@ -68,28 +99,11 @@ static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt
                 }
             }
         }
-        const __mmask16 mask = (__mmask16)((1u << lanes) - 1);
-        const __m512i zs = _mm512_mullo_epi32(_mm512_set1_epi32(xzp),
-                                              _mm512_loadu_si512((const void *)(wsum + oc16)));
-        const __m512 mv = _mm512_loadu_ps(mult + oc16), bv = _mm512_loadu_ps(bias + oc16);
-        for (int p = 0; p < np; p++) {
-            __m512 v = _mm512_add_ps(
-                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[p], zs)), mv), bv);
-            if (relu)
-                v = _mm512_max_ps(v, _mm512_setzero_ps());
-            const int64_t at = (ox0 + p) * oc + oc16;
-            if (out_u8) {
-                __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, _mm512_set1_ps(out_scale)),
-                                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                r = _mm512_add_ps(r, _mm512_set1_ps((float)out_zp));
-                r = _mm512_min_ps(_mm512_max_ps(r, _mm512_setzero_ps()),
-                                  _mm512_set1_ps(255.0f));
-                _mm_mask_storeu_epi8((uint8_t *)y + at, mask,
-                                     _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(r)));
-            } else {
-                _mm512_mask_storeu_ps((float *)y + at, mask, v);
-            }
-        }
+        int32_t sums[PX * 16] __attribute__((aligned(64)));
+        for (int p = 0; p < np; p++)
+            _mm512_store_si512((void *)(sums + 16 * p), acc[p]);
+        qconv_finish(sums, np, lanes, oc, xzp, wsum + oc16, mult + oc16, bias + oc16, relu,
+                     out_u8, out_scale, out_zp, y, ox0 * oc + oc16);
 #else
         for (int p = 0; p < np; p++) {
             for (int o = 0; o < lanes; o++) {
@@ -115,6 +129,11 @@ static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt
 #endif
     }
 }
+
+int amx_permitted(void); /* cpu_amx.c */
+int qconv_amx(const uint8_t *xp, const int64_t *geo, const int8_t *wt, int xzp,
+              const int32_t *wsum, const float *mult, const float *bias, int relu, int out_u8,
+              float out_scale, int out_zp, void *y, int threads); /* cpu_conv_amx.c */
 
 int quantize_u8_span(const float *x, int64_t n, float scale, int zp, int lo, int hi,
                      uint8_t *out); /* cpu_linear.c: tdsl_quantize_u8's loop, one thread */
@@ -152,12 +171,14 @@ static int quantize_into(uint8_t *pad, const float *x, const int64_t *xs, int64_
 /* geo: b, h, w, c, oc, kh, kw, sh, sw, ph, pw, dh, dw, then for float input (xf != NULL, x
    unused) its strides n, c, h, w in floats and the quantizer's lo, hi; x_scale is the
    quantizer's scale. wsum, mult and bias hold 16 * ceil(oc / 16) values. y holds uint8 codes
-   at out_scale (> 0, checked by the caller) and out_zp when out_u8, else fp32. Returns -1 when the
-   padded copy cannot be allocated, 1 when the float input holds a NaN (nothing written to y),
-   else 0. */
+   at out_scale (> 0, checked by the caller) and out_zp when out_u8, else fp32. wt_amx: the
+   weight as cpu_int16_conv.pack_amx packs it, for AMX tiles (cpu_conv_amx.c's qconv_amx) where
+   Linux grants them; NULL: VNNI. Returns -1 when the padded copy cannot be allocated, 1 when
+   the float input holds a NaN (nothing written to y), else 0. */
 int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *geo, int xzp,
-               const int8_t *wt, const int32_t *wsum, const float *mult, const float *bias,
-               int relu, int out_u8, float out_scale, int out_zp, void *y, int threads) {
+               const int8_t *wt, const int8_t *wt_amx, const int32_t *wsum, const float *mult,
+               const float *bias, int relu, int out_u8, float out_scale, int out_zp, void *y,
+               int threads) {
     const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
                   kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
                   dh = geo[11], dw = geo[12];
@@ -168,11 +189,14 @@ int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *
     const int64_t macs = b * ho * wo * blocks * 16 * taps * c4;
     const uint8_t *xp = x;
     uint8_t *pad = NULL;
-    if (xf || ph || pw || c4 != c) {
-        pad = (uint8_t *)malloc((size_t)(b * hp * wp * c4));
+    const int amx = wt_amx && amx_permitted();
+    /* AMX tiles read past the last pixel and past a tap row's run: a tail after the copy */
+    const int64_t tail = amx ? 16 * sw * c4 + 128 : 0;
+    if (xf || ph || pw || c4 != c || amx) {
+        pad = (uint8_t *)malloc((size_t)(b * hp * wp * c4 + tail));
         if (!pad)
             return -1;
-        memset(pad, xzp, (size_t)(b * hp * wp * c4));
+        memset(pad, xzp, (size_t)(b * hp * wp * c4 + tail));
         xp = pad;
     }
     if (xf) {
@@ -193,6 +217,12 @@ int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *
                 for (int64_t xx = 0; xx < w; xx++)
                     memcpy(dst + xx * c4, src + xx * c, (size_t)c);
         }
+    }
+    if (amx) {
+        const int rc = qconv_amx(xp, geo, wt_amx, xzp, wsum, mult, bias, relu, out_u8,
+                                 out_scale, out_zp, y, threads);
+        free(pad);
+        return rc < 0 ? -1 : 0; /* permitted, so only memory can fail */
     }
     /* threads share (image, output row, channel block) items; small work runs on one thread,
        since waking a sleeping one costs more than it saves */

@@ -48,10 +48,10 @@ SIGNATURES = {
                                    _I32]),
     # x, n, scale, zp, lo, hi, out, threads
     "tdsl_quantize_u8": (_I32, [_P, _I64, _F32, _I32, _I32, _I32, _P, _I32]),
-    # cpu_qconv.c: x, xf, x_scale, geo, xzp, wt, wsum, mult, bias, relu, out_u8, out_scale,
-    # out_zp, y, threads
-    "tdsl_qconv": (_I32, [_P, _P, _F32, _P, _I32, _P, _P, _P, _P, _I32, _I32, _F32, _I32, _P,
-                          _I32]),
+    # cpu_qconv.c: x, xf, x_scale, geo, xzp, wt, wt_amx, wsum, mult, bias, relu, out_u8,
+    # out_scale, out_zp, y, threads
+    "tdsl_qconv": (_I32, [_P, _P, _F32, _P, _I32, _P, _P, _P, _P, _P, _I32, _I32, _F32, _I32,
+                          _P, _I32]),
     # cpu_conv_amx.c: x, geo, wt, w_scale, bias, relu, y, threads
     "tdsl_int16_conv": (_I32, [_P, _P, _P, _P, _P, _I32, _P, _I32]),
     # x, m, n, ldx, w, eps, y, threads

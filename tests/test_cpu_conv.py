@@ -61,8 +61,11 @@ def test_codes_must_be_4d_int8():
 
 # ---- the native int8 convolution (cpu_qconv.c) on every instruction-set build -------------
 
-ISA_FLAGS = {"avx512-vnni": (), "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx2", "-mno-avx512f")}
-RANK = {"scalar": 0, "avx2": 1, "avx512-vnni": 2}
+# "amx": this CPU's own build, whose convolutions run on AMX tiles (cpu_conv_amx.c) where it
+# has them; "avx512-vnni" the same without AMX
+ISA_FLAGS = {"amx": (), "avx512-vnni": ("-mno-amx-int8", "-mno-amx-tile"),
+             "avx2": ("-mno-avx512f",), "scalar": ("-mno-avx2", "-mno-avx512f")}
+RANK = {"scalar": 0, "avx2": 1, "avx512-vnni": 2, "amx": 2}
 
 
 @pytest.fixture(scope="module", params=list(ISA_FLAGS))
@@ -70,9 +73,12 @@ def lib(request):
     from triton_dsl.kernels import native
     if native.library() is None:
         pytest.skip("the native CPU kernel is unavailable")
-    if RANK[request.param] > RANK[native.library().isa]:
+    if RANK[request.param] > RANK[native.library().isa] or (
+            request.param == "amx" and not native.library().amx):
         pytest.skip(f"this CPU has no {request.param}")
-    return native.Library(native.build(ISA_FLAGS[request.param]))
+    lib = native.Library(native.build(ISA_FLAGS[request.param]))
+    assert lib.amx == (request.param == "amx")
+    return lib
 
 
 def _native_twin(qx, zp, codes, mult, bias, stride, padding, dilation, relu, out):
