@@ -27,9 +27,12 @@ class FrozenConv2d(nn.Module):
     """A convolution whose weight is stored as a FrozenLinear [out, C/groups*kh*kw]. It runs as
     unfold + the frozen matmul ("im2col": the kernels; the only way for per-token int8
     activations, whose tokens are the patches) or as F.conv2d on the weight dequantized once
-    ("conv": oneDNN's direct convolution, exact for float activations). Grouped convolutions and
-    'same' padding always take "conv"; otherwise the faster of the two is measured per batch
-    bucket and input shape (runtime/tuning.py), or "im2col" with TRITON_DSL_TUNE=0."""
+    ("conv": oneDNN's direct convolution, exact for float activations). Two more ways where
+    they apply: "qconv", one int8 convolution, for static int8 activations; "int16", a direct
+    convolution on AMX tiles of float activations at 16-bit fixed point per image (the
+    precision the matmul kernel gives them per token). Grouped convolutions and 'same' padding
+    always take "conv"; otherwise the fastest is measured per batch bucket and input shape
+    (runtime/tuning.py), or "im2col" ("qconv" where it applies) with TRITON_DSL_TUNE=0."""
 
     def __init__(self, layer: Conv2d):
         super().__init__()
