@@ -173,3 +173,18 @@ def conv_out_size(h: int, w: int, kernel, stride, padding, dilation) -> tuple[in
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     return ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1,
             (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+CONV_MAX_K = 65536  # the native convolutions' int32 sums: 255 * 128 * K < 2^31
+CONV_MAX_PAD = 64  # their padded copy of the input: more padding goes to oneDNN
+
+
+def native_conv_fits(shape, padding, dilation) -> bool:
+    """Whether the native convolutions (cpu_qconv.c, cpu_conv_amx.c) take a weight [O, C, kh,
+    kw] with this numeric padding: K = C kh kw <= CONV_MAX_K, and no padding past what the
+    kernel's taps reach or past CONV_MAX_PAD (a file's huge dilation makes the reach huge; the
+    padded copy would only be huge: oneDNN's)."""
+    _, c, kh, kw = shape
+    reach = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
+    return c * kh * kw <= CONV_MAX_K and all(
+        isinstance(p, int) and 0 <= p <= min(r, CONV_MAX_PAD) for p, r in zip(padding, reach))

@@ -21,28 +21,28 @@
    offsets.
 
    Linux hands out AMX's 8 KiB register state only to a process that asks (arch_prctl
-   ARCH_REQ_XCOMP_PERM); amx_permitted() asks once, on the first layer with enough rows (or
-   when native.Library.amx is read), so a process that never runs one never holds the larger
-   signal frames the state brings. Every caller takes the VNNI path when the answer is no (an
-   older kernel, a CPU without AMX, a build without -mamx-int8). */
+   ARCH_REQ_XCOMP_PERM); amx_permitted() asks once, on the first call that would run AMX tiles
+   (a layer with enough rows, a convolution: cpu_conv_amx.c) or when native.Library.amx is read
+   (native.describe() reads it), so a process that never runs one never holds the larger signal
+   frames the state brings. Every caller takes its VNNI path when the answer is no (an older
+   kernel, a CPU without AMX, a build without -mamx-int8). */
 #define _GNU_SOURCE
 #include <stdint.h>
-#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && \
-    defined(__linux__) /* the permission is Linux's arch_prctl */
+
+#include "cpu_common.h"
+#ifdef TDSL_AMX
 #include <immintrin.h>
-#define AMX_BUILT 1
 #endif
 
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* 1 when Linux grants this process the tile state (asked once; cpu_linear.c's tdsl_amx asks
-   only where its AMX path is built in, and only when a layer or the caller wants to know) */
+/* 1 when Linux grants this process the tile state (asked once, where AMX tiles are built in,
+   by the first caller that would run them) */
 int amx_permitted(void) {
-#ifdef AMX_BUILT
+#ifdef TDSL_AMX
     static int state; /* 0 not asked yet, 1 granted, -1 refused */
     int s = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
     if (s == 0) {
@@ -55,7 +55,7 @@ int amx_permitted(void) {
 #endif
 }
 
-#ifdef AMX_BUILT
+#ifdef TDSL_AMX
 /* The tile configuration (palette 1): all eight tiles 16 rows of 64 bytes. A constant in
    memory: GCC 12 deletes the stores that fill such a struct on the stack, as if ldtilecfg did
    not read them, and the CPU then faults on the half-written configuration. */
@@ -162,9 +162,10 @@ static void transpose16(const int32_t *src, int32_t *dst, int64_t ld) {
    in registers over all kb blocks (8 tiles: 2 A, 2 B, 4 C); loads are spread between the
    multiplications, whose four chains overlap. (Ad hoc, one thread, M = 256, N = K = 4096:
    splitting K into chunks whose A tiles stay in L1 did not help; the prefetch did, about 10%.)
-   cbuf: 1 KiB of scratch, 64-byte aligned. */
+   */
 void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pairs, int64_t kb,
-              int32_t *cbuf, int32_t *acc, int64_t ldc) {
+              int32_t *acc, int64_t ldc) {
+    int32_t cbuf[256] __attribute__((aligned(64)));
     for (int64_t p = 0; p < pairs; p++) {
         const uint8_t *bq = qv + p * kb * 2048;
         _tile_zero(4);
@@ -192,6 +193,8 @@ void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pair
         transpose16(cbuf, acc + (32 * p + 16 * H) * ldc + 16 * CT, ldc);
         AMX_OUT(4, 0, 0) AMX_OUT(5, 0, 1) AMX_OUT(6, 1, 0) AMX_OUT(7, 1, 1)
     }
+#undef AMX_LOOP
+#undef AMX_OUT
 }
 /* ---- Grouped int8 weights (per-group scales: W8A16, W4A16; cpu_linear.c's grouped kernel) ---
    Here the textbook roles hold: the grouped layout stores 16 columns by 4 inputs in 64 bytes,
@@ -227,10 +230,12 @@ void amx_group_panel(const uint8_t *w, int nib, int64_t vstride, int tiles, int6
    operations in the same order as cpu_linear.c's gtile_body, so the results are identical.
    q: the activation rows from this pair's first, kp bytes apart; wb: the B tiles, column tile
    ct's block b at wb + ct * bstride + b KiB; scale and wsum [groups, np] from this block's
-   first column; gb: blocks of 64 inputs a group. cbuf: 4 KiB, 64-byte aligned. */
+   first column; gb: blocks of 64 inputs a group; tiles: the column tiles that exist (1 or 2:
+   the other's scale and wsum lie past the layer's last column, and are not read). */
 void amx_grouped(const uint8_t *q, int64_t kp, int64_t pairs, const uint8_t *wb,
                  int64_t bstride, int64_t kb, int64_t gb, const float *scale,
-                 const int32_t *wsum, int64_t np, int32_t *cbuf, float *f) {
+                 const int32_t *wsum, int64_t np, int tiles, float *f) {
+    int32_t cbuf[1024] __attribute__((aligned(64)));
     for (int64_t p = 0; p < pairs; p++) {
         const uint8_t *a0 = q + 32 * p * kp, *a1 = a0 + 16 * kp;
         float *fp = f + p * 16 * 32;
@@ -255,7 +260,7 @@ void amx_grouped(const uint8_t *q, int64_t kp, int64_t pairs, const uint8_t *wb,
             _tile_stored(5, cbuf + 256, 64);
             _tile_stored(6, cbuf + 512, 64);
             _tile_stored(7, cbuf + 768, 64);
-            for (int ct = 0; ct < 2; ct++) {
+            for (int ct = 0; ct < tiles; ct++) {
                 const __m512i ws = _mm512_slli_epi32(
                     _mm512_loadu_si512((const void *)(wsum + g * np + 16 * ct)), 7);
                 const __m512 sv = _mm512_loadu_ps(scale + g * np + 16 * ct);

@@ -19,11 +19,9 @@ import threading
 import torch
 
 from . import native
-from .common import conv_out_size
+from .common import conv_out_size, native_conv_fits
 from .cpu_int16_conv import pack_amx
 
-MAX_K = 65536  # cpu_qconv.c's int32 sums: 255 * 127 * K < 2^31
-MAX_PAD = 64  # the native convolution's padded copy: more padding goes to oneDNN
 _NATIVE_LOCK = threading.Lock()
 
 
@@ -68,7 +66,7 @@ class PackedQConv:
 
     def native_form(self, bias: torch.Tensor | None) -> NativeQConv | None:
         """This convolution with this bias for the native library (cpu_qconv.c), built once;
-        None where that does not apply (no library, groups > 1, K > MAX_K)."""
+        None where that does not apply (no library, groups > 1, common.native_conv_fits)."""
         held = self._native
         if held is not None and held[0] is bias:  # every call after the first
             return held[1]
@@ -80,11 +78,8 @@ class PackedQConv:
             if self.codes is None:  # released once the native form was built
                 return None
             stride, padding, dilation, groups = self.args
-            # padding past what the kernel's taps reach, or past MAX_PAD (a file's huge
-            # dilation makes the reach huge), would only make the padded copy huge: oneDNN's
-            reach = [d * (k - 1) for d, k in zip(dilation, self.codes.shape[2:])]
-            ok = groups == 1 and self.codes[0].numel() <= MAX_K and native.library() is not None \
-                and all(p <= min(r, MAX_PAD) for p, r in zip(padding, reach))
+            ok = groups == 1 and native.library() is not None and native_conv_fits(
+                self.codes.shape, padding, dilation)
             self._native = (bias, NativeQConv(self.codes, self.w_scale, self.x_scale, self.x_zp,
                                               bias, stride, padding, dilation, self.symmetric)
                             if ok else None)
@@ -168,7 +163,7 @@ def pack_native(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class NativeQConv:
     """The int8 convolution of uint8 codes, or of float activations it quantizes itself, by the
-    native library (cpu_qconv.c): groups=1, numeric padding, K = C * kh * kw <= MAX_K."""
+    native library (cpu_qconv.c): groups=1, and what common.native_conv_fits takes."""
 
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, x_scale: float, x_zp: int,
                  bias: torch.Tensor | None, stride, padding, dilation, symmetric: bool = False,
@@ -176,10 +171,14 @@ class NativeQConv:
         self.lib = lib  # None: native.library() (the tests pass each instruction-set build)
         o = codes.shape[0]
         op = -(-o // 16) * 16
+        run = lib or native.library()
+        # the weight in the layout of the loop that runs: AMX tiles' (cpu_conv_amx.c) where the
+        # library has them, else VNNI's; the code sums either way
         self.wt, self.wsum = pack_native(codes)
-        amx = (lib or native.library()) is not None and (lib or native.library()).amx
-        # AMX tiles' copy of the weight (cpu_conv_amx.c) where this library runs them
-        self.wt_amx = pack_amx(codes, dilation[1]) if amx else None
+        if run is not None and run.amx:
+            self.wt, self.wt_amx = None, pack_amx(codes, dilation[1])
+        else:
+            self.wt_amx = None
         self.mult = torch.zeros(op)
         self.mult[:o] = (x_scale * w_scale.double()).float()
         self.bias = torch.zeros(op)
@@ -235,12 +234,15 @@ class NativeQConv:
             raise RuntimeError("the native int8 convolution needs the native library")
         rc = lib.dll.tdsl_qconv(
             x.data_ptr() if codes else None, None if codes else x.data_ptr(), self.x_scale,
-            geo, self.x_zp, self.wt.data_ptr(),
+            geo, self.x_zp, None if self.wt is None else self.wt.data_ptr(),
             None if self.wt_amx is None else self.wt_amx.data_ptr(), self.wsum.data_ptr(),
             self.mult.data_ptr(),
             self.bias.data_ptr(), int(relu), int(out is not None),
             0.0 if out is None else out[0], 0 if out is None else out[1], y.data_ptr(),
             torch.get_num_threads())
+        if rc == -2:
+            raise RuntimeError("native int8 convolution: packed for AMX tiles, which this "
+                               "library cannot run")
         if rc < 0:
             raise MemoryError("native int8 convolution: no memory for the padded input")
         return None if rc else y

@@ -1,6 +1,7 @@
-/* Direct convolution of float activations on AMX tiles, at 16-bit fixed point (the "int16" way
-   of a frozen convolution: kernels/cpu_conv.py's Int16Conv), compiled into the same library as
-   cpu_linear.c.
+/* Direct convolutions on AMX int8 tiles, compiled into the same library as cpu_linear.c: of
+float activations at 16-bit fixed point (tdsl_int16_conv, the "int16" way of a frozen
+convolution: kernels/cpu_int16_conv.py), and of uint8 codes (qconv_amx, for cpu_qconv.c's int8
+convolution of static int8 activations).
 
    Why: a ternary or int8-weight convolution with float activations otherwise runs oneDNN's fp32
    convolution on its dequantized weight. With 16 channels, as in a small ResNet's first stage,
@@ -8,88 +9,103 @@
    a few percent of what AMX's int8 tiles do; the layer is then bound by its arithmetic, not by
    its 4 MiB of activations. im2col with the matmul kernel would write each input nine times.
 
-   Arithmetic (the reference twin is cpu_conv.int16_conv_reference): per image n, t = max|x| /
-   32767 and xi = clamp(rint(x / t), -32767, 32767) (0 where t is 0), so a value is off by at
-   most t / 2, as the linear kernel's float-activation mode (there per token). xi = 256 hi + lo
+   Arithmetic of the int16 way (its reference twin is cpu_int16_conv.int16_conv_reference): per
+   image n, m = max|x|, xi = clamp(rint(x * 32767 / m), -32767, 32767) (0 where m < 2^-100), so
+   a value is off by at most t / 2 with t = m / 32767: the 16-bit step of the linear kernel's
+   float-activation mode, set here by the image's max rather than each token's. xi = 256 hi + lo
    with hi = xi >> 8 (s8) and lo = xi & 255 (u8); the int32 sums of hi x w (tdpbssd) and lo x w
-   (tdpbusd) recombine exactly in int64, so the integer result is exact for K <= 65536
-   (255 * 127 * 65536 < 2^31). Then y = float(sum) * m + bias with m = t * w_scale[o] in fp32,
-   max(0, y) with relu. An image holding NaN or +-Inf makes the call return 1 with nothing
-   written: the caller answers with the fp32 convolution, which propagates it as fp32 does.
+   (tdpbusd) recombine exactly (finish_int16), so the integer result is exact for K <= 65536
+   (255 * 128 * 65536 < 2^31). Then y = float(sum) * (t * w_scale[o]) + bias in fp32, max(0, y)
+   with relu. An image holding NaN or +-Inf makes the call return 1 with nothing written: the
+   caller answers with the fp32 convolution, which propagates it as fp32 does. uint8 codes sum
+   in one plane (tdpbusd) and cpu_qconv.c's epilogue (qconv_finish) finishes them.
 
-   Layout. The halves are written into two zero-padded channels-last planes [b, hp, wp, c4]
-   (c4: channels to a multiple of 4). A tile row is one output pixel: 64 consecutive bytes of a
-   tap row of its receptive field, loaded straight from the plane (the row stride is the conv's
-   horizontal stride times c4); with dilation 1 the kw taps of a kernel row are one run of
-   kw * c4 bytes, else each tap is its own run. Runs are cut into chunks of 64 bytes; bytes past
-   a run (the next pixel's channels) meet zero weights. The weight, packed by cpu_conv.pack_amx,
-   is for each block of 16 output channels and chunk one 1 KiB right-hand tile: row r holds the
-   codes of chunk bytes 4r..4r+3 for the 16 channels side by side. Pixels past a row's end and
-   chunk bytes past the buffer read into a zeroed tail; their sums are never stored. */
+   Layout. The input is a padded channels-last plane [b, hp, wp, c4] (c4: channels to a
+   multiple of 4; the int16 way writes two, hi and lo). A tile row is one output pixel: 64
+   consecutive bytes of a kernel row of its receptive field, loaded straight from the plane (the
+   row stride is the conv's horizontal stride times c4); with dilation 1 the kw taps of a kernel
+   row are one run of kw * c4 bytes, else each tap is its own run. Runs are cut into chunks of
+   64 bytes; bytes past a run (the next pixel's channels) meet zero weights. The weight, packed
+   by cpu_int16_conv.pack_amx, is for each block of 16 output channels and chunk one 1 KiB
+   right-hand tile: row r holds the codes of chunk bytes 4r..4r+3 for the 16 channels side by
+   side. Pixels past a row's end and chunk bytes past the plane read into its tail (amx_tail in
+   cpu_common.h); their sums are never stored. */
 #define _GNU_SOURCE
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && \
-    defined(__AVX512DQ__) && defined(__linux__) /* as cpu_amx.c's AMX_BUILT, plus int64 -> fp32 */
+
+#include "cpu_common.h"
+#ifdef TDSL_AMX
 #include <immintrin.h>
-#define CONV_AMX 1
 #endif
 
 #define XI_MAX 32767.0f
 
-#ifdef CONV_AMX
+#ifdef TDSL_AMX
 /* The byte offsets of the chunks of one output pixel's receptive field, from its top-left tap,
-   in the order cpu_conv.pack_amx packs them; returns their count (off may be NULL). */
-static int64_t conv_chunks(int64_t kh, int64_t kw, int64_t c4, int64_t wp, int64_t dh,
-                           int64_t dw, int64_t *off) {
+   in the order cpu_int16_conv.pack_amx packs them; returns their count (off may be NULL). */
+static int64_t conv_chunks(const conv_dims *d, int64_t *off) {
     int64_t n = 0;
-    const int64_t runs = dw == 1 ? 1 : kw, len = dw == 1 ? kw * c4 : c4;
-    for (int64_t ky = 0; ky < kh; ky++)
+    const int64_t runs = d->dw == 1 ? 1 : d->kw, len = d->dw == 1 ? d->kw * d->c4 : d->c4;
+    for (int64_t ky = 0; ky < d->kh; ky++)
         for (int64_t r = 0; r < runs; r++)
             for (int64_t j = 0; j < len; j += 64) {
                 if (off)
-                    off[n] = (ky * dh * wp + r * dw) * c4 + j;
+                    off[n] = (ky * d->dh * d->wp + r * d->dw) * d->c4 + j;
                 n++;
             }
     return n;
 }
 
-int amx_permitted(void);
-void amx_begin(void);
-void amx_end(void);
+/* A convolution's sizes and its chunks' offsets (off: malloc'd, NULL without memory) */
+typedef struct {
+    conv_dims d;
+    int64_t chunks, pstep, *off;
+} conv_plan;
+
+static conv_plan plan_of(const int64_t *geo) {
+    conv_plan p = {conv_dims_of(geo), 0, 0, NULL};
+    p.chunks = conv_chunks(&p.d, NULL);
+    p.pstep = p.d.sw * p.d.c4;
+    p.off = (int64_t *)malloc((size_t)p.chunks * sizeof(int64_t));
+    if (p.off)
+        conv_chunks(&p.d, p.off);
+    return p;
+}
+
+/* How a row's sums become y: the int16 way (lo: the low halves' plane; t: each image's step;
+   scale: w_scale; narrow: see finish_int16), or uint8 codes (lo NULL; scale: x_scale w_scale;
+   wsum, xzp, out_*: qconv_finish's) */
+typedef struct {
+    const uint8_t *lo;
+    const float *t, *scale, *bias;
+    const int32_t *wsum;
+    int xzp, relu, narrow, out_u8, out_zp;
+    float out_scale;
+} conv_out;
 
 /* max |x| over one image (strides xs: n, c, h, w in floats), or +Inf where it holds a NaN */
 static float image_max(const float *x, const int64_t *xs, int64_t h, int64_t w, int64_t c) {
     const int cl = xs[1] == 1 && xs[3] == c; /* channels-last: an image row is one run */
     const int64_t runs = cl ? h : xs[3] == 1 ? h * c : 0, len = cl ? w * c : w;
-    __m512 mv = _mm512_setzero_ps();
-    __mmask16 nan = 0; /* max_ps drops a NaN, so they are looked for apart */
-    float m = 0.0f;
+    uint32_t top = 0;
     for (int64_t r = 0; r < runs; r++) { /* rows, or (channel, row) runs of w floats */
-        const float *p = x + (cl ? r * xs[2] : r / h * xs[1] + r % h * xs[2]);
-        int64_t i = 0;
-        for (; i + 16 <= len; i += 16) {
-            const __m512 v = _mm512_loadu_ps(p + i);
-            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            mv = _mm512_max_ps(mv, _mm512_abs_ps(v));
-        }
-        for (; i < len; i++) {
-            nan |= p[i] != p[i];
-            m = fabsf(p[i]) > m ? fabsf(p[i]) : m;
-        }
+        const uint32_t u = abs_max_bits(x + (cl ? r * xs[2] : r / h * xs[1] + r % h * xs[2]),
+                                        len);
+        top = u > top ? u : top;
     }
     if (!runs)
         for (int64_t yy = 0; yy < h; yy++)
             for (int64_t p = 0; p < w; p++)
                 for (int64_t ch = 0; ch < c; ch++) {
-                    const float v = x[yy * xs[2] + p * xs[3] + ch * xs[1]];
-                    nan |= v != v;
-                    m = fabsf(v) > m ? fabsf(v) : m;
+                    const uint32_t u = abs_max_bits(x + yy * xs[2] + p * xs[3] + ch * xs[1], 1);
+                    top = u > top ? u : top;
                 }
-    m = _mm512_reduce_max_ps(mv) > m ? _mm512_reduce_max_ps(mv) : m;
-    return nan ? INFINITY : m;
+    float m;
+    memcpy(&m, &top, 4);
+    return top >= 0x7f800000u ? INFINITY : m;
 }
 
 /* 16 floats to 16 codes clamp(rint(x r)): hi = xi >> 8, lo = xi & 255 */
@@ -166,8 +182,8 @@ static void image_halves(const float *x, const int64_t *xs, int64_t h, int64_t w
    recombined sum fits int32 (32767 max|w| K < 2^31), so it is formed there (256 hi wraps past
    2^31 only where the exact sum lies back in range) and converted once; else in int64. Both
    round the exact integer once, to nearest even. */
-static void finish(const int32_t *acc, int np, int lanes, int64_t pstride, __m512 mv,
-                   __m512 bv, int relu, int narrow, float *y) {
+static void finish_int16(const int32_t *acc, int np, int lanes, int64_t pstride, __m512 mv,
+                         __m512 bv, int relu, int narrow, float *y) {
     const __mmask16 mask = (__mmask16)((1u << lanes) - 1);
     for (int p = 0; p < np; p++) {
         const __m512i h = _mm512_loadu_si512((const void *)(acc + 16 * p));
@@ -192,131 +208,105 @@ static void finish(const int32_t *acc, int np, int lanes, int64_t pstride, __m51
     }
 }
 
-typedef struct {
-    const int64_t *off;
-    int64_t chunks, pstep, wo, oc;
-    int relu, narrow;
-} conv_geo;
-
 /* One output row for one or two blocks of 16 channels (w1 NULL: one): 16 pixels a tile. The
-   A tiles (2: hi, 3: lo) serve both blocks; block 0 sums in tiles 0 (hi) and 1 (lo) with its
-   weight in 4, block 1 in 5 and 6 with its weight in 7. */
-static void conv_row(const conv_geo *g, const int8_t *hi, const uint8_t *lo, const int8_t *w0,
-                     const int8_t *w1, const __m512 *mv, const __m512 *bv, int lanes1,
-                     float *y) {
+   A tiles (2: the codes or hi halves, 3: lo halves) serve both blocks; block 0 sums in tile 0
+   (and 1: lo) with its weight in 4, block 1 in 5 (and 6) with its weight in 7. y: the row's
+   first pixel; mv: the int16 way's t * w_scale of each block. */
+static void conv_row(const conv_plan *p, const conv_out *o, const uint8_t *a, const uint8_t *lo,
+                     const int8_t *w0, const int8_t *w1, const __m512 *mv, int64_t oc16,
+                     int lanes1, void *y) {
     int32_t acc[512] __attribute__((aligned(64)));
-    for (int64_t ox0 = 0; ox0 < g->wo; ox0 += 16) {
-        const int np = g->wo - ox0 < 16 ? (int)(g->wo - ox0) : 16;
+    const int64_t wo = p->d.wo, oc = p->d.oc, pstep = p->pstep;
+    for (int64_t ox0 = 0; ox0 < wo; ox0 += 16) {
+        const int np = wo - ox0 < 16 ? (int)(wo - ox0) : 16;
         _tile_zero(0);
         _tile_zero(1);
-        if (w1) {
-            _tile_zero(5);
-            _tile_zero(6);
-        }
-        for (int64_t j = 0; j < g->chunks; j++) {
-            const int64_t at = ox0 * g->pstep + g->off[j];
-            _tile_loadd(2, hi + at, g->pstep);
-            _tile_loadd(3, lo + at, g->pstep);
+        _tile_zero(5);
+        _tile_zero(6);
+        for (int64_t j = 0; j < p->chunks; j++) {
+            const int64_t at = ox0 * pstep + p->off[j];
+            _tile_loadd(2, a + at, pstep);
             _tile_loadd(4, w0 + j * 1024, 64);
-            _tile_dpbssd(0, 2, 4);
-            _tile_dpbusd(1, 3, 4);
-            if (w1) {
+            if (w1)
                 _tile_loadd(7, w1 + j * 1024, 64);
-                _tile_dpbssd(5, 2, 7);
-                _tile_dpbusd(6, 3, 7);
+            if (lo) {
+                _tile_loadd(3, lo + at, pstep);
+                _tile_dpbssd(0, 2, 4);
+                _tile_dpbusd(1, 3, 4);
+                if (w1) {
+                    _tile_dpbssd(5, 2, 7);
+                    _tile_dpbusd(6, 3, 7);
+                }
+            } else {
+                _tile_dpbusd(0, 2, 4);
+                if (w1)
+                    _tile_dpbusd(5, 2, 7);
             }
         }
-        _tile_stored(0, acc, 64);
-        _tile_stored(1, acc + 256, 64);
-        finish(acc, np, w1 ? 16 : lanes1, g->oc, mv[0], bv[0], g->relu, g->narrow,
-               y + ox0 * g->oc);
-        if (w1) {
-            _tile_stored(5, acc, 64);
-            _tile_stored(6, acc + 256, 64);
-            finish(acc, np, lanes1, g->oc, mv[1], bv[1], g->relu, g->narrow,
-                   y + ox0 * g->oc + 16);
+        for (int k = 0; k <= (w1 != NULL); k++) {
+            if (k) {
+                _tile_stored(5, acc, 64);
+                _tile_stored(6, acc + 256, 64);
+            } else {
+                _tile_stored(0, acc, 64);
+                _tile_stored(1, acc + 256, 64);
+            }
+            const int64_t c0 = oc16 + 16 * k, at = ox0 * oc + c0;
+            const int lanes = w1 && !k ? 16 : lanes1;
+            if (lo)
+                finish_int16(acc, np, lanes, oc, mv[k], _mm512_loadu_ps(o->bias + c0), o->relu,
+                             o->narrow, (float *)y + at);
+            else
+                qconv_finish(acc, np, lanes, oc, o->xzp, o->wsum + c0, o->scale + c0,
+                             o->bias + c0, o->relu, o->out_u8, o->out_scale, o->out_zp, y, at);
         }
     }
 }
 
-void qconv_finish(const int32_t *sums, int np, int lanes, int64_t oc, int xzp,
-                  const int32_t *wsum, const float *mult, const float *bias, int relu,
-                  int out_u8, float out_scale, int out_zp, void *y, int64_t at);
-
-/* One output row of uint8 codes for one or two blocks (w1 NULL: one), as conv_row: sums of
-   block 0 in tile 0 (weight in 4), of block 1 in 5 (weight in 7), the codes in 2; cpu_qconv.c's
-   epilogue finishes them. */
-static void codes_row(const conv_geo *g, const uint8_t *xq, const int8_t *w0, const int8_t *w1,
-                      int64_t oc16, int lanes1, const int32_t *wsum, const float *mult,
-                      const float *bias, int xzp, int out_u8, float out_scale, int out_zp,
-                      void *y) {
-    int32_t acc[256] __attribute__((aligned(64)));
-    for (int64_t ox0 = 0; ox0 < g->wo; ox0 += 16) {
-        const int np = g->wo - ox0 < 16 ? (int)(g->wo - ox0) : 16;
-        _tile_zero(0);
-        if (w1)
-            _tile_zero(5);
-        for (int64_t j = 0; j < g->chunks; j++) {
-            _tile_loadd(2, xq + ox0 * g->pstep + g->off[j], g->pstep);
-            _tile_loadd(4, w0 + j * 1024, 64);
-            _tile_dpbusd(0, 2, 4);
-            if (w1) {
-                _tile_loadd(7, w1 + j * 1024, 64);
-                _tile_dpbusd(5, 2, 7);
-            }
+/* The whole convolution from the plane a (and o->lo) into y [b, ho, wo, oc]: threads share
+   (image, output row, pair of channel blocks) items; each loads the tile shapes for itself */
+static void conv_items(const conv_plan *p, const conv_out *o, const uint8_t *a,
+                       const int8_t *wt, void *y, int threads) {
+    const conv_dims *d = &p->d;
+    const int64_t blocks = (d->oc + 15) / 16, pairs = (blocks + 1) / 2, tile = p->chunks * 1024;
+    const size_t esize = o->out_u8 ? 1 : 4;
+#pragma omp parallel num_threads(threads) if (d->b * d->ho * d->wo * p->chunks * blocks >= 4096)
+    {
+        amx_begin();
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < d->b * d->ho * pairs; item++) {
+            const int64_t ob = item % pairs * 2, row = item / pairs, n = row / d->ho;
+            const int64_t at = (n * d->hp + row % d->ho * d->sh) * d->wp * d->c4;
+            const int two = ob + 1 < blocks;
+            const int64_t last = d->oc - 16 * (ob + two);
+            __m512 mv[2];
+            for (int k = 0; o->lo && k <= two; k++)
+                mv[k] = _mm512_mul_ps(_mm512_set1_ps(o->t[n]),
+                                      _mm512_loadu_ps(o->scale + 16 * (ob + k)));
+            conv_row(p, o, a + at, o->lo ? o->lo + at : NULL, wt + ob * tile,
+                     two ? wt + (ob + 1) * tile : NULL, mv, 16 * ob, last < 16 ? (int)last : 16,
+                     (uint8_t *)y + (size_t)(row * d->wo * d->oc) * esize);
         }
-        for (int k = 0; k <= (w1 != NULL); k++) {
-            if (k)
-                _tile_stored(5, acc, 64);
-            else
-                _tile_stored(0, acc, 64);
-            const int64_t o = oc16 + 16 * k;
-            qconv_finish(acc, np, w1 && !k ? 16 : lanes1, g->oc, xzp, wsum + o, mult + o,
-                         bias + o, g->relu, out_u8, out_scale, out_zp, y, ox0 * g->oc + o);
-        }
+        amx_end();
     }
 }
 #endif
 
-/* tdsl_qconv's convolution on AMX tiles: xp holds the zero-point-padded codes [b, hp, wp, c4]
-   and past them the tail cpu_int16_conv's planes have (16 sw c4 + 128 bytes); wt is
-   pack_amx's; the rest as tdsl_qconv's. Returns -2 where AMX tiles cannot run, -1 without
-   memory, else 0. */
+/* cpu_qconv.c's convolution of uint8 codes on AMX tiles: xp holds the zero-point-padded codes
+   [b, hp, wp, c4] and amx_tail bytes past them; wt is pack_amx's; the rest as tdsl_qconv's.
+   Returns -2 where AMX tiles cannot run, -1 without memory, else 0. */
 int qconv_amx(const uint8_t *xp, const int64_t *geo, const int8_t *wt, int xzp,
               const int32_t *wsum, const float *mult, const float *bias, int relu, int out_u8,
               float out_scale, int out_zp, void *y, int threads) {
-#ifdef CONV_AMX
+#ifdef TDSL_AMX
     if (!amx_permitted())
         return -2;
-    const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
-                  kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
-                  dh = geo[11], dw = geo[12];
-    const int64_t c4 = (c + 3) / 4 * 4, hp = h + 2 * ph, wp = w + 2 * pw;
-    const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = (wp - dw * (kw - 1) - 1) / sw + 1;
-    const int64_t blocks = (oc + 15) / 16, pairs = (blocks + 1) / 2;
-    const int64_t chunks = conv_chunks(kh, kw, c4, wp, dh, dw, NULL);
-    int64_t *off = (int64_t *)malloc((size_t)chunks * sizeof(int64_t));
-    if (!off)
+    const conv_plan p = plan_of(geo);
+    if (!p.off)
         return -1;
-    conv_chunks(kh, kw, c4, wp, dh, dw, off);
-    const conv_geo g = {off, chunks, sw * c4, wo, oc, relu, 0};
-    const size_t esize = out_u8 ? 1 : 4;
-#pragma omp parallel num_threads(threads) if (b * ho * wo * chunks * blocks >= 4096)
-    {
-        amx_begin();
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < b * ho * pairs; item++) {
-            const int64_t ob = item % pairs * 2, row = item / pairs, n = row / ho, oy = row % ho;
-            const int two = ob + 1 < blocks;
-            const int64_t last = oc - 16 * (ob + two);
-            codes_row(&g, xp + (n * hp + oy * sh) * wp * c4, wt + ob * chunks * 1024,
-                      two ? wt + (ob + 1) * chunks * 1024 : NULL, 16 * ob,
-                      last < 16 ? (int)last : 16, wsum, mult, bias, xzp, out_u8, out_scale,
-                      out_zp, (uint8_t *)y + (size_t)(row * wo * oc) * esize);
-        }
-        amx_end();
-    }
-    free(off);
+    const conv_out o = {NULL, NULL, mult, bias, wsum, xzp, relu, 0, out_u8, out_zp, out_scale};
+    conv_items(&p, &o, xp, wt, y, threads);
+    free(p.off);
     return 0;
 #else
     (void)xp, (void)geo, (void)wt, (void)xzp, (void)wsum, (void)mult, (void)bias, (void)relu;
@@ -326,36 +316,30 @@ int qconv_amx(const uint8_t *xp, const int64_t *geo, const int8_t *wt, int xzp,
 }
 
 /* geo: b, h, w, c, oc, kh, kw, sh, sw, ph, pw, dh, dw, then x's strides n, c, h, w in floats,
-   then max |w| of the codes. wt: cpu_conv.pack_amx's tiles; w_scale and bias hold
-   16 * ceil(oc / 16) floats; y is [b, ho, wo, oc] fp32. Returns -2 where AMX tiles cannot run
-   (not built, or Linux refused), -1 when the planes cannot be allocated, 1 when x holds a NaN
-   or an infinity (y untouched), else 0. */
+   then max |w| of the codes. wt: pack_amx's tiles; w_scale and bias hold 16 * ceil(oc / 16)
+   floats; y is [b, ho, wo, oc] fp32. Returns -2 where AMX tiles cannot run (not built, or Linux
+   refused), -1 when the planes cannot be allocated, 1 when x holds a NaN or an infinity (y
+   untouched), else 0. */
 int tdsl_int16_conv(const float *x, const int64_t *geo, const int8_t *wt, const float *w_scale,
                     const float *bias, int relu, float *y, int threads) {
-#ifdef CONV_AMX
+#ifdef TDSL_AMX
     if (!amx_permitted())
         return -2;
-    const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
-                  kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
-                  dh = geo[11], dw = geo[12], wmax = geo[17];
-    const int64_t *xs = geo + 13;
-    const int64_t c4 = (c + 3) / 4 * 4, hp = h + 2 * ph, wp = w + 2 * pw;
-    const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = (wp - dw * (kw - 1) - 1) / sw + 1;
-    const int64_t blocks = (oc + 15) / 16, pairs = (blocks + 1) / 2;
-    const int64_t chunks = conv_chunks(kh, kw, c4, wp, dh, dw, NULL);
-    /* the planes, then a zeroed tail for the reads past the last pixel and chunk */
-    const int64_t image = hp * wp * c4, plane = b * image, span = plane + 16 * sw * c4 + 128;
+    const conv_plan p = plan_of(geo);
+    const conv_dims *d = &p.d;
+    const int64_t *xs = geo + 13, wmax = geo[17];
+    const int64_t b = d->b, h = d->h, w = d->w, c = d->c, c4 = d->c4, ph = d->ph, pw = d->pw;
+    const int64_t wp = d->wp, image = d->hp * wp * c4, plane = b * image;
+    const int64_t span = plane + amx_tail(d);
     int8_t *hi = (int8_t *)malloc((size_t)(2 * span));
     float *t = (float *)malloc((size_t)b * sizeof(float));
-    int64_t *off = (int64_t *)malloc((size_t)chunks * sizeof(int64_t));
-    if (!hi || !t || !off) {
+    if (!hi || !t || !p.off) {
         free(hi);
         free(t);
-        free(off);
+        free(p.off);
         return -1;
     }
     uint8_t *lo = (uint8_t *)(hi + span);
-    conv_chunks(kh, kw, c4, wp, dh, dw, off);
     memset(hi + plane, 0, (size_t)(span - plane));
     memset(lo + plane, 0, (size_t)(span - plane));
     int bad = 0;
@@ -383,40 +367,17 @@ int tdsl_int16_conv(const float *x, const int64_t *geo, const int8_t *wt, const 
         const int64_t at = n * image + (ph * wp + pw) * c4;
         image_halves(xn, xs, h, w, c, c4, wp, tiny ? 0.0f : XI_MAX / m, hi + at, lo + at);
     }
-    if (bad) {
-        free(hi);
-        free(t);
-        free(off);
-        return 1;
-    }
-    const conv_geo g = {off, chunks, sw * c4, wo, oc, relu,
-                        (double)XI_MAX * (double)wmax * (double)(kh * kw * c) < 2147483648.0};
-    /* threads share (image, output row, pair of channel blocks) items; each loads the tile
-       shapes for itself */
-#pragma omp parallel num_threads(threads) if (b * ho * wo * chunks * blocks >= 4096)
-    {
-        amx_begin();
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < b * ho * pairs; item++) {
-            const int64_t ob = item % pairs * 2, row = item / pairs, n = row / ho, oy = row % ho;
-            const int64_t at = (n * hp + oy * sh) * wp * c4;
-            const int two = ob + 1 < blocks;
-            __m512 mv[2], bv[2];
-            for (int k = 0; k <= two; k++) {
-                mv[k] = _mm512_mul_ps(_mm512_set1_ps(t[n]), _mm512_loadu_ps(w_scale + 16 * (ob + k)));
-                bv[k] = _mm512_loadu_ps(bias + 16 * (ob + k));
-            }
-            const int64_t last = oc - 16 * (ob + two);
-            conv_row(&g, hi + at, lo + at, wt + ob * chunks * 1024,
-                     two ? wt + (ob + 1) * chunks * 1024 : NULL, mv, bv,
-                     last < 16 ? (int)last : 16, y + row * wo * oc + 16 * ob);
-        }
-        amx_end();
+    if (!bad) {
+        const conv_out o = {lo, t, w_scale, bias, NULL, 0, relu,
+                            (double)XI_MAX * (double)wmax * (double)(d->kh * d->kw * c) <
+                                2147483648.0,
+                            0, 0, 0.0f};
+        conv_items(&p, &o, (const uint8_t *)hi, wt, y, threads);
     }
     free(hi);
     free(t);
-    free(off);
-    return 0;
+    free(p.off);
+    return bad;
 #else
     (void)x, (void)geo, (void)wt, (void)w_scale, (void)bias, (void)relu, (void)y, (void)threads;
     return -2;

@@ -14,12 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from . import native
-from .common import conv_out_size
+from .common import CONV_MAX_K, conv_out_size, native_conv_fits
 
 XI_MAX = 32767
 TINY = 2.0 ** -100  # an image whose max |x| is below this counts as zero (32767 / m overflows)
-MAX_K = 65536  # the lo half's int32 sums: 255 * 127 * K < 2^31
-MAX_PAD = 64  # the padded planes: more padding than this stays with oneDNN
 
 
 def chunks(kh: int, kw: int, c: int, dw: int) -> list[tuple[int, int, int]]:
@@ -77,8 +75,8 @@ class Int16Conv:
     def __init__(self, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                  stride, padding, dilation, lib=None):
         o, c, kh, kw = codes.shape
-        if codes.dtype != torch.int8 or c * kh * kw > MAX_K:
-            raise ValueError(f"codes must be int8 [O, C, kh, kw] with C*kh*kw <= {MAX_K}, got "
+        if codes.dtype != torch.int8 or c * kh * kw > CONV_MAX_K:
+            raise ValueError(f"codes must be int8 [O, C, kh, kw] with C*kh*kw <= {CONV_MAX_K}, got "
                              f"{codes.dtype} of shape {tuple(codes.shape)}")
         self.lib = lib  # None: native.library() (the tests pass each build)
         op = -(-o // 16) * 16
@@ -88,39 +86,45 @@ class Int16Conv:
         if bias is not None:
             self.bias[:o] = bias.float()
         self.shape, self.geo = (o, c, kh, kw), [*stride, *padding, *dilation]
-        self.wmax = int(codes.abs().max()) if codes.numel() else 0  # the kernel's int32 bound
+        # max |code|, for the kernel's int32 bound (in int16: -128 has no int8 absolute value)
+        self.wmax = int(codes.to(torch.int16).abs().max()) if codes.numel() else 0
+        self.sizes: dict = {}  # (input shape, strides) -> (output shape, C geometry array)
         self.nbytes = sum(t.numel() * t.element_size() for t in (self.wt, self.w_scale,
                                                                  self.bias))
 
     @staticmethod
     def applies(codes_shape, stride, padding, dilation, lib) -> bool:
         """Whether this way can run such a convolution here."""
-        o, c, kh, kw = codes_shape
-        reach = (dilation[0] * (kh - 1), dilation[1] * (kw - 1))
-        return (lib is not None and lib.amx and c * kh * kw <= MAX_K
-                and all(isinstance(p, int) and 0 <= p <= min(r, MAX_PAD)
-                        for p, r in zip(padding, reach)))
+        return lib is not None and lib.amx and native_conv_fits(codes_shape, padding, dilation)
 
-    def __call__(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor | None:
-        """fp32 [B, O, H', W'] channels-last of float x [B, C, H, W] (any strides), max(0, y)
-        with relu; None where x holds a NaN or an infinity (the caller's fp32 path answers)."""
+    def _size(self, x):
+        """(output [B, O, H', W'], the kernel's geometry array) for x's shape and strides."""
         o, c, kh, kw = self.shape
-        if x.dim() != 4 or x.shape[1] != c or x.device.type != "cpu" or \
-                not x.is_floating_point():
-            raise ValueError(f"x must be floats [batch, {c}, height, width] on the CPU, got "
-                             f"{x.dtype} of shape {tuple(x.shape)} on {x.device}")
-        if x.dtype != torch.float32:
-            x = x.float()
         b, _, h, w = x.shape
         sh, sw, ph, pw, dh, dw = self.geo
         ho, wo = conv_out_size(h, w, (kh, kw), (sh, sw), (ph, pw), (dh, dw))
         if ho < 1 or wo < 1:
             raise ValueError(f"x of shape {tuple(x.shape)} is smaller than the kernel "
                              f"{kh}x{kw} with padding {ph}x{pw}")
-        y = torch.empty((b, o, ho, wo), memory_format=torch.channels_last)
-        if not b:
-            return y
         geo = (ctypes.c_int64 * 18)(b, h, w, c, o, kh, kw, *self.geo, *x.stride(), self.wmax)
+        if len(self.sizes) < 64:  # a handful of shapes in practice
+            self.sizes[(x.shape, x.stride())] = (b, o, ho, wo), geo
+        return (b, o, ho, wo), geo
+
+    def __call__(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor | None:
+        """fp32 [B, O, H', W'] channels-last of float x [B, C, H, W] (any strides), max(0, y)
+        with relu; None where x holds a NaN or an infinity (the caller's fp32 path answers)."""
+        c = self.shape[1]
+        if x.dim() != 4 or x.shape[1] != c or x.device.type != "cpu" or \
+                not x.is_floating_point():
+            raise ValueError(f"x must be floats [batch, {c}, height, width] on the CPU, got "
+                             f"{x.dtype} of shape {tuple(x.shape)} on {x.device}")
+        if x.dtype != torch.float32:
+            x = x.float()
+        size, geo = self.sizes.get((x.shape, x.stride())) or self._size(x)
+        y = torch.empty(size, memory_format=torch.channels_last)
+        if not size[0]:
+            return y
         lib = self.lib or native.library()
         rc = lib.dll.tdsl_int16_conv(x.data_ptr(), geo, self.wt.data_ptr(),
                                      self.w_scale.data_ptr(), self.bias.data_ptr(), int(relu),

@@ -34,6 +34,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <omp.h>
+
+#include "cpu_common.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -334,6 +338,21 @@ typedef void (*tile_fn)(const uint8_t *, const uint8_t *, int64_t, int64_t, int6
     TILE_FNS(K, 5), TILE_FNS(K, 6)}
 static const tile_fn TILES[2][6][4] = {TILE_TABLE(0), TILE_TABLE(1)};
 
+/* max |x| over x [n], as the bits of an fp32: for floats without sign, integer order is float
+   order and NaN and Inf sort above every finite value, so one integer max (which vectorizes; a
+   float max does not without -ffast-math) finds both the max and a non-finite value (the
+   result is then >= 0x7f800000). Also cpu_conv_amx.c's. */
+uint32_t abs_max_bits(const float *x, int64_t n) {
+    uint32_t top = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, 4);
+        u &= 0x7fffffffu;
+        top = u > top ? u : top;
+    }
+    return top;
+}
+
 /* Quantize one token x [k] into kp-byte row(s) of q, zero-padded (int8 kind: shifted by 128);
    rsum gets each row's sum of signed codes (used by the ternary correction). Returns the scale:
    NaN for a token holding NaN or +-Inf, whose codes are then zeros (rounding NaN to an integer
@@ -341,16 +360,7 @@ static const tile_fn TILES[2][6][4] = {TILE_TABLE(0), TILE_TABLE(1)};
 static float quantize_row(const float *x, int64_t k, int64_t kp, int kind, int mode, uint8_t *q,
                           int32_t *rsum) {
     const int shift = kind == INT8 ? 128 : 0;
-    /* max |x| on the bits: for floats without sign, integer order is float order and NaN and
-       Inf sort above every finite value, so one integer max (which vectorizes; a float max
-       does not without -ffast-math) finds both the scale and a non-finite token */
-    uint32_t top = 0;
-    for (int64_t i = 0; i < k; i++) {
-        uint32_t u;
-        memcpy(&u, x + i, 4);
-        u &= 0x7fffffffu;
-        top = u > top ? u : top;
-    }
+    const uint32_t top = abs_max_bits(x, k);
     float amax;
     memcpy(&amax, &top, 4);
     if (top >= 0x7f800000u) { /* NaN or +-Inf */
@@ -416,24 +426,7 @@ static inline __attribute__((always_inline)) void finish(
 #undef SUM
 }
 
-/* cpu_amx.c */
-int amx_permitted(void);
-void amx_begin(void);
-void amx_end(void);
-void amx_activations(const uint8_t *q, int64_t rows, int64_t padded, int64_t kp, uint8_t *qv,
-                     int threads);
-void amx_panel(int ternary, const uint8_t *w, int nb, int64_t tile_bytes, int64_t n, int64_t n0,
-               int64_t kb, uint8_t *panel);
-void amx_sums(int ternary, const uint8_t *panel, const uint8_t *qv, int64_t pairs, int64_t kb,
-              int32_t *cbuf, int32_t *acc, int64_t ldc);
-void amx_group_panel(const uint8_t *w, int nib, int64_t vstride, int tiles, int64_t kb,
-                     uint8_t *panel);
-void amx_grouped(const uint8_t *q, int64_t kp, int64_t pairs, const uint8_t *wb,
-                 int64_t bstride, int64_t kb, int64_t gb, const float *scale,
-                 const int32_t *wsum, int64_t np, int32_t *cbuf, float *f);
-
-#if defined(__AMX_INT8__) && defined(__AMX_TILE__) && defined(__AVX512BW__) && \
-    defined(__linux__) && NC == 32 /* as cpu_amx.c's AMX_BUILT, and its tiles are 32 columns */
+#if defined(TDSL_AMX) && NC == 32 /* its tiles are 32 columns */
 #define AMX_ON 1
 #endif
 
@@ -457,51 +450,46 @@ static int64_t amx_group_rows(int64_t kp, int64_t padded) {
 
 /* The many-row path on AMX tiles (cpu_amx.c): rows in groups whose activations stay in L2
    (AMX_GROUP bytes), and for each group, per block of 32 columns, the weight unpacked once into
-   A tiles that every row tile of the group reuses. Returns 0, or -1 without scratch memory. */
+   A tiles that every row tile of the group reuses. Every thread's scratch is allocated before
+   the threads start, so none can fail inside. Returns 0, or -1 without scratch memory. */
 static int linear_amx(int kind, const uint8_t *q, int64_t m, int per, int64_t kb,
                       const uint8_t *w, int64_t n, int64_t tile_bytes, const float *w_scale,
                       const int32_t *w_sum, const int32_t *rsum, const float *xs,
                       const float *bias, float *y, int threads) {
     const int64_t kp = kb * 64, rows = m * per, padded = (rows + 31) / 32 * 32;
-    const int64_t rows_g = amx_group_rows(kp, padded);
+    const int64_t rows_g = amx_group_rows(kp, padded), blocks = (n + NC - 1) / NC;
+    const size_t acc_bytes = sizeof(int32_t) * (size_t)(rows_g * NC), panel_bytes = NC * kp;
     uint8_t *qv = aligned_alloc(64, (size_t)(padded * kp));
-    if (!qv) return -1;
+    uint8_t *scratch = aligned_alloc(64, (size_t)threads * (acc_bytes + panel_bytes));
+    if (!qv || !scratch) {
+        free(qv);
+        free(scratch);
+        return -1;
+    }
     amx_activations(q, rows, padded, kp, qv, threads);
-    const int64_t blocks = (n + NC - 1) / NC;
-    int failed = 0;
 #pragma omp parallel num_threads(threads) if (rows * n * kp >= LINEAR_THREADED)
     {
-        int32_t *acc = malloc(sizeof(int32_t) * (size_t)(rows_g * NC));
-        int32_t *cbuf = aligned_alloc(64, 1024);
-        uint8_t *panel = aligned_alloc(64, (size_t)(NC * kp));
-        const int ok = acc && cbuf && panel;
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        if (ok) amx_begin();
+        uint8_t *mine = scratch + (size_t)omp_get_thread_num() * (acc_bytes + panel_bytes);
+        int32_t *acc = (int32_t *)mine;
+        uint8_t *panel = mine + acc_bytes;
+        amx_begin();
         for (int64_t g0 = 0; g0 < padded; g0 += rows_g) {
             const int64_t g1 = g0 + rows_g < padded ? g0 + rows_g : padded;
-            /* every thread meets the loop, also one without scratch (the call fails then) */
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < blocks; blk++) {
-                if (!ok) continue;
                 const int64_t n0 = blk * NC, nc = n - n0 < NC ? n - n0 : NC;
                 amx_panel(kind == TERNARY, w, NB, tile_bytes, n, n0, kb, panel);
-                amx_sums(kind == TERNARY, panel, qv + g0 * kp, (g1 - g0) / 32, kb, cbuf, acc,
-                         NC);
+                amx_sums(kind == TERNARY, panel, qv + g0 * kp, (g1 - g0) / 32, kb, acc, NC);
                 const int64_t t1 = g1 / per < m ? g1 / per : m;
                 finish(kind, per, g0 / per, t1, n0, nc, acc, NULL, NC, 1, w_sum, rsum, w_scale,
                        xs, bias, y, n);
             }
         }
-        if (ok) amx_end();
-        free(acc);
-        free(cbuf);
-        free(panel);
+        amx_end();
     }
     free(qv);
-    return failed ? -1 : 0;
+    free(scratch);
+    return 0;
 }
 #endif
 
@@ -743,31 +731,27 @@ static const gtile_fn GTILES[2][2][4] = {GTILE_TABLE(0), GTILE_TABLE(1)};
 /* The grouped kernel on AMX tiles (cpu_amx.c's amx_grouped), for groups of whole 64-input
    blocks: rows in groups whose activations stay in L2 (AMX_GROUP bytes), and for each, per
    block of 32 columns, the results of every pair of row tiles. q holds `padded` rows (zero past
-   2 m). Returns 0, or -1 without scratch memory. */
+   2 m). Every thread's scratch is allocated before the threads start. Returns 0, or -1 without
+   scratch memory. */
 static int grouped_amx(const uint8_t *q, int64_t m, int64_t padded, int64_t kp,
                        const uint8_t *w, int nib, int64_t n, int64_t np, int64_t vstride,
                        int64_t group, const float *scale, const int32_t *wsum, const float *xs,
                        const float *bias, float *y, int threads) {
     const int64_t kb = kp / 64, tiles = np / 16, blocks = (tiles + 1) / 2;
     const int64_t rows_g = amx_group_rows(kp, padded);
-    int failed = 0;
+    const size_t panel_bytes = (size_t)(kb * 2048), f_bytes = sizeof(float) * (size_t)(rows_g * 16);
+    uint8_t *scratch = aligned_alloc(64, (size_t)threads * (panel_bytes + f_bytes));
+    if (!scratch)
+        return -1;
 #pragma omp parallel num_threads(threads) if (2 * m * np * kp >= LINEAR_THREADED)
     {
-        int32_t *cbuf = aligned_alloc(64, 4096);
-        uint8_t *panel = aligned_alloc(64, (size_t)(kb * 2048));
-        float *f = malloc(sizeof(float) * (size_t)(rows_g / 2 * 32));
-        const int ok = cbuf && panel && f;
-        if (!ok) {
-#pragma omp atomic write
-            failed = 1;
-        }
-        if (ok) amx_begin();
+        uint8_t *panel = scratch + (size_t)omp_get_thread_num() * (panel_bytes + f_bytes);
+        float *f = (float *)(panel + panel_bytes);
+        amx_begin();
         for (int64_t g0 = 0; g0 < padded; g0 += rows_g) {
             const int64_t g1 = g0 + rows_g < padded ? g0 + rows_g : padded;
-            /* every thread meets the loop, also one without scratch (the call fails then) */
 #pragma omp for schedule(static)
             for (int64_t blk = 0; blk < blocks; blk++) {
-                if (!ok) continue;
                 const int64_t v = 2 * blk;
                 const int both = v + 1 < tiles;
                 const uint8_t *wb = w + v * vstride;
@@ -778,7 +762,7 @@ static int grouped_amx(const uint8_t *q, int64_t m, int64_t padded, int64_t kp,
                     bstride = kb * 1024;
                 }
                 amx_grouped(q + g0 * kp, kp, (g1 - g0) / 32, wb, bstride, kb, group / 64,
-                            scale + v * 16, wsum + v * 16, np, cbuf, f);
+                            scale + v * 16, wsum + v * 16, np, both ? 2 : 1, f);
                 for (int64_t t = g0 / 2; t < g1 / 2 && t < m; t++)
                     for (int64_t j = 0; j < 32 && v * 16 + j < n; j++) {
                         const float o = f[(t - g0 / 2) * 32 + j] * xs[t];
@@ -786,12 +770,10 @@ static int grouped_amx(const uint8_t *q, int64_t m, int64_t padded, int64_t kp,
                     }
             }
         }
-        if (ok) amx_end();
-        free(cbuf);
-        free(panel);
-        free(f);
+        amx_end();
     }
-    return failed ? -1 : 0;
+    free(scratch);
+    return 0;
 }
 #endif
 

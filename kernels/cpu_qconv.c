@@ -23,8 +23,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+
+#include "cpu_common.h"
+#if defined(__AVX512BW__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define QCONV_VNNI 1
 #endif
 
@@ -40,7 +44,7 @@ static float requant(float v, float out_scale, int out_zp) {
 }
 #endif
 
-#ifdef QCONV_VNNI
+#if defined(__AVX512BW__) /* the VNNI loop's and the AMX tiles' (cpu_conv_amx.c) */
 /* The output of np pixels (sums 16 apart) for one block of 16 channels (lanes of them) from
    the int32 sums: float(acc - zp wsum) * mult + bias, max(0, .) with relu, codes at out_scale
    with out_u8; pixel p's channels at y + at + p * oc (elements). Also cpu_conv_amx.c's. */
@@ -130,14 +134,6 @@ static void conv_row(const uint8_t *xp, int64_t wp, int64_t c4, const int8_t *wt
     }
 }
 
-int amx_permitted(void); /* cpu_amx.c */
-int qconv_amx(const uint8_t *xp, const int64_t *geo, const int8_t *wt, int xzp,
-              const int32_t *wsum, const float *mult, const float *bias, int relu, int out_u8,
-              float out_scale, int out_zp, void *y, int threads); /* cpu_conv_amx.c */
-
-int quantize_u8_span(const float *x, int64_t n, float scale, int zp, int lo, int hi,
-                     uint8_t *out); /* cpu_linear.c: tdsl_quantize_u8's loop, one thread */
-
 /* Float activations x quantized into the zero-point-padded buffer as tdsl_quantize_u8 does
    (quantize_u8_span), read through strides xs (n, c, h, w, in floats): one pass instead of a
    quantizing pass and a copy. Returns 1 when x holds a NaN. */
@@ -173,25 +169,27 @@ static int quantize_into(uint8_t *pad, const float *x, const int64_t *xs, int64_
    quantizer's scale. wsum, mult and bias hold 16 * ceil(oc / 16) values. y holds uint8 codes
    at out_scale (> 0, checked by the caller) and out_zp when out_u8, else fp32. wt_amx: the
    weight as cpu_int16_conv.pack_amx packs it, for AMX tiles (cpu_conv_amx.c's qconv_amx) where
-   Linux grants them; NULL: VNNI. Returns -1 when the padded copy cannot be allocated, 1 when
-   the float input holds a NaN (nothing written to y), else 0. */
+   Linux grants them (wt may then be NULL); NULL: VNNI. Returns -2 when only wt_amx is given and
+   AMX tiles cannot run, -1 when the padded copy cannot be allocated, 1 when the float input
+   holds a NaN (nothing written to y), else 0. */
 int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *geo, int xzp,
                const int8_t *wt, const int8_t *wt_amx, const int32_t *wsum, const float *mult,
                const float *bias, int relu, int out_u8, float out_scale, int out_zp, void *y,
                int threads) {
-    const int64_t b = geo[0], h = geo[1], w = geo[2], c = geo[3], oc = geo[4], kh = geo[5],
-                  kw = geo[6], sh = geo[7], sw = geo[8], ph = geo[9], pw = geo[10],
-                  dh = geo[11], dw = geo[12];
-    const int64_t c4 = (c + 3) / 4 * 4, hp = h + 2 * ph, wp = w + 2 * pw;
-    const int64_t ho = (hp - dh * (kh - 1) - 1) / sh + 1, wo = (wp - dw * (kw - 1) - 1) / sw + 1;
+    const conv_dims d = conv_dims_of(geo);
+    const int64_t b = d.b, h = d.h, w = d.w, c = d.c, oc = d.oc, kh = d.kh, kw = d.kw, sh = d.sh,
+                  sw = d.sw, ph = d.ph, pw = d.pw, dh = d.dh, dw = d.dw, c4 = d.c4, hp = d.hp,
+                  wp = d.wp, ho = d.ho, wo = d.wo;
     const int64_t blocks = (oc + 15) / 16, taps = kh * kw;
     const size_t esize = out_u8 ? 1 : 4;
     const int64_t macs = b * ho * wo * blocks * 16 * taps * c4;
+    const int amx = wt_amx && amx_permitted();
+    if (!amx && !wt)
+        return -2; /* only the AMX weight was packed, and AMX tiles cannot run */
+    /* AMX tiles read past the last pixel and past a kernel row's run: a tail after the copy */
+    const int64_t tail = amx ? amx_tail(&d) : 0;
     const uint8_t *xp = x;
     uint8_t *pad = NULL;
-    const int amx = wt_amx && amx_permitted();
-    /* AMX tiles read past the last pixel and past a tap row's run: a tail after the copy */
-    const int64_t tail = amx ? 16 * sw * c4 + 128 : 0;
     if (xf || ph || pw || c4 != c || amx) {
         pad = (uint8_t *)malloc((size_t)(b * hp * wp * c4 + tail));
         if (!pad)
@@ -222,7 +220,7 @@ int tdsl_qconv(const uint8_t *x, const float *xf, float x_scale, const int64_t *
         const int rc = qconv_amx(xp, geo, wt_amx, xzp, wsum, mult, bias, relu, out_u8,
                                  out_scale, out_zp, y, threads);
         free(pad);
-        return rc < 0 ? -1 : 0; /* permitted, so only memory can fail */
+        return rc; /* permitted, so -1 (no memory) or 0 */
     }
     /* threads share (image, output row, channel block) items; small work runs on one thread,
        since waking a sleeping one costs more than it saves */

@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover
 SOURCES = tuple(Path(__file__).with_name(n)
                 for n in ("cpu_linear.c", "cpu_amx.c", "cpu_decode.c", "cpu_qconv.c",
                           "cpu_conv_amx.c"))
+HEADERS = (Path(__file__).with_name("cpu_common.h"),)  # included by them: hashed with them
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"]
 
 
@@ -107,7 +108,7 @@ def build(extra_flags: tuple = ()) -> Path:
             version = _run([cc, "--version"], min(_timeout(), 30)).stdout
         except (BuildError, OSError):
             version = "no answer to --version"  # the compile below says what is wrong
-    texts = [s.read_text() for s in SOURCES]
+    texts = [s.read_text() for s in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*texts, " ".join(flags), cc or "", version,
                                     cpu_id()]).encode()).hexdigest()[:16]
     cache = cache_dir()

@@ -108,7 +108,19 @@ def test_int16_conv_hands_nan_and_inf_back_and_zero_images_give_the_bias():
     assert y[2, 0, 2, 2] == 36.0 and y[2, 0, 0, 0] == 16.0  # 4 channels x 9 taps, 4 x 4 taps
 
 
-def test_int16_conv_refuses_bad_inputs_and_builds_without_amx():
+def test_int16_conv_sums_int8_codes_of_minus_128_past_the_int32_narrow_bound():
+    """max|code| decides whether the hi/lo sums recombine in int32: -128, which has no int8
+    absolute value, counts as 128 (taken as 5 here, the sums had wrapped: 57481 for -73595)."""
+    lib = _amx()
+    codes = torch.full((16, 64, 3, 3), -128, dtype=torch.int8)
+    codes[0, 0, 0, 0] = 5
+    conv = c16.Int16Conv(codes, torch.ones(16), None, (1, 1), (0, 0), (1, 1), lib=lib)
+    x = torch.ones(1, 64, 3, 3)
+    want = c16.int16_conv_reference(x, codes, torch.ones(16), None, 1, 0, 1)
+    assert torch.equal(conv(x), want) and want[0, 0, 0, 0] == -73595.0
+
+
+def test_int16_conv_refuses_bad_inputs():
     lib = _amx()
     codes = torch.zeros(4, 3, 3, 3, dtype=torch.int8)
     conv = c16.Int16Conv(codes, torch.ones(4), None, (1, 1), (0, 0), (1, 1), lib=lib)
@@ -120,8 +132,16 @@ def test_int16_conv_refuses_bad_inputs_and_builds_without_amx():
     with pytest.raises(ValueError, match="C\\*kh\\*kw <= 65536"):
         c16.Int16Conv(torch.zeros(1, 8000, 3, 3, dtype=torch.int8), torch.ones(1), None,
                       (1, 1), (1, 1), (1, 1))
-    # a library built without AMX: the way is not offered, and the kernel says why
-    plain = native.Library(native.build(("-mno-amx-int8", "-mno-amx-tile")))
+
+
+def test_a_library_without_amx_neither_offers_nor_runs_the_int16_way():
+    if native.library() is None:
+        pytest.skip("the native CPU kernel is unavailable")
+    codes = torch.zeros(4, 3, 3, 3, dtype=torch.int8)
+    try:
+        plain = native.Library(native.build(("-mno-amx-int8", "-mno-amx-tile")))
+    except native.BuildError as e:  # a compiler without these flags (not x86)
+        pytest.skip(f"no build without AMX here: {e}")
     assert not c16.Int16Conv.applies((4, 3, 3, 3), (1, 1), (0, 0), (1, 1), plain)
     other = c16.Int16Conv(codes, torch.ones(4), None, (1, 1), (0, 0), (1, 1), lib=plain)
     with pytest.raises(RuntimeError, match="cannot run AMX tiles"):

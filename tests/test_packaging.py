@@ -20,6 +20,7 @@ def test_wheel_contents_and_cli(tmp_path):
         z.extractall(tmp_path / "site")
     assert "triton_dsl/grammar/tdsl.lark" in names
     assert "triton_dsl/kernels/cpu_linear.c" in names  # the native CPU kernel builds from it
+    assert "triton_dsl/kernels/cpu_common.h" in names  # and includes this
     assert "triton_dsl/kernels/__init__.py" in names
     tops = {n.split("/")[0] for n in names}
     assert "kernels" not in tops and "grammar" not in tops

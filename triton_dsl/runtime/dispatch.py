@@ -1,4 +1,5 @@
-"""The one place that chooses how a frozen layer runs, and the one cache of what it prepared.
+"""How a frozen layer's matmul runs, and the one cache of what it prepared (a convolution's
+own ways, chosen by FrozenConv2d._way, keep their runners and choices in the same slot).
 
 On CUDA tensors, and on the CPU under TRITON_INTERPRET=1, a layer runs its form's generic path
 (the Triton kernels). On the CPU the exact ways to run it are:
@@ -87,7 +88,9 @@ def _heuristic(mod, names, act) -> str:
     return "dense" if small and "dense" in names else "prepacked"
 
 
-def _build(mod, prep: Prepared, name: str, make):
+def build(mod, prep: Prepared, name: str, make):
+    """The runner ``name`` of the slot, made by make(mod) the first time (once, under
+    BUILD_LOCK, however many threads ask)."""
     run = prep.runners.get(name)
     if run is None:
         with BUILD_LOCK:  # two threads' first calls: one builds, the other finds it built
@@ -132,7 +135,7 @@ def _pick(mod, prep: Prepared, x: torch.Tensor, act: str, rows: int):
     if name is None:
         makers = candidates(mod, x.device, act)
         if tuning.enabled() and len(makers) > 1:
-            trials = {n: (lambda n=n, m=m: _build(mod, prep, n, m)(mod, x, act))
+            trials = {n: (lambda n=n, m=m: build(mod, prep, n, m)(mod, x, act))
                       for n, m in sorted(makers.items(), key=lambda kv: kv[0] != "dense")}
             key = (f"linear|{mod.out_features}x{mod.in_features}|{mod.form.name}|{act}"
                    f"|rows={bucket}")
@@ -140,12 +143,12 @@ def _pick(mod, prep: Prepared, x: torch.Tensor, act: str, rows: int):
         else:
             name = _heuristic(mod, makers, act)
         prep.picks[bucket] = name
-        run = _build(mod, prep, name, makers[name])
+        run = build(mod, prep, name, makers[name])
         if not mod.in_conv:  # a convolution tidies its slot once it has chosen its own way
             release_unused(mod)
         return run
     if name not in prep.runners:  # chosen before, freed since (a convolution went another way)
-        return _build(mod, prep, name, candidates(mod, x.device, act)[name])
+        return build(mod, prep, name, candidates(mod, x.device, act)[name])
     return prep.runners[name]
 
 
@@ -176,11 +179,11 @@ def build_default(mod, device: torch.device, act: str):
     prep = prepare(mod, device, act)
     make = candidates(mod, device, act).get("prepacked")
     if make is not None:
-        _build(mod, prep, "prepacked", make)
+        build(mod, prep, "prepacked", make)
 
 
 def dense(mod) -> Dense:
     """The Dense runner kept in the layer's slot (for convolutions that run F.conv2d on its
     weight and bias)."""
     prep = mod.prepared or prepare(mod, next(mod.buffers()).device, "none")
-    return _build(mod, prep, "dense", Dense)
+    return build(mod, prep, "dense", Dense)

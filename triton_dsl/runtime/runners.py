@@ -1,6 +1,8 @@
-"""The ways a frozen layer can run, as runners: callables (mod, x, act) -> y built once from the
-layer's stored form. runtime/dispatch.py decides which runs; a folded batchnorm (runtime/fold.py)
-is applied by every runner through affine().
+"""The ways a frozen layer can run, as runners built once from the layer's stored form: for a
+matmul, callables (mod, x, act) -> y, which runtime/dispatch.py chooses among; for a
+convolution also QConv and Int16Conv, callables (x, relu) -> y, which FrozenConv2d._way
+chooses among. A folded batchnorm (runtime/fold.py) is in every runner: affine() folds it into
+the weight's scales and the bias; Generic applies its map to the form's output.
 """
 from __future__ import annotations
 
@@ -146,15 +148,10 @@ class QConv(Runner):
     def __init__(self, lin, conv):
         q = lin.act_quant
         x_scale, x_zp = q.scale_zero()
-        codes, scale, _ = stored(lin, lambda: lin.form.cpu_parts(lin))[0]
-        mul, self.bias = affine(lin)
-        if mul is not None:
-            scale = scale * mul
-        c = lin.in_features // (conv.kernel_size[0] * conv.kernel_size[1])
+        codes, scale, self.bias = conv_weight(lin, conv)
         self.packed = cpu_conv.PackedQConv(
-            codes.reshape(conv.out_channels, c, *conv.kernel_size).contiguous(), scale,
-            float(x_scale), int(x_zp), q.symmetric, conv.stride, conv.padding, conv.dilation,
-            conv.groups)
+            codes, scale, float(x_scale), int(x_zp), q.symmetric, conv.stride, conv.padding,
+            conv.dilation, conv.groups)
         self.ways: dict = {}  # input shape -> "onednn" or "native"
 
     @property
@@ -209,15 +206,8 @@ class Int16Conv(Runner):
     (kernels/cpu_int16_conv.py), a folded batchnorm in its scales and bias."""
 
     def __init__(self, lin, conv):
-        o, (kh, kw) = conv.out_channels, conv.kernel_size
-        codes, scale, _ = stored(lin, lambda: lin.form.cpu_parts(lin))[0]
-        scale = scale.float().reshape(-1).expand(o)
-        mul, bias = affine(lin)
-        if mul is not None:
-            scale = scale * mul
-        self.conv = cpu_int16_conv.Int16Conv(
-            codes.reshape(o, -1, kh, kw).contiguous(), scale, bias, conv.stride, conv.padding,
-            conv.dilation)
+        self.conv = cpu_int16_conv.Int16Conv(*conv_weight(lin, conv), conv.stride,
+                                             conv.padding, conv.dilation)
         self.nbytes = self.conv.nbytes
 
     def __call__(self, x, relu: bool = False):
@@ -227,18 +217,34 @@ class Int16Conv(Runner):
 
     @staticmethod
     def applies(lin, conv) -> bool:
-        """Float activations, one int8 weight with a scale per channel (not grouped scales nor
-        TTQ's two parts), groups=1 and numeric padding, on a library with AMX tiles."""
+        """Float activations, one int8 weight, groups=1 and numeric padding, on a library with
+        AMX tiles."""
         if lin.act_quant is not None or lin.activations != "none" or not conv.im2col \
-                or hasattr(lin, "scale_abs"):
-            return False
-        spec = lin.form.cpu_spec(lin)
-        if spec is None or spec.group is not None:
+                or not one_int8_weight(lin):
             return False
         shape = (conv.out_channels, lin.in_features // (conv.kernel_size[0] *
                                                         conv.kernel_size[1]), *conv.kernel_size)
         return cpu_int16_conv.Int16Conv.applies(shape, conv.stride, conv.padding,
                                                 conv.dilation, native.library())
+
+
+def one_int8_weight(lin) -> bool:
+    """Whether the layer's weight is one int8 code matrix with a scale per output channel, as
+    the int8 convolutions take it: not grouped scales, nor TTQ's two parts, nor 16-bit."""
+    spec = lin.form.cpu_spec(lin)
+    return spec is not None and spec.group is None and not hasattr(lin, "scale_abs")
+
+
+def conv_weight(lin, conv) -> tuple:
+    """(int8 codes [O, C, kh, kw], fp32 scale per output channel, bias) of a frozen
+    convolution's one int8 weight (one_int8_weight), a folded batchnorm in the scale and bias."""
+    o = conv.out_channels
+    codes, scale, _ = stored(lin, lambda: lin.form.cpu_parts(lin))[0]
+    scale = scale.float().reshape(-1).expand(o)
+    mul, bias = affine(lin)
+    if mul is not None:
+        scale = scale * mul
+    return codes.reshape(o, -1, *conv.kernel_size).contiguous(), scale, bias
 
 
 def stored(mod, fn):
