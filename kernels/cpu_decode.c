@@ -363,19 +363,18 @@ int tdsl_mlp_step(const float *x, const tdsl_norm *pre, const tdsl_lin *up, int 
     const float *u = gated ? h + hidden : h;
     int64_t i = 0;
 #if defined(__AVX512F__)
-    if (activation == ACT_SILU) /* g / (1 + e^-g), 16 at a time */
-        for (; i + 16 <= hidden; i += 16) {
-            const __m512 g = _mm512_loadu_ps(h + i);
+    /* SiLU, g / (1 + e^-g), and GELU 16 at a time, the last 16 masked: every element takes the
+       same formula, wherever it lies */
+    if (activation == ACT_SILU || activation == ACT_GELU)
+        for (; i < hidden; i += 16) {
+            const __mmask16 m = hidden - i >= 16 ? 0xffff : (__mmask16)((1u << (hidden - i)) - 1);
+            const __m512 g = _mm512_maskz_loadu_ps(m, h + i);
             const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
-            __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-            if (gated) a = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
-            _mm512_storeu_ps(h + i, a);
-        }
-    else if (activation == ACT_GELU)
-        for (; i + 16 <= hidden; i += 16) {
-            __m512 a = gelu16(_mm512_loadu_ps(h + i));
-            if (gated) a = _mm512_mul_ps(a, _mm512_loadu_ps(u + i));
-            _mm512_storeu_ps(h + i, a);
+            __m512 a = activation == ACT_GELU
+                           ? gelu16(g)
+                           : _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+            if (gated) a = _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, u + i));
+            _mm512_mask_storeu_ps(h + i, m, a);
         }
 #endif
     for (; i < hidden; i++)

@@ -210,21 +210,14 @@ static inline __attribute__((always_inline)) void tile_body(
            Odd blocks go to a second set of sums, added at the end. */
         __m512i e00 = _mm512_setzero_si512(), e01 = e00, e02 = e00, e03 = e00, e10 = e00,
                 e11 = e00, e12 = e00, e13 = e00;
-        for (; b + 2 <= kb1; b += 2) {
-            {
-                PREFETCH()
-                const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
-                ROW_INTO(0, a) ROW_INTO(1, a)
-            }
-            {
-                const int64_t odd = b + 1;
-                {
-                    const int64_t b = odd;
-                    PREFETCH()
-                    const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3);
-                    ROW_INTO(0, e) ROW_INTO(1, e)
-                }
-            }
+#define KBLOCK(s) { /* block b into sums s */ \
+            PREFETCH() \
+            const __m512i c0 = CODES(0), c1 = CODES(1), c2 = CODES(2), c3 = CODES(3); \
+            ROW_INTO(0, s) ROW_INTO(1, s) }
+        for (; b + 2 <= kb1; b++) { /* block b, then b + 1 */
+            KBLOCK(a)
+            b++;
+            KBLOCK(e)
         }
 #define JOIN(i, j) a##i##j = _mm512_add_epi32(a##i##j, e##i##j);
         JOIN(0, 0) JOIN(0, 1) JOIN(0, 2) JOIN(0, 3) JOIN(1, 0) JOIN(1, 1) JOIN(1, 2) JOIN(1, 3)
@@ -739,7 +732,8 @@ static int grouped_amx(const uint8_t *q, int64_t m, int64_t padded, int64_t kp,
                        const float *bias, float *y, int threads) {
     const int64_t kb = kp / 64, tiles = np / 16, blocks = (tiles + 1) / 2;
     const int64_t rows_g = amx_group_rows(kp, padded);
-    const size_t panel_bytes = (size_t)(kb * 2048), f_bytes = sizeof(float) * (size_t)(rows_g * 16);
+    const size_t panel_bytes = (size_t)(kb * 2048);
+    const size_t f_bytes = sizeof(float) * (size_t)(rows_g * 16);
     uint8_t *scratch = aligned_alloc(64, (size_t)threads * (panel_bytes + f_bytes));
     if (!scratch)
         return -1;

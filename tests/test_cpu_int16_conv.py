@@ -185,3 +185,6 @@ def test_frozen_models_on_the_int16_way_compute_what_they_trained(example, int16
         got = frozen(x)
         assert torch.isnan(got[1]).all()  # the batch took the fp32 way: the others as close
         torch.testing.assert_close(got[[0, 2, 3]], want[[0, 2, 3]], atol=1e-3, rtol=1e-3)
+        kept = [m.linear.prepared for m in frozen.modules()
+                if isinstance(m, frozen_conv.FrozenConv2d)]
+        assert not any("dense" in p.runners for p in kept if "conv" not in p.picks.values())

@@ -394,3 +394,25 @@ def test_a_frozen_int8_convolution_applies_its_relu_in_the_same_call(monkeypatch
         assert calls == [False]
         assert torch.equal(frozen(x), fused) and calls[-1] is True
     assert torch.equal(fused, apart)
+
+
+def test_forward_hooks_on_a_frozen_convolution_keep_what_they_were_given():
+    """A residual block's last convolution takes the add and the ReLU in place on its new
+    output, except where a forward hook on it (or its inner layer) may hold that output: the
+    hook's tensor must not change after the hook ran."""
+    torch.manual_seed(0)
+    net = triton_dsl.load_source(
+        "model M:\n    input [4, 8, 8]\n    layer c0: conv2d(4, kernel=3, padding=1)\n    relu\n"
+        "    residual:\n        layer c1: conv2d(4, kernel=3, padding=1)\n"
+        "        layer bn: batchnorm\n    relu\n    flatten\n    layer fc: linear(2)\n\n"
+        "precision:\n    default ternary\n", "m.tdsl")()
+    net.train()(torch.randn(8, 4, 8, 8))
+    frozen = rt.freeze(net.eval())
+    for hooked in ([frozen.c0, frozen.c1], [frozen.c1.linear]):
+        held, handles = [], [mod.register_forward_hook(
+            lambda m, i, o: held.append((o, o.clone()))) for mod in hooked]
+        with torch.no_grad():
+            frozen(torch.randn(2, 4, 8, 8))
+        assert len(held) == len(hooked) and all(torch.equal(o, c) for o, c in held)
+        for h in handles:
+            h.remove()

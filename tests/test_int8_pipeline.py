@@ -217,7 +217,7 @@ def test_threads_making_their_first_calls_together(int8_convs):
 
 def test_a_frozen_network_refuses_integer_images(int8_convs):
     frozen = rt.freeze(_trained())
-    with torch.no_grad(), pytest.raises((ValueError, RuntimeError), match="float|Float"):
+    with torch.no_grad(), pytest.raises(ValueError, match="expects floating-point x"):
         frozen(torch.zeros(1, *frozen.input_shape, dtype=torch.uint8))
 
 

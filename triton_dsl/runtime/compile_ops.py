@@ -16,6 +16,8 @@ import weakref
 
 import torch
 
+from ..kernels.common import conv_out_size
+
 _LAYERS: dict[int, weakref.ref] = {}
 _NEXT = itertools.count(1)
 
@@ -46,18 +48,29 @@ def _(x, layer):
     return x.new_empty((*x.shape[:-1], _layer(layer).out_features))
 
 
+def _channels_last(shape) -> tuple:
+    """The canonical channels-last strides of [B, C, H, W]: what the op answers, every way's
+    output being channels-last already (a copy to NCHW would only be undone by the next
+    convolution)."""
+    _, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
+
+
 @torch.library.custom_op("triton_dsl::frozen_conv2d", mutates_args=())
 def frozen_conv2d(x: torch.Tensor, layer: int) -> torch.Tensor:
-    return _layer(layer).eager_forward(x).contiguous()  # im2col's output is a permuted view
+    y = _layer(layer).eager_forward(x)
+    want = _channels_last(y.shape)
+    if y.stride() == want:
+        return y
+    return torch.empty_strided(y.shape, want, dtype=y.dtype, device=y.device).copy_(y)
 
 
 @frozen_conv2d.register_fake
 def _(x, layer):
     conv = _layer(layer)
-    hw = []
-    for i, size in enumerate(x.shape[2:]):
-        k, s, d = conv.kernel_size[i], conv.stride[i], conv.dilation[i]
-        p = conv.padding[i] if conv.padding != "same" else (d * (k - 1)) // 2
-        hw.append(size if conv.padding == "same" else (size + 2 * p - d * (k - 1) - 1) // s + 1)
-    return x.new_empty((x.shape[0], conv.out_channels, *hw))
+    b, _, h, w = x.shape
+    hw = (h, w) if conv.padding == "same" else conv_out_size(
+        h, w, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    shape = (b, conv.out_channels, *hw)
+    return x.new_empty_strided(shape, _channels_last(shape))
 

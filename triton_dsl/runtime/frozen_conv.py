@@ -1,11 +1,10 @@
-"""A frozen convolution: its weight held as a FrozenLinear, run the fastest exact way."""
+"""A frozen convolution: its weight held as a FrozenLinear, run the fastest of its ways."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import cpu_conv
 from ..kernels.common import conv_out_size, m_bucket
 from . import compile_ops, dispatch, runners, tuning
 from .frozen_linear import FrozenLinear
@@ -28,10 +27,13 @@ class FrozenConv2d(nn.Module):
     unfold + the frozen matmul ("im2col": the kernels; the only way for per-token int8
     activations, whose tokens are the patches) or as F.conv2d on the weight dequantized once
     ("conv": oneDNN's direct convolution, exact for float activations). Two more ways where
-    they apply: "qconv", one int8 convolution, for static int8 activations; "int16", a direct
-    convolution on AMX tiles of float activations at 16-bit fixed point per image (the
-    precision the matmul kernel gives them per token). Grouped convolutions and 'same' padding
-    always take "conv"; otherwise the fastest is measured per batch bucket and input shape
+    they apply: "qconv", one int8 convolution, for static int8 activations (the fake-quantized
+    convolution up to float rounding); "int16", a direct convolution on AMX tiles of float
+    activations rounded to 16 bits with a step of max|x| / 32767 of each image: the step the
+    matmul kernel's float mode takes per token (so per patch, on the im2col way), here set by
+    the whole image. The ways differ in rounding, then, not only in speed; each stays within
+    its documented bound of the trained layer. Grouped convolutions and 'same' padding always
+    take "conv"; otherwise the fastest is measured per batch bucket and input shape
     (runtime/tuning.py), or "im2col" ("qconv" where it applies) with TRITON_DSL_TUNE=0."""
 
     def __init__(self, layer: Conv2d):
@@ -70,8 +72,9 @@ class FrozenConv2d(nn.Module):
             y = self.forward_qconv(x, relu) if way == "qconv" else self.forward_int16(x, relu)
             if y is not None:
                 return y
-            way = "conv"  # x holds a NaN or an infinity: fp32 propagates it
-        y = im2col_conv(x, self, lin) if way == "im2col" else self.forward_conv(x)
+            y = self.forward_conv(x, keep=False)  # a NaN or an infinity: fp32 propagates it
+        else:
+            y = im2col_conv(x, self, lin) if way == "im2col" else self.forward_conv(x)
         if not relu:
             return y
         # y is new: max(0, y) in place writes no second [B, C, H, W] tensor (in a profile at
@@ -80,42 +83,25 @@ class FrozenConv2d(nn.Module):
         keep = (way == "im2col" and _hooked(lin)) or (torch.is_grad_enabled() and y.requires_grad)
         return F.relu(y) if keep else y.relu_()
 
-    def _qconv(self):
-        """The int8 convolution for static int8 activations (kernels/cpu_conv.py), built once
-        into the layer's slot; None where it does not apply."""
-        lin = self.linear
-        prep = lin.prepared  # made by _way; None again after a copy, .to() or a state load
+    def _runner(self, name: str, kind):
+        """The runner ``name`` (kind: runners.QConv or Int16Conv) built once into the layer's
+        slot; None before _way made the slot (again after a copy, .to() or a state load) or
+        where kind does not apply."""
+        prep = self.linear.prepared
         if prep is None:
             return None
-        run = prep.runners.get("qconv")
-        if run is not None:  # built: the checks below ran once
-            return run
-        q = lin.act_quant
-        if not (self.im2col and q is not None and q.mode == "static" and int(q.batches) > 0
-                and cpu_conv.available()):
-            return None
-        spec = lin.form.cpu_spec(lin)
-        if spec is None or spec.group is not None or hasattr(lin, "scale_abs"):
-            return None  # grouped scales and TTQ's two parts have no single int8 weight
-        with runners.BUILD_LOCK:
-            run = prep.runners.get("qconv")
-            if run is None:
-                run = prep.runners["qconv"] = runners.QConv(lin, self)
+        run = prep.runners.get(name)
+        if run is None and kind.applies(self.linear, self):  # built: the checks ran once
+            run = dispatch.build(self.linear, prep, name, lambda lin: kind(lin, self))
         return run
 
+    def _qconv(self):
+        """The int8 convolution for static int8 activations (kernels/cpu_conv.py)."""
+        return self._runner("qconv", runners.QConv)
+
     def _int16(self):
-        """The AMX convolution of float activations at 16-bit (kernels/cpu_int16_conv.py),
-        built once into the layer's slot; None where it does not apply."""
-        prep = self.linear.prepared  # made by _way
-        if prep is None:
-            return None
-        run = prep.runners.get("int16")
-        if run is None and runners.Int16Conv.applies(self.linear, self):
-            with runners.BUILD_LOCK:
-                run = prep.runners.get("int16")
-                if run is None:
-                    run = prep.runners["int16"] = runners.Int16Conv(self.linear, self)
-        return run
+        """The AMX convolution of float activations at 16 bits (kernels/cpu_int16_conv.py)."""
+        return self._runner("int16", runners.Int16Conv)
 
     def forward_int16(self, x, relu: bool = False):
         run = self._int16()
@@ -164,8 +150,13 @@ class FrozenConv2d(nn.Module):
         q = self._qconv()(x, True, out)
         return None if q is None else Codes(q, *out, x.dtype)  # None: a NaN, the float path
 
-    def forward_conv(self, x):
+    def forward_conv(self, x, keep: bool = True):
+        """F.conv2d on the weight dequantized once (kept in the layer's slot, or with
+        keep=False, when another way runs this layer and only this input needs it, dropped
+        again: a layer whose way is not "conv" holds no fp32 copy)."""
         lin = self.linear
+        prep = lin.prepared
+        held = prep is not None and "dense" in prep.runners
         if lin.act_quant is not None:
             x = lin.act_quant(x)
         if x.device.type == "cpu" and x.dim() == 4:
@@ -179,6 +170,8 @@ class FrozenConv2d(nn.Module):
             x = x.to(memory_format=torch.channels_last)
         run = dispatch.dense(lin)  # the weight dequantized once, a folded batchnorm in it
         w, bias = run.conv((self.out_channels, -1, *self.kernel_size))
+        if not (keep or held):
+            lin.prepared.forget("dense")
         if w.dtype != x.dtype:
             w, bias = w.to(x.dtype), None if bias is None else bias.to(x.dtype)
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)
@@ -212,9 +205,10 @@ class FrozenConv2d(nn.Module):
         return way
 
 
-def _hooked(lin: nn.Module) -> bool:
-    """Whether a forward hook may hold lin's output (which the im2col way's result views)."""
-    return bool(lin._forward_hooks or nn.modules.module._global_forward_hooks)
+def _hooked(mod: nn.Module) -> bool:
+    """Whether a forward hook may hold mod's output (the im2col way's result views its inner
+    FrozenLinear's; a convolution's own hooks get its result)."""
+    return bool(mod._forward_hooks or nn.modules.module._global_forward_hooks)
 
 
 def _fused(conv: nn.Module, bn: nn.Module | None) -> bool:
@@ -247,6 +241,6 @@ def conv_add_relu(conv: nn.Module, bn: nn.Module | None, x, skip: torch.Tensor):
     y = conv(x)
     if (torch.compiler.is_compiling() or y.shape != skip.shape or y.dtype != skip.dtype
             or (torch.is_grad_enabled() and (y.requires_grad or skip.requires_grad))
-            or _hooked(conv.linear)):
+            or _hooked(conv) or _hooked(conv.linear)):
         return F.relu(y + skip)
     return y.add_(skip).relu_()

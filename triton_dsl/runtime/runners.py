@@ -158,6 +158,14 @@ class QConv(Runner):
     def nbytes(self) -> int:
         return self.packed.nbytes
 
+    @staticmethod
+    def applies(lin, conv) -> bool:
+        """Static int8 activations, calibrated; one int8 weight; groups=1 and numeric padding;
+        a torch with oneDNN's quantized convolution."""
+        q = lin.act_quant
+        return (conv.im2col and q is not None and q.mode == "static" and int(q.batches) > 0
+                and cpu_conv.available() and one_int8_weight(lin))
+
     def __call__(self, x, relu: bool = False, out=None):
         """Of float x: x's dtype out, or uint8 codes at out = (scale, zero point); None where
         x holds a NaN. The native kernel quantizes x in its own copy of the input."""

@@ -140,9 +140,9 @@ def _time_gpu(fn, x, repeat, warmup=10):
     return spread(ts), graph_ms
 
 
-def chosen_methods(methods, device) -> list[str]:
-    """The methods to time (all of this device's by default), each checked."""
-    avail = _methods(device)
+def chosen_methods(methods, device, avail=None) -> list[str]:
+    """The methods to time (all of this device's, avail, by default), each checked."""
+    avail = _methods(device) if avail is None else avail
     unknown = [m for m in methods or () if m not in avail]
     if unknown:
         raise ValueError(f"unknown method(s) on {device}: {', '.join(unknown)}; "
@@ -156,8 +156,8 @@ def run(ms, nks, device="cpu", repeat=10, methods=None, log=print, stream_gbs=No
     if cold and device != "cpu":
         raise ValueError("--cold is for the CPU layer bench (the GPU bench flushes its L2 "
                          "already)")
-    chosen = chosen_methods(methods, device)
     avail = _methods(device)
+    chosen = chosen_methods(methods, device, avail)
     evict = read_rate.evictor() if cold else None
     base = "torch_fp16" if device == "cuda" else "torch_fp32"
     records = []
